@@ -1,0 +1,572 @@
+//! The program core-data model: what operators write, what Redis holds and
+//! what the tracker validates hits against.
+//!
+//! Operators' JSON (the reference design's `data.json` loads unchanged):
+//!
+//! ```json
+//! [{"programId":"212312","programName":"program1","checksum":"123",
+//!   "customerId":"9123","customerName":"Customer1","valid":true}]
+//! ```
+//!
+//! | field | type | required | meaning |
+//! |---|---|---|---|
+//! | `programId` | string or integer | yes | 1-64 chars of `A-Z a-z 0-9 . _ -` |
+//! | `programName` | string | yes | shown in replies and events |
+//! | `checksum` | string or integer | yes | carried into events |
+//! | `customerId` | integer or string holding one | yes | a 32-bit signed integer |
+//! | `customerName` | string | yes | |
+//! | `valid` | bool | no (default `true`) | `false` disables the program |
+//! | `validFrom`, `validUntil` | RFC 3339 | no | validity window, `[from, until)` |
+//! | `allowedRedirectHosts` | array of host names | no | click redirects may go only there; `*.example.com` allows subdomains |
+//! | `version` | positive integer | no | assigned by the updater when absent; an older version never overwrites a newer one |
+//!
+//! Unknown fields are rejected, so a typo (`"vaild": false`) is an error
+//! rather than a silently active program.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// Longest accepted program id, in bytes.
+pub const MAX_PROGRAM_ID_LEN: usize = 64;
+/// Longest accepted free-text field (names, checksum), in bytes.
+pub const MAX_TEXT_LEN: usize = 512;
+/// Most redirect hosts one program may allow.
+pub const MAX_REDIRECT_HOSTS: usize = 64;
+
+/// A validated program id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ProgramId(String);
+
+/// Why a program id was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProgramIdError {
+    #[error("program id is empty")]
+    Empty,
+    #[error("program id is longer than {MAX_PROGRAM_ID_LEN} bytes")]
+    TooLong,
+    #[error("program id may hold only letters, digits, '.', '_' and '-'")]
+    BadChar,
+}
+
+impl ProgramId {
+    /// Parses an id: 1-64 bytes of ASCII letters, digits, `.`, `_`, `-`.
+    pub fn parse(s: &str) -> Result<Self, ProgramIdError> {
+        if s.is_empty() {
+            return Err(ProgramIdError::Empty);
+        }
+        if s.len() > MAX_PROGRAM_ID_LEN {
+            return Err(ProgramIdError::TooLong);
+        }
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            return Err(ProgramIdError::BadChar);
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ProgramId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for ProgramId {
+    type Error = ProgramIdError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::parse(&s)
+    }
+}
+
+impl From<ProgramId> for String {
+    fn from(id: ProgramId) -> Self {
+        id.0
+    }
+}
+
+/// One program's core data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Program {
+    pub program_id: ProgramId,
+    pub program_name: String,
+    pub checksum: String,
+    pub customer_id: i32,
+    pub customer_name: String,
+    pub valid: bool,
+    #[serde(skip_serializing_if = "Option::is_none", with = "rfc3339_opt")]
+    pub valid_from: Option<OffsetDateTime>,
+    #[serde(skip_serializing_if = "Option::is_none", with = "rfc3339_opt")]
+    pub valid_until: Option<OffsetDateTime>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allowed_redirect_hosts: Vec<String>,
+    /// 0 until the updater assigns one.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub version: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+mod rfc3339_opt {
+    use serde::Serializer;
+    use time::OffsetDateTime;
+    use time::format_description::well_known::Rfc3339;
+
+    pub fn serialize<S: Serializer>(v: &Option<OffsetDateTime>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(t) => {
+                let text = t.format(&Rfc3339).map_err(serde::ser::Error::custom)?;
+                s.serialize_str(&text)
+            }
+            None => s.serialize_none(),
+        }
+    }
+}
+
+/// A field of a program record that is missing or wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("field `{field}`: {reason}")]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    fn new(field: &str, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+const KNOWN_FIELDS: [&str; 10] = [
+    "programId",
+    "programName",
+    "checksum",
+    "customerId",
+    "customerName",
+    "valid",
+    "validFrom",
+    "validUntil",
+    "allowedRedirectHosts",
+    "version",
+];
+
+impl Program {
+    /// Reads one operator record (a JSON object), naming the field on error.
+    pub fn from_json(value: &Value) -> Result<Self, FieldError> {
+        let obj = value
+            .as_object()
+            .ok_or_else(|| FieldError::new("(record)", "expected a JSON object"))?;
+        if let Some(unknown) = obj.keys().find(|k| !KNOWN_FIELDS.contains(&k.as_str())) {
+            return Err(FieldError::new(unknown, "unknown field"));
+        }
+        let program_id_text = string_or_int(obj, "programId")?
+            .ok_or_else(|| FieldError::new("programId", "is required"))?;
+        let program_id = ProgramId::parse(&program_id_text)
+            .map_err(|e| FieldError::new("programId", e.to_string()))?;
+        let program_name = required_text(obj, "programName")?;
+        let checksum = string_or_int(obj, "checksum")?
+            .ok_or_else(|| FieldError::new("checksum", "is required"))?;
+        check_len("checksum", &checksum)?;
+        let customer_id = customer_id(obj)?;
+        let customer_name = required_text(obj, "customerName")?;
+        let valid = match obj.get("valid") {
+            None | Some(Value::Null) => true,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(FieldError::new("valid", "expected true or false")),
+        };
+        let valid_from = timestamp(obj, "validFrom")?;
+        let valid_until = timestamp(obj, "validUntil")?;
+        if let (Some(from), Some(until)) = (valid_from, valid_until)
+            && from >= until
+        {
+            return Err(FieldError::new("validUntil", "must be later than validFrom"));
+        }
+        let allowed_redirect_hosts = match obj.get("allowedRedirectHosts") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => {
+                if items.len() > MAX_REDIRECT_HOSTS {
+                    return Err(FieldError::new(
+                        "allowedRedirectHosts",
+                        format!("at most {MAX_REDIRECT_HOSTS} hosts"),
+                    ));
+                }
+                let mut hosts = Vec::with_capacity(items.len());
+                for item in items {
+                    let host = item.as_str().ok_or_else(|| {
+                        FieldError::new("allowedRedirectHosts", "expected an array of strings")
+                    })?;
+                    hosts.push(
+                        normalize_host_pattern(host)
+                            .map_err(|r| FieldError::new("allowedRedirectHosts", r))?,
+                    );
+                }
+                hosts
+            }
+            Some(_) => {
+                return Err(FieldError::new(
+                    "allowedRedirectHosts",
+                    "expected an array of host names",
+                ));
+            }
+        };
+        let version = match obj.get("version") {
+            None | Some(Value::Null) => 0,
+            Some(v) => v
+                .as_u64()
+                .filter(|v| *v > 0 && *v < (1 << 53))
+                .ok_or_else(|| FieldError::new("version", "expected a positive integer"))?,
+        };
+        Ok(Self {
+            program_id,
+            program_name,
+            checksum,
+            customer_id,
+            customer_name,
+            valid,
+            valid_from,
+            valid_until,
+            allowed_redirect_hosts,
+            version,
+        })
+    }
+
+    /// The operator JSON of this program (round-trips through [`Program::from_json`]).
+    pub fn to_json(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+
+    /// True when the program accepts hits at `now`: `valid` and inside its window.
+    pub fn is_active_at(&self, now: OffsetDateTime) -> bool {
+        self.valid
+            && self.valid_from.is_none_or(|from| now >= from)
+            && self.valid_until.is_none_or(|until| now < until)
+    }
+
+    /// True when a click may redirect to `host` (already lower-cased).
+    pub fn allows_redirect_to(&self, host: &str) -> bool {
+        self.allowed_redirect_hosts.iter().any(|pattern| {
+            match pattern.strip_prefix("*.") {
+                Some(suffix) => {
+                    host.len() > suffix.len() + 1
+                        && host.ends_with(suffix)
+                        && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+                }
+                None => pattern == host,
+            }
+        })
+    }
+
+    /// The Redis hash fields of this program (see [`crate::redis_layout`]).
+    pub fn to_redis_fields(&self) -> Vec<(&'static str, String)> {
+        let mut f = vec![
+            ("programId", self.program_id.to_string()),
+            ("programName", self.program_name.clone()),
+            ("checksum", self.checksum.clone()),
+            ("customerId", self.customer_id.to_string()),
+            ("customerName", self.customer_name.clone()),
+            ("valid", self.valid.to_string()),
+            ("allowedRedirectHosts", self.allowed_redirect_hosts.join(",")),
+        ];
+        if let Some(t) = self.valid_from.and_then(|t| t.format(&Rfc3339).ok()) {
+            f.push(("validFrom", t));
+        }
+        if let Some(t) = self.valid_until.and_then(|t| t.format(&Rfc3339).ok()) {
+            f.push(("validUntil", t));
+        }
+        f
+    }
+
+    /// Reads a program back from its Redis hash fields.
+    pub fn from_redis_fields(fields: &BTreeMap<String, String>) -> Result<Self, FieldError> {
+        let mut obj = Map::new();
+        for (k, v) in fields {
+            let value = match k.as_str() {
+                "valid" => Value::Bool(v == "true"),
+                "version" => Value::from(
+                    v.parse::<u64>()
+                        .map_err(|_| FieldError::new("version", "not an integer"))?,
+                ),
+                "allowedRedirectHosts" => Value::Array(
+                    v.split(',')
+                        .filter(|h| !h.is_empty())
+                        .map(|h| Value::String(h.to_owned()))
+                        .collect(),
+                ),
+                "deleted" => continue,
+                _ => Value::String(v.clone()),
+            };
+            obj.insert(k.clone(), value);
+        }
+        Self::from_json(&Value::Object(obj))
+    }
+}
+
+fn check_len(field: &str, s: &str) -> Result<(), FieldError> {
+    if s.len() > MAX_TEXT_LEN {
+        return Err(FieldError::new(field, format!("longer than {MAX_TEXT_LEN} bytes")));
+    }
+    Ok(())
+}
+
+fn required_text(obj: &Map<String, Value>, field: &str) -> Result<String, FieldError> {
+    match obj.get(field) {
+        Some(Value::String(s)) => {
+            check_len(field, s)?;
+            Ok(s.clone())
+        }
+        None | Some(Value::Null) => Err(FieldError::new(field, "is required")),
+        Some(_) => Err(FieldError::new(field, "expected a string")),
+    }
+}
+
+fn string_or_int(obj: &Map<String, Value>, field: &str) -> Result<Option<String>, FieldError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(Some(n.to_string())),
+        Some(_) => Err(FieldError::new(field, "expected a string or an integer")),
+    }
+}
+
+fn customer_id(obj: &Map<String, Value>) -> Result<i32, FieldError> {
+    let field = "customerId";
+    let raw = match obj.get(field) {
+        None | Some(Value::Null) => return Err(FieldError::new(field, "is required")),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .ok_or_else(|| FieldError::new(field, "expected an integer"))?,
+        Some(Value::String(s)) => s.trim().parse::<i64>().map_err(|_| {
+            FieldError::new(field, format!("expected an integer, got {s:?}"))
+        })?,
+        Some(_) => return Err(FieldError::new(field, "expected an integer or a string holding one")),
+    };
+    i32::try_from(raw).map_err(|_| FieldError::new(field, "out of the 32-bit integer range"))
+}
+
+fn timestamp(obj: &Map<String, Value>, field: &str) -> Result<Option<OffsetDateTime>, FieldError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => OffsetDateTime::parse(s, &Rfc3339)
+            .map(Some)
+            .map_err(|e| FieldError::new(field, format!("not an RFC 3339 time ({e})"))),
+        Some(_) => Err(FieldError::new(field, "expected an RFC 3339 time string")),
+    }
+}
+
+/// Lower-cases and checks a redirect host pattern: a host name, or `*.` and a
+/// host name. No scheme, port, path or user info.
+fn normalize_host_pattern(raw: &str) -> Result<String, String> {
+    let host = raw.trim().to_ascii_lowercase();
+    let bare = host.strip_prefix("*.").unwrap_or(&host);
+    let ok = !bare.is_empty()
+        && bare.len() <= 253
+        && bare.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if ok {
+        Ok(host)
+    } else {
+        Err(format!("{raw:?} is not a host name (no scheme, port or path)"))
+    }
+}
+
+/// Parses operator input: a JSON array of records, or JSON lines (one record
+/// per line, blank lines ignored). Every record is checked; the errors name
+/// the record (1-based) and the field. Nothing is returned unless all pass.
+pub fn parse_program_file(text: &str) -> Result<Vec<Program>, Vec<RecordError>> {
+    let records: Vec<Result<Value, RecordError>> = if text.trim_start().starts_with('[') {
+        match serde_json::from_str::<Vec<Value>>(text) {
+            Ok(values) => values.into_iter().map(Ok).collect(),
+            Err(e) => {
+                return Err(vec![RecordError {
+                    record: 0,
+                    program_id: None,
+                    reason: format!("not a JSON array of objects: {e}"),
+                }]);
+            }
+        }
+    } else {
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                serde_json::from_str::<Value>(l).map_err(|e| RecordError {
+                    record: i + 1,
+                    program_id: None,
+                    reason: format!("line {} is not JSON: {e}", i + 1),
+                })
+            })
+            .collect()
+    };
+    let mut programs = Vec::with_capacity(records.len());
+    let mut errors = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (i, record) in records.into_iter().enumerate() {
+        let value = match record {
+            Ok(v) => v,
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
+        };
+        let id_hint = value
+            .get("programId")
+            .map(|v| v.to_string().trim_matches('"').to_owned());
+        match Program::from_json(&value) {
+            Ok(p) => {
+                if !seen.insert(p.program_id.clone()) {
+                    errors.push(RecordError {
+                        record: i + 1,
+                        program_id: id_hint,
+                        reason: "duplicate programId in the same input".into(),
+                    });
+                } else {
+                    programs.push(p);
+                }
+            }
+            Err(e) => errors.push(RecordError {
+                record: i + 1,
+                program_id: id_hint,
+                reason: e.to_string(),
+            }),
+        }
+    }
+    if errors.is_empty() {
+        Ok(programs)
+    } else {
+        Err(errors)
+    }
+}
+
+/// One bad record in operator input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordError {
+    /// 1-based record number (0: the input as a whole).
+    pub record: usize,
+    pub program_id: Option<String>,
+    pub reason: String,
+}
+
+impl fmt::Display for RecordError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.program_id, self.record) {
+            (_, 0) => write!(f, "{}", self.reason),
+            (Some(id), n) => write!(f, "record {n} (programId {id}): {}", self.reason),
+            (None, n) => write!(f, "record {n}: {}", self.reason),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const REFERENCE: &str = r#"[{"programId":"212312","programName":"program1","checksum":"123","customerId":"9123","customerName":"Customer1","valid":true},
+        {"programId":"212313","programName":"program2","checksum":"124","customerId":9124,"customerName":"Customer2","valid":false}]"#;
+
+    #[test]
+    fn reference_file_loads_unchanged() {
+        let programs = parse_program_file(REFERENCE).expect("loads");
+        assert_eq!(programs.len(), 2);
+        assert_eq!(programs[0].program_id.as_str(), "212312");
+        assert_eq!(programs[0].customer_id, 9123);
+        assert_eq!(programs[1].customer_id, 9124);
+        assert!(!programs[1].valid);
+    }
+
+    #[test]
+    fn json_lines_load() {
+        let text = "{\"programId\":1,\"programName\":\"a\",\"checksum\":\"c\",\"customerId\":1,\"customerName\":\"n\"}\n\n{\"programId\":\"2\",\"programName\":\"b\",\"checksum\":7,\"customerId\":\"2\",\"customerName\":\"m\"}\n";
+        let programs = parse_program_file(text).expect("loads");
+        assert_eq!(programs.len(), 2);
+        assert!(programs[0].valid, "valid defaults to true");
+        assert_eq!(programs[1].checksum, "7");
+    }
+
+    #[test]
+    fn errors_name_record_and_field() {
+        let text = r#"[{"programId":"1","programName":"a","checksum":"c","customerId":"x1","customerName":"n"},
+                      {"programId":"2","programName":"a","checksum":"c","customerId":1,"customerName":"n","vaild":false}]"#;
+        let errors = parse_program_file(text).expect_err("bad");
+        assert_eq!(errors.len(), 2);
+        assert_eq!(
+            errors[0].to_string(),
+            "record 1 (programId 1): field `customerId`: expected an integer, got \"x1\""
+        );
+        assert_eq!(errors[1].to_string(), "record 2 (programId 2): field `vaild`: unknown field");
+    }
+
+    #[test]
+    fn bad_ids_and_windows_are_refused() {
+        let base = json!({"programName":"a","checksum":"c","customerId":1,"customerName":"n"});
+        let mut bad_id = base.clone();
+        bad_id["programId"] = json!("has space");
+        assert_eq!(Program::from_json(&bad_id).expect_err("bad").field, "programId");
+        let mut window = base.clone();
+        window["programId"] = json!("p");
+        window["validFrom"] = json!("2026-02-01T00:00:00Z");
+        window["validUntil"] = json!("2026-01-01T00:00:00Z");
+        assert_eq!(Program::from_json(&window).expect_err("bad").field, "validUntil");
+        let mut big = base;
+        big["programId"] = json!("p");
+        big["customerId"] = json!(1_i64 << 40);
+        assert_eq!(Program::from_json(&big).expect_err("bad").field, "customerId");
+    }
+
+    #[test]
+    fn validity_window_and_redirects() {
+        let p = Program::from_json(&json!({
+            "programId":"p","programName":"a","checksum":"c","customerId":1,"customerName":"n",
+            "validFrom":"2026-01-01T00:00:00Z","validUntil":"2026-02-01T00:00:00Z",
+            "allowedRedirectHosts":["Shop.Example.com","*.ads.example"]
+        }))
+        .expect("ok");
+        let jan = OffsetDateTime::parse("2026-01-15T00:00:00Z", &Rfc3339).expect("t");
+        let mar = OffsetDateTime::parse("2026-03-01T00:00:00Z", &Rfc3339).expect("t");
+        assert!(p.is_active_at(jan));
+        assert!(!p.is_active_at(mar));
+        assert!(p.allows_redirect_to("shop.example.com"));
+        assert!(p.allows_redirect_to("x.ads.example"));
+        assert!(!p.allows_redirect_to("ads.example"));
+        assert!(!p.allows_redirect_to("evilads.example"));
+        assert!(!p.allows_redirect_to("shop.example.com.evil"));
+    }
+
+    #[test]
+    fn redis_fields_round_trip() {
+        let mut p = parse_program_file(REFERENCE).expect("ok").remove(0);
+        p.allowed_redirect_hosts = vec!["a.example".into(), "*.b.example".into()];
+        p.valid_until = Some(OffsetDateTime::parse("2027-01-01T00:00:00Z", &Rfc3339).expect("t"));
+        let mut fields: BTreeMap<String, String> = p
+            .to_redis_fields()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        fields.insert("version".into(), "42".into());
+        let back = Program::from_redis_fields(&fields).expect("reads");
+        assert_eq!(back.version, 42);
+        p.version = 42;
+        assert_eq!(back, p);
+        assert_eq!(Program::from_json(&p.to_json()).expect("json round trip"), p);
+    }
+}

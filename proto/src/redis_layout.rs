@@ -1,0 +1,203 @@
+//! How program core data lives in Redis and how changes are announced.
+//!
+//! # Keys
+//!
+//! - `adtrack:program:{programId}`: one hash per program. Fields are the
+//!   operator JSON fields as strings (`programId`, `programName`, `checksum`,
+//!   `customerId`, `customerName`, `valid` = `true`/`false`, optional
+//!   `validFrom`/`validUntil` in RFC 3339, `allowedRedirectHosts` as a
+//!   comma-separated list) plus `version`. A deleted program keeps a tombstone
+//!   hash holding only `version` and `deleted` = `1`, so a late, older write
+//!   cannot bring it back.
+//! - `adtrack:program-version`: a counter; the updater takes versions from it
+//!   with `INCR` when the operator gives none. Versions only grow.
+//!
+//! Every write goes through [`UPSERT_SCRIPT`] or [`DELETE_SCRIPT`], which
+//! refuse a version not newer than the stored one and PUBLISH the change in
+//! the same atomic step. A file load runs all its scripts in one
+//! `MULTI`/`EXEC`, so a load is applied whole or not at all.
+//!
+//! # Channel
+//!
+//! `adtrack:programs` carries one JSON [`ProgramChange`] per change:
+//!
+//! ```json
+//! {"op":"upsert","version":7,"program":{"programId":"212312", ...}}
+//! {"op":"delete","version":8,"programId":"212312"}
+//! ```
+//!
+//! Pub/sub is at-most-once: a subscriber that reconnects must re-read the
+//! hashes it holds (the tracker does).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::program::{FieldError, Program, ProgramId};
+
+/// Prefix of the per-program hashes.
+pub const PROGRAM_KEY_PREFIX: &str = "adtrack:program:";
+/// The version counter.
+pub const VERSION_KEY: &str = "adtrack:program-version";
+/// The pub/sub channel for changes and deletions.
+pub const CHANGES_CHANNEL: &str = "adtrack:programs";
+/// `SCAN MATCH` pattern for all program hashes.
+pub const PROGRAM_KEY_PATTERN: &str = "adtrack:program:*";
+
+/// The Redis key of one program's hash.
+pub fn program_key(id: &ProgramId) -> String {
+    format!("{PROGRAM_KEY_PREFIX}{id}")
+}
+
+/// Upsert, atomically: `KEYS[1]` program hash, `KEYS[2]` version counter;
+/// `ARGV[1]` requested version (0: take the next from the counter),
+/// `ARGV[2]` channel, `ARGV[3]` program JSON without version, `ARGV[4..]`
+/// field/value pairs. Returns `{1, version}` when written and published,
+/// `{0, stored_version}` when the stored version is not older.
+pub const UPSERT_SCRIPT: &str = r#"
+local requested = tonumber(ARGV[1])
+local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+local v = requested
+if v == 0 then
+  v = redis.call('INCR', KEYS[2])
+  if v <= stored then
+    v = stored + 1
+    redis.call('SET', KEYS[2], v)
+  end
+else
+  if tonumber(redis.call('GET', KEYS[2]) or '0') < v then redis.call('SET', KEYS[2], v) end
+end
+if v <= stored then return {0, stored} end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'version', v, unpack(ARGV, 4))
+redis.call('PUBLISH', ARGV[2], '{"op":"upsert","version":' .. v .. ',"program":' .. ARGV[3] .. '}')
+return {1, v}
+"#;
+
+/// Delete, atomically: `KEYS[1]` program hash, `KEYS[2]` version counter;
+/// `ARGV[1]` channel, `ARGV[2]` program id (JSON string). Leaves a tombstone
+/// and publishes the deletion. Returns `{1, version}`, or `{0, 0}` when
+/// there was no such program.
+pub const DELETE_SCRIPT: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HGET', KEYS[1], 'deleted') == '1' then return {0, 0} end
+local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+local v = redis.call('INCR', KEYS[2])
+if v <= stored then
+  v = stored + 1
+  redis.call('SET', KEYS[2], v)
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'version', v, 'deleted', '1')
+redis.call('PUBLISH', ARGV[1], '{"op":"delete","version":' .. v .. ',"programId":' .. ARGV[2] .. '}')
+return {1, v}
+"#;
+
+/// A change announced on [`CHANGES_CHANNEL`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProgramChange {
+    Upsert(Program),
+    Delete { program_id: ProgramId, version: u64 },
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+enum WireChange {
+    Upsert {
+        version: u64,
+        program: Value,
+    },
+    Delete {
+        version: u64,
+        #[serde(rename = "programId")]
+        program_id: String,
+    },
+}
+
+impl ProgramChange {
+    /// Parses a pub/sub message.
+    pub fn parse(payload: &[u8]) -> Result<Self, FieldError> {
+        let wire: WireChange = serde_json::from_slice(payload).map_err(|e| FieldError {
+            field: "(message)".into(),
+            reason: e.to_string(),
+        })?;
+        match wire {
+            WireChange::Upsert { version, program } => {
+                let mut p = Program::from_json(&program)?;
+                p.version = version;
+                Ok(Self::Upsert(p))
+            }
+            WireChange::Delete {
+                version,
+                program_id,
+            } => Ok(Self::Delete {
+                program_id: ProgramId::parse(&program_id).map_err(|e| FieldError {
+                    field: "programId".into(),
+                    reason: e.to_string(),
+                })?,
+                version,
+            }),
+        }
+    }
+
+    pub fn program_id(&self) -> &ProgramId {
+        match self {
+            Self::Upsert(p) => &p.program_id,
+            Self::Delete { program_id, .. } => program_id,
+        }
+    }
+
+    pub fn version(&self) -> u64 {
+        match self {
+            Self::Upsert(p) => p.version,
+            Self::Delete { version, .. } => *version,
+        }
+    }
+}
+
+/// What a program hash read from Redis holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredProgram {
+    /// No hash at all.
+    Absent,
+    /// A tombstone left by a delete.
+    Deleted { version: u64 },
+    Present(Program),
+}
+
+impl StoredProgram {
+    /// Interprets the result of `HGETALL adtrack:program:{id}`.
+    pub fn from_hash(
+        fields: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Self, FieldError> {
+        if fields.is_empty() {
+            return Ok(Self::Absent);
+        }
+        if fields.get("deleted").map(String::as_str) == Some("1") {
+            let version = fields
+                .get("version")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            return Ok(Self::Deleted { version });
+        }
+        Program::from_redis_fields(fields).map(Self::Present)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn change_messages_parse() {
+        let up = br#"{"op":"upsert","version":7,"program":{"programId":"212312","programName":"p","checksum":"1","customerId":"9","customerName":"c","valid":false}}"#;
+        let ProgramChange::Upsert(p) = ProgramChange::parse(up).expect("parses") else {
+            panic!("not an upsert")
+        };
+        assert_eq!(p.version, 7);
+        assert!(!p.valid);
+        let del = br#"{"op":"delete","version":8,"programId":"212312"}"#;
+        let change = ProgramChange::parse(del).expect("parses");
+        assert_eq!(change.version(), 8);
+        assert_eq!(change.program_id().as_str(), "212312");
+        assert!(ProgramChange::parse(b"{\"op\":\"flush\"}").is_err());
+    }
+}

@@ -1,0 +1,335 @@
+//! Test support: starts the real local stack (a `redis-server`, the Kinesis
+//! and DynamoDB protocol stand-ins from `dev/`) on free loopback ports, with
+//! data in a temporary directory, and stops exactly those processes on drop.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// The events stream the stand-in creates.
+pub const EVENTS_STREAM: &str = "adtrack-events";
+/// The events table the stand-in creates (see `dev/tables.json`).
+pub const EVENTS_TABLE: &str = "adtrack-events";
+/// The checkpoint table the stand-in creates.
+pub const CHECKPOINT_TABLE: &str = "adtrack-checkpoints";
+
+/// The repository's `dev/` folder.
+pub fn dev_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../dev")
+}
+
+/// Path of a workspace binary built into the same target directory as the
+/// running test (`cargo test --workspace` builds them all).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; the caller binds it soon).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// A child process this test started; killed and reaped on drop.
+#[derive(Debug)]
+pub struct Proc {
+    child: Option<Child>,
+}
+
+impl Proc {
+    pub fn new(child: Child) -> Self {
+        Self { child: Some(child) }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends a signal (by number) to the process, e.g. 15 for SIGTERM.
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(c.id().to_string())
+                .status();
+        }
+    }
+
+    /// Waits for the process to exit by itself, up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn child_mut(&mut self) -> Option<&mut Child> {
+        self.child.as_mut()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `redis-server` on a free port, keeping nothing on disk.
+#[derive(Debug)]
+pub struct Redis {
+    pub port: u16,
+    proc: Proc,
+}
+
+impl Redis {
+    pub fn start() -> Result<Self> {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Result<Self> {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn redis-server (is it installed? ./dev/test installs it)")?;
+        let proc = Proc::new(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if redis_ping(port) {
+                return Ok(Self { port, proc });
+            }
+            if Instant::now() > deadline {
+                bail!("redis-server on port {port} did not answer PING");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Kills the server (its data is gone: it keeps nothing on disk).
+    pub fn stop(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts a fresh server on the same port.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        *self = Self::start_on(self.port)?;
+        Ok(())
+    }
+}
+
+fn redis_ping(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 7];
+    s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+/// Which AWS service a stand-in speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Kinesis,
+    DynamoDb,
+}
+
+/// A Kinesis or DynamoDB protocol stand-in (`dev/standin.js`) persisting to a
+/// directory, so it can be stopped and started again with its data.
+#[derive(Debug)]
+pub struct Standin {
+    pub service: Service,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    shards: u32,
+    proc: Proc,
+}
+
+impl Standin {
+    pub fn start(service: Service, data_dir: &Path, shards: u32) -> Result<Self> {
+        Self::start_on(service, data_dir, shards, 0)
+    }
+
+    fn start_on(service: Service, data_dir: &Path, shards: u32, port: u16) -> Result<Self> {
+        let dev = dev_dir();
+        if !dev.join("node_modules/kinesalite").exists() {
+            bail!("dev/node_modules is missing: run `npm ci` in dev/ (./dev/test does)");
+        }
+        std::fs::create_dir_all(data_dir)?;
+        let mut cmd = Command::new("node");
+        cmd.arg(dev.join("standin.js"));
+        match service {
+            Service::Kinesis => {
+                cmd.args(["kinesis", "--stream", EVENTS_STREAM, "--shards"])
+                    .arg(shards.to_string());
+            }
+            Service::DynamoDb => {
+                cmd.arg("dynamodb");
+            }
+        }
+        cmd.arg("--port").arg(port.to_string());
+        cmd.arg("--path").arg(data_dir);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = cmd.spawn().context("spawn node dev/standin.js")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let mut proc = Proc::new(child);
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the child never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => line,
+            Err(_) => {
+                proc.kill();
+                bail!("{service:?} stand-in did not become ready");
+            }
+        };
+        let port: u16 = line
+            .strip_prefix("READY ")
+            .and_then(|p| p.trim().parse().ok())
+            .with_context(|| format!("unexpected stand-in output: {line}"))?;
+        Ok(Self {
+            service,
+            port,
+            data_dir: data_dir.to_owned(),
+            shards,
+            proc,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Kills the stand-in; its data stays in `data_dir`.
+    pub fn stop(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts it again on the same port with the same data.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Self::start_on(self.service, &self.data_dir.clone(), self.shards, self.port) {
+                Ok(s) => {
+                    *self = s;
+                    return Ok(());
+                }
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+}
+
+/// The whole local stack for one test.
+#[derive(Debug)]
+pub struct Stack {
+    pub redis: Redis,
+    pub kinesis: Standin,
+    pub dynamodb: Standin,
+    pub dir: tempfile::TempDir,
+}
+
+impl Stack {
+    /// Starts Redis and both stand-ins; the events stream gets `shards` shards.
+    pub fn start(shards: u32) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let redis = Redis::start()?;
+        let kinesis = Standin::start(Service::Kinesis, &dir.path().join("kinesis"), shards)?;
+        let dynamodb = Standin::start(Service::DynamoDb, &dir.path().join("dynamodb"), shards)?;
+        Ok(Self {
+            redis,
+            kinesis,
+            dynamodb,
+            dir,
+        })
+    }
+
+    /// Environment for a process that talks to this stack through the
+    /// standard AWS SDK chain.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("REDIS_URL", self.redis.url()),
+            ("AWS_ENDPOINT_URL_KINESIS", self.kinesis.url()),
+            ("AWS_ENDPOINT_URL_DYNAMODB", self.dynamodb.url()),
+            ("AWS_ACCESS_KEY_ID", "local".to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", "local".to_owned()),
+            ("AWS_REGION", "us-east-1".to_owned()),
+            ("EVENTS_STREAM", EVENTS_STREAM.to_owned()),
+            ("EVENTS_TABLE", EVENTS_TABLE.to_owned()),
+            ("CHECKPOINT_TABLE", CHECKPOINT_TABLE.to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+}
+
+/// Polls `f` until it returns `Some`, up to `limit`; panics with `what` otherwise.
+pub fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

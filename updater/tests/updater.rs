@@ -1,0 +1,142 @@
+//! The updater against a real redis-server: atomic loads, versions, deletes,
+//! the published changes, and bad input that writes nothing.
+
+use std::process::Command;
+
+use adtrack_proto::program::{ProgramId, parse_program_file};
+use adtrack_proto::redis_layout::{CHANGES_CHANNEL, ProgramChange, StoredProgram};
+use adtrack_testkit::{Redis, binary};
+use adtrack_updater::{ProgramStore, WriteOutcome};
+
+const REFERENCE: &str = r#"[{"programId":"212312","programName":"program1","checksum":"123","customerId":"9123","customerName":"Customer1","valid":true},
+{"programId":"212313","programName":"program2","checksum":"124","customerId":"9124","customerName":"Customer2","valid":true}]"#;
+
+fn key_count(url: &str) -> usize {
+    let client = redis::Client::open(url).expect("client");
+    let mut conn = client.get_connection().expect("conn");
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).expect("keys");
+    keys.len()
+}
+
+#[tokio::test]
+async fn load_put_delete_get_and_versions() {
+    let redis = Redis::start().expect("redis");
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub.subscribe(CHANGES_CHANNEL).await.expect("subscribe");
+    let mut messages = pubsub.into_on_message();
+
+    let mut store = ProgramStore::connect(&redis.url()).await.expect("connect");
+    let programs = parse_program_file(REFERENCE).expect("valid");
+    let outcomes = store.load(&programs).await.expect("load");
+    assert_eq!(outcomes, vec![WriteOutcome::Written(1), WriteOutcome::Written(2)]);
+
+    use futures_util::StreamExt;
+    for expected in ["212312", "212313"] {
+        let msg = messages.next().await.expect("message");
+        let change = ProgramChange::parse(msg.get_payload_bytes()).expect("parses");
+        assert_eq!(change.program_id().as_str(), expected);
+    }
+
+    let id = ProgramId::parse("212312").expect("id");
+    let StoredProgram::Present(p) = store.get(&id).await.expect("get") else {
+        panic!("missing")
+    };
+    assert_eq!((p.customer_id, p.version), (9123, 1));
+
+    // An explicit older version is refused; a newer one wins.
+    let mut older = p.clone();
+    older.version = 1;
+    older.valid = false;
+    assert_eq!(store.put(&older).await.expect("put"), WriteOutcome::Stale(1));
+    older.version = 10;
+    assert_eq!(store.put(&older).await.expect("put"), WriteOutcome::Written(10));
+    // Versions taken from the counter stay above explicit ones.
+    let mut next = older.clone();
+    next.version = 0;
+    assert_eq!(store.put(&next).await.expect("put"), WriteOutcome::Written(11));
+
+    assert_eq!(store.delete(&id).await.expect("delete"), Some(12));
+    assert_eq!(
+        store.get(&id).await.expect("get"),
+        StoredProgram::Deleted { version: 12 }
+    );
+    assert_eq!(store.delete(&id).await.expect("delete again"), None);
+    // A late write carrying an older version cannot resurrect it.
+    older.version = 11;
+    assert_eq!(store.put(&older).await.expect("put"), WriteOutcome::Stale(12));
+
+    let kinds: Vec<(String, u64)> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            let msg = messages.next().await.expect("message");
+            let c = ProgramChange::parse(msg.get_payload_bytes()).expect("parses");
+            let kind = match c {
+                ProgramChange::Upsert(_) => "upsert",
+                ProgramChange::Delete { .. } => "delete",
+            };
+            v.push((kind.to_owned(), c.version()));
+        }
+        v
+    };
+    assert_eq!(
+        kinds,
+        vec![
+            ("upsert".to_owned(), 10),
+            ("upsert".to_owned(), 11),
+            ("delete".to_owned(), 12)
+        ]
+    );
+}
+
+#[test]
+fn malformed_input_writes_nothing_and_names_the_problem() {
+    let redis = Redis::start().expect("redis");
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("bad.json");
+    std::fs::write(
+        &file,
+        r#"[{"programId":"1","programName":"ok","checksum":"1","customerId":1,"customerName":"a"},
+            {"programId":"2","programName":"bad","checksum":"1","customerId":"twelve","customerName":"b"}]"#,
+    )
+    .expect("write");
+    let out = Command::new(binary("updater"))
+        .env("REDIS_URL", redis.url())
+        .arg("load")
+        .arg(&file)
+        .output()
+        .expect("run updater");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(
+        stderr.contains("record 2 (programId 2): field `customerId`"),
+        "stderr: {stderr}"
+    );
+    assert!(stderr.contains("nothing written"), "stderr: {stderr}");
+    assert_eq!(key_count(&redis.url()), 0, "nothing may be written");
+
+    // Not JSON at all.
+    std::fs::write(&file, "[{").expect("write");
+    let out = Command::new(binary("updater"))
+        .env("REDIS_URL", redis.url())
+        .args(["load"])
+        .arg(&file)
+        .output()
+        .expect("run updater");
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(key_count(&redis.url()), 0);
+
+    // A good file loads through the binary.
+    std::fs::write(&file, REFERENCE).expect("write");
+    let out = Command::new(binary("updater"))
+        .env("REDIS_URL", redis.url())
+        .args(["load"])
+        .arg(&file)
+        .output()
+        .expect("run updater");
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "loaded 2 program(s): 2 written, 0 stale"
+    );
+}
