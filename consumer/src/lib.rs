@@ -1,1 +1,47 @@
-pub fn x(){}
+//! adtrack consumer: Kinesis events stream to DynamoDB. Every event becomes
+//! one item keyed by its event id, so at-least-once delivery from Kinesis
+//! gives exactly one item per event. See [`item`] for the table layout.
+
+pub mod config;
+pub mod item;
+pub mod metric;
+pub mod poller;
+pub mod writer;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_config::timeout::TimeoutConfig;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+/// Runs the poller until `shutdown`. Records whose events are not yet
+/// written when it stops are read again on the next start.
+pub async fn run(config: Config, admin: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let prometheus = adtrack_service::metrics_endpoint::install(&[]);
+    let aws = aws_config::defaults(BehaviorVersion::latest())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .operation_attempt_timeout(Duration::from_secs(10))
+                .build(),
+        )
+        .load()
+        .await;
+    let poller = Arc::new(poller::Poller {
+        kinesis: aws_sdk_kinesis::Client::new(&aws),
+        dynamodb: aws_sdk_dynamodb::Client::new(&aws),
+        config,
+    });
+    let admin_task = tokio::spawn(adtrack_service::metrics_endpoint::serve(
+        admin,
+        prometheus,
+        shutdown.clone(),
+    ));
+    poller.run(shutdown).await;
+    let _ = admin_task.await;
+    Ok(())
+}

@@ -1,1 +1,44 @@
-fn main(){}
+//! `tracker`: parse config, set up logging, bind, run until SIGTERM.
+
+use std::process::ExitCode;
+
+use adtrack_tracker::{Config, run};
+use tokio::net::TcpListener;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config: Config = match adtrack_service::parse_config() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    adtrack_service::init_logging(&config.log_format);
+    let listener = match TcpListener::bind(config.listen_addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("cannot listen on TRACKER_LISTEN_ADDR {}: {e}", config.listen_addr);
+            return ExitCode::from(1);
+        }
+    };
+    let admin = match TcpListener::bind(config.admin_addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("cannot listen on TRACKER_ADMIN_ADDR {}: {e}", config.admin_addr);
+            return ExitCode::from(1);
+        }
+    };
+    tracing::info!(
+        listen = %config.listen_addr,
+        admin = %config.admin_addr,
+        stream = %config.events_stream,
+        "tracker starting"
+    );
+    let shutdown = adtrack_service::shutdown_on_signals();
+    match run(config, listener, admin, shutdown).await {
+        Ok(report) if report.undelivered == 0 => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(3),
+        Err(e) => {
+            tracing::error!("tracker failed: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

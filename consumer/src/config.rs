@@ -1,0 +1,67 @@
+//! The consumer's configuration, from environment variables, checked at start.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// adtrack consumer: reads every shard of the events stream and writes each
+/// event to DynamoDB, keyed by its event id so a replay overwrites.
+///
+/// AWS endpoints, region and credentials come from the standard AWS SDK chain
+/// (`AWS_ENDPOINT_URL_KINESIS` and `AWS_ENDPOINT_URL_DYNAMODB` point it at
+/// local stand-ins).
+#[derive(Parser, Debug, Clone)]
+#[command(name = "consumer", version)]
+pub struct Config {
+    /// Kinesis stream to read.
+    #[arg(long, env = "EVENTS_STREAM", value_name = "EVENTS_STREAM", default_value = "adtrack-events")]
+    pub events_stream: String,
+
+    /// DynamoDB table the events are written to.
+    #[arg(long, env = "EVENTS_TABLE", value_name = "EVENTS_TABLE", default_value = "adtrack-events")]
+    pub events_table: String,
+
+    /// DynamoDB table holding per-shard checkpoints.
+    #[arg(long, env = "CHECKPOINT_TABLE", value_name = "CHECKPOINT_TABLE", default_value = "adtrack-checkpoints")]
+    pub checkpoint_table: String,
+
+    /// Pause between reads of an idle shard, in milliseconds (Kinesis allows
+    /// 5 reads per second per shard).
+    #[arg(long, env = "CONSUMER_POLL_INTERVAL_MS", value_name = "CONSUMER_POLL_INTERVAL_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(200..=60_000))]
+    pub poll_interval_ms: u64,
+
+    /// Most records per GetRecords call.
+    #[arg(long, env = "CONSUMER_MAX_RECORDS", value_name = "CONSUMER_MAX_RECORDS", default_value_t = 1000, value_parser = clap::value_parser!(i32).range(1..=10_000))]
+    pub max_records: i32,
+
+    /// Where a shard without a checkpoint starts: `trim_horizon` (oldest
+    /// record kept) or `latest`.
+    #[arg(long, env = "CONSUMER_START_POSITION", value_name = "CONSUMER_START_POSITION", default_value = "trim_horizon", value_parser = ["trim_horizon", "latest"])]
+    pub start_position: String,
+
+    /// Admin HTTP address (Prometheus metrics, liveness).
+    #[arg(long, env = "CONSUMER_ADMIN_ADDR", value_name = "CONSUMER_ADMIN_ADDR", default_value = "0.0.0.0:9091")]
+    pub admin_addr: SocketAddr,
+
+    /// Log format: `json` or `text`.
+    #[arg(long, env = "LOG_FORMAT", value_name = "LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
+    pub log_format: String,
+}
+
+impl Config {
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn definition_is_consistent() {
+        Config::command().debug_assert();
+    }
+}

@@ -1,0 +1,121 @@
+//! The DynamoDB item of one event.
+//!
+//! # Table layout
+//!
+//! Events table: partition key `eventId` (S), the event id made at ingress
+//! (a UUIDv7), so writing the same event twice overwrites one item: replays
+//! never duplicate. Other attributes: `programId`, `eventType`, `ts` (ms since
+//! the epoch), `customerId`, `programName`, `customerName`, `checksum`,
+//! `isValid`, `validation`, `source`, `programVersion`, `userAgent`,
+//! `clientIp`, `referrer`, `pageUrl`, `extra` (map), and where it was read:
+//! `shardId`, `sequenceNumber`. Empty strings are left out.
+//!
+//! Checkpoint table: partition key `shardKey` = `{stream}/{shardId}`, with
+//! `sequenceNumber`, the last record whose events are all written.
+
+use std::collections::HashMap;
+
+use adtrack_proto::v1::{EventType, TrackingEvent, ValidationOutcome};
+use aws_sdk_dynamodb::types::AttributeValue;
+
+/// Largest event accepted (bytes of protobuf); anything bigger is refused.
+pub const MAX_EVENT_BYTES: usize = 64 * 1024;
+
+/// Why a record could not become an item.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("record is {0} bytes, more than {MAX_EVENT_BYTES}")]
+    TooLarge(usize),
+    #[error("not a TrackingEvent: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("event has no event id")]
+    NoEventId,
+    #[error("event id {0:?} is longer than 64 bytes")]
+    BadEventId(String),
+}
+
+/// Decodes and checks one record's data.
+pub fn decode(data: &[u8]) -> Result<TrackingEvent, RecordError> {
+    use prost::Message;
+    if data.len() > MAX_EVENT_BYTES {
+        return Err(RecordError::TooLarge(data.len()));
+    }
+    let ev = TrackingEvent::decode(data)?;
+    if ev.message_id.is_empty() {
+        return Err(RecordError::NoEventId);
+    }
+    if ev.message_id.len() > 64 {
+        return Err(RecordError::BadEventId(ev.message_id));
+    }
+    Ok(ev)
+}
+
+fn s(item: &mut HashMap<String, AttributeValue>, k: &str, v: String) {
+    if !v.is_empty() {
+        item.insert(k.to_owned(), AttributeValue::S(v));
+    }
+}
+
+fn n(item: &mut HashMap<String, AttributeValue>, k: &str, v: impl ToString) {
+    item.insert(k.to_owned(), AttributeValue::N(v.to_string()));
+}
+
+/// The item for one event.
+pub fn to_item(ev: TrackingEvent, shard_id: &str, sequence: &str) -> HashMap<String, AttributeValue> {
+    let mut item = HashMap::with_capacity(24);
+    let event_type = EventType::try_from(ev.event_type).unwrap_or(EventType::Unspecified);
+    let validation = ValidationOutcome::try_from(ev.validation).unwrap_or(ValidationOutcome::Unspecified);
+    s(&mut item, "eventId", ev.message_id);
+    s(&mut item, "programId", ev.programid);
+    s(&mut item, "eventType", event_type.name().to_owned());
+    n(&mut item, "ts", ev.timestamp_ms);
+    n(&mut item, "customerId", ev.customer_id);
+    s(&mut item, "programName", ev.program_name);
+    s(&mut item, "customerName", ev.customer_name);
+    s(&mut item, "checksum", ev.checksum);
+    item.insert("isValid".into(), AttributeValue::Bool(ev.is_valid));
+    s(&mut item, "validation", validation.name().to_owned());
+    s(&mut item, "source", ev.source);
+    n(&mut item, "programVersion", ev.program_version);
+    s(&mut item, "userAgent", ev.user_agent);
+    s(&mut item, "clientIp", ev.client_ip);
+    s(&mut item, "referrer", ev.referrer);
+    s(&mut item, "pageUrl", ev.page_url);
+    let extra: HashMap<String, AttributeValue> = ev
+        .extra
+        .into_iter()
+        .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+        .map(|(k, v)| (k, AttributeValue::S(v)))
+        .collect();
+    if !extra.is_empty() {
+        item.insert("extra".into(), AttributeValue::M(extra));
+    }
+    s(&mut item, "shardId", shard_id.to_owned());
+    s(&mut item, "sequenceNumber", sequence.to_owned());
+    item
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn decodes_and_refuses() {
+        let ev = TrackingEvent {
+            message_id: "id-1".into(),
+            programid: "p".into(),
+            ..Default::default()
+        };
+        let bytes = ev.encode_to_vec();
+        let back = decode(&bytes).expect("decodes");
+        let item = to_item(back, "shard-0", "42");
+        assert_eq!(item["eventId"], AttributeValue::S("id-1".into()));
+        assert!(!item.contains_key("referrer"), "empty strings are left out");
+        assert!(matches!(decode(&[0xff, 0xff, 0xff]), Err(RecordError::Decode(_))));
+        assert!(matches!(
+            decode(&TrackingEvent::default().encode_to_vec()),
+            Err(RecordError::NoEventId)
+        ));
+    }
+}

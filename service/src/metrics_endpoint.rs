@@ -1,0 +1,90 @@
+//! Prometheus: one recorder per process, and a minimal admin endpoint
+//! (`/metrics`, `/health/live`) for binaries without an admin port of their own.
+
+use std::convert::Infallible;
+use std::sync::OnceLock;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process's Prometheus recorder once (histogram buckets per
+/// metric name) and returns its handle; later calls return the same handle.
+pub fn install(buckets: &[(&str, &[f64])]) -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let mut builder = PrometheusBuilder::new();
+            for (name, b) in buckets {
+                builder = builder
+                    .set_buckets_for_metric(Matcher::Full((*name).to_owned()), b)
+                    .expect("static buckets are valid");
+            }
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (tests); keep ours for rendering.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// The text exposition of every metric.
+pub fn render(handle: &PrometheusHandle) -> Response<Full<Bytes>> {
+    handle.run_upkeep();
+    let mut resp = Response::new(Full::new(Bytes::from(handle.render())));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    resp
+}
+
+/// Serves `/metrics` and `/health/live` until `stop`.
+pub async fn serve(listener: TcpListener, handle: PrometheusHandle, stop: CancellationToken) {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(10));
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(_) => continue,
+            },
+        };
+        let handle = handle.clone();
+        let conn = builder.serve_connection(
+            TokioIo::new(stream),
+            service_fn(move |req: Request<hyper::body::Incoming>| {
+                let handle = handle.clone();
+                async move {
+                    Ok::<_, Infallible>(match req.uri().path() {
+                        "/metrics" => render(&handle),
+                        "/health/live" => Response::new(Full::new(Bytes::from_static(b"{\"status\":\"live\"}"))),
+                        _ => {
+                            let mut r = Response::new(Full::new(Bytes::from_static(b"{\"error\":\"not_found\"}")));
+                            *r.status_mut() = StatusCode::NOT_FOUND;
+                            r
+                        }
+                    })
+                }
+            }),
+        );
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}

@@ -1,0 +1,138 @@
+//! The tracker's configuration: every setting from one environment variable
+//! (or its flag), typed and checked once at start.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// adtrack tracker: validates each hit against the program cache, replies at
+/// once and ships the event to Kinesis in the background.
+///
+/// Every option is read from the environment variable shown; AWS endpoints,
+/// region and credentials come from the standard AWS SDK chain
+/// (`AWS_ENDPOINT_URL_KINESIS` points it at a local stand-in).
+#[derive(Parser, Debug, Clone)]
+#[command(name = "tracker", version)]
+pub struct Config {
+    /// Public HTTP address.
+    #[arg(long, env = "TRACKER_LISTEN_ADDR", value_name = "TRACKER_LISTEN_ADDR", default_value = "0.0.0.0:8080")]
+    pub listen_addr: SocketAddr,
+
+    /// Admin HTTP address (metrics, health, cache stats).
+    #[arg(long, env = "TRACKER_ADMIN_ADDR", value_name = "TRACKER_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
+    pub admin_addr: SocketAddr,
+
+    /// Redis holding the program core data.
+    #[arg(long, env = "REDIS_URL", value_name = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// Longest wait for one Redis call on a cache miss, in milliseconds.
+    #[arg(long, env = "TRACKER_REDIS_TIMEOUT_MS", value_name = "TRACKER_REDIS_TIMEOUT_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub redis_timeout_ms: u64,
+
+    /// Kinesis stream the events go to.
+    #[arg(long, env = "EVENTS_STREAM", value_name = "EVENTS_STREAM", default_value = "adtrack-events")]
+    pub events_stream: String,
+
+    /// Most programs held in the in-process cache.
+    #[arg(long, env = "TRACKER_CACHE_CAPACITY", value_name = "TRACKER_CACHE_CAPACITY", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub cache_capacity: u64,
+
+    /// How long a known program stays cached without a push, in seconds.
+    #[arg(long, env = "TRACKER_CACHE_TTL_SECS", value_name = "TRACKER_CACHE_TTL_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub cache_ttl_secs: u64,
+
+    /// How long an unknown program id stays cached as unknown, in seconds.
+    #[arg(long, env = "TRACKER_NEGATIVE_TTL_SECS", value_name = "TRACKER_NEGATIVE_TTL_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub negative_ttl_secs: u64,
+
+    /// Most events waiting in memory for Kinesis.
+    #[arg(long, env = "TRACKER_QUEUE_EVENTS", value_name = "TRACKER_QUEUE_EVENTS", default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub queue_events: u64,
+
+    /// Most bytes of events waiting in memory for Kinesis.
+    #[arg(long, env = "TRACKER_QUEUE_BYTES", value_name = "TRACKER_QUEUE_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..=4 * 1024 * 1024 * 1024))]
+    pub queue_bytes: u64,
+
+    /// How long the batcher waits to fill a PutRecords call, in milliseconds.
+    #[arg(long, env = "TRACKER_BATCH_LINGER_MS", value_name = "TRACKER_BATCH_LINGER_MS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub batch_linger_ms: u64,
+
+    /// Most PutRecords calls in flight at once.
+    #[arg(long, env = "TRACKER_MAX_INFLIGHT_BATCHES", value_name = "TRACKER_MAX_INFLIGHT_BATCHES", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub max_inflight_batches: u64,
+
+    /// Time allowed after SIGTERM to finish requests and flush events, in seconds.
+    #[arg(long, env = "TRACKER_DRAIN_DEADLINE_SECS", value_name = "TRACKER_DRAIN_DEADLINE_SECS", default_value_t = 25, value_parser = clap::value_parser!(u64).range(0..=3_600))]
+    pub drain_deadline_secs: u64,
+
+    /// Most client connections open at once; more wait in the accept queue.
+    #[arg(long, env = "TRACKER_MAX_CONNECTIONS", value_name = "TRACKER_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+
+    /// Longest time a client may take to send its request headers, in seconds.
+    #[arg(long, env = "TRACKER_HEADER_TIMEOUT_SECS", value_name = "TRACKER_HEADER_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub header_timeout_secs: u64,
+
+    /// Number of trusted proxies in front of the tracker (e.g. 1 behind an
+    /// ALB): the client IP is taken from `X-Forwarded-For` through that many
+    /// hops; 0 uses the socket address.
+    #[arg(long, env = "TRACKER_TRUSTED_PROXY_HOPS", value_name = "TRACKER_TRUSTED_PROXY_HOPS", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=10))]
+    pub trusted_proxy_hops: u8,
+
+    /// Keep full client IPs instead of truncating them (IPv4 /24, IPv6 /48).
+    #[arg(long, env = "TRACKER_KEEP_FULL_IP", value_name = "TRACKER_KEEP_FULL_IP", default_value_t = false, action = clap::ArgAction::Set)]
+    pub keep_full_ip: bool,
+
+    /// Log format: `json` (one object per line) or `text`.
+    #[arg(long, env = "LOG_FORMAT", value_name = "LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
+    pub log_format: String,
+}
+
+impl Config {
+    pub fn redis_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_timeout_ms)
+    }
+    pub fn cache_ttl(&self) -> Duration {
+        Duration::from_secs(self.cache_ttl_secs)
+    }
+    pub fn negative_ttl(&self) -> Duration {
+        Duration::from_secs(self.negative_ttl_secs)
+    }
+    pub fn batch_linger(&self) -> Duration {
+        Duration::from_millis(self.batch_linger_ms)
+    }
+    pub fn drain_deadline(&self) -> Duration {
+        Duration::from_secs(self.drain_deadline_secs)
+    }
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_timeout_secs)
+    }
+
+    /// Defaults with the given Redis URL and stream, for tests.
+    pub fn for_tests(redis_url: &str) -> Self {
+        let mut c = Self::parse_from(["tracker"]);
+        c.redis_url = redis_url.to_owned();
+        c.listen_addr = ([127, 0, 0, 1], 0).into();
+        c.admin_addr = ([127, 0, 0, 1], 0).into();
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn definition_is_consistent() {
+        Config::command().debug_assert();
+    }
+
+    #[test]
+    fn bad_value_names_the_variable() {
+        let err = Config::try_parse_from(["tracker", "--cache-capacity", "lots"]).expect_err("bad");
+        assert!(err.to_string().contains("TRACKER_CACHE_CAPACITY"), "{err}");
+    }
+}

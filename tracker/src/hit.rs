@@ -1,0 +1,260 @@
+//! What a hit carries: strictly parsed query parameters, the client's
+//! anonymised IP, and the `TrackingEvent` built from them.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use adtrack_proto::program::Program;
+use adtrack_proto::v1::{EventType, TrackingEvent, ValidationOutcome};
+use http::HeaderMap;
+
+/// Most query parameters on one hit.
+pub const MAX_PARAMS: usize = 32;
+/// Longest parameter name, in bytes (decoded).
+pub const MAX_PARAM_NAME: usize = 64;
+/// Longest parameter value, in bytes (decoded).
+pub const MAX_PARAM_VALUE: usize = 2048;
+/// Longest header value copied into an event (user agent, referrer).
+pub const MAX_HEADER_COPY: usize = 1024;
+
+/// Why a query string was refused (answered 400 with this text).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    #[error("malformed percent-encoding in the query")]
+    BadPercent,
+    #[error("query is not valid UTF-8 once decoded")]
+    NotUtf8,
+    #[error("more than {MAX_PARAMS} query parameters")]
+    TooMany,
+    #[error("query parameter name longer than {MAX_PARAM_NAME} bytes")]
+    NameTooLong,
+    #[error("query parameter {0:?} is longer than {MAX_PARAM_VALUE} bytes")]
+    ValueTooLong(String),
+    #[error("query parameter {0:?} is given more than once")]
+    Duplicate(String),
+    #[error("empty query parameter name")]
+    EmptyName,
+    #[error("unknown event type {0:?} (impression, click, conversion, viewable, custom)")]
+    BadType(String),
+}
+
+/// Query parameters, decoded and checked.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Params(pub BTreeMap<String, String>);
+
+impl Params {
+    /// Strict parse: valid percent-encoding, UTF-8, bounded, no duplicates.
+    pub fn parse(query: Option<&str>) -> Result<Self, QueryError> {
+        let mut map = BTreeMap::new();
+        let Some(q) = query else {
+            return Ok(Self(map));
+        };
+        for pair in q.split('&').filter(|p| !p.is_empty()) {
+            if map.len() == MAX_PARAMS {
+                return Err(QueryError::TooMany);
+            }
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let k = decode(k)?;
+            if k.is_empty() {
+                return Err(QueryError::EmptyName);
+            }
+            if k.len() > MAX_PARAM_NAME {
+                return Err(QueryError::NameTooLong);
+            }
+            let v = decode(v)?;
+            if v.len() > MAX_PARAM_VALUE {
+                return Err(QueryError::ValueTooLong(k));
+            }
+            if map.contains_key(&k) {
+                return Err(QueryError::Duplicate(k));
+            }
+            map.insert(k, v);
+        }
+        Ok(Self(map))
+    }
+
+    /// The event type from `type` (default: the route's own).
+    pub fn event_type(&self, default: EventType) -> Result<EventType, QueryError> {
+        match self.0.get("type") {
+            None => Ok(default),
+            Some(t) => EventType::from_param(t).ok_or_else(|| QueryError::BadType(t.clone())),
+        }
+    }
+}
+
+fn decode(s: &str) -> Result<String, QueryError> {
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let ok = i + 2 < bytes.len()
+                && bytes[i + 1].is_ascii_hexdigit()
+                && bytes[i + 2].is_ascii_hexdigit();
+            if !ok {
+                return Err(QueryError::BadPercent);
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    let plus_as_space = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&plus_as_space)
+        .decode_utf8()
+        .map(|c| c.into_owned())
+        .map_err(|_| QueryError::NotUtf8)
+}
+
+/// How the client's IP is found and kept.
+#[derive(Debug, Clone, Copy)]
+pub struct IpPolicy {
+    pub trusted_proxy_hops: u8,
+    pub keep_full_ip: bool,
+}
+
+impl IpPolicy {
+    /// The client IP: the socket peer, or the `X-Forwarded-For` entry added by
+    /// the outermost trusted proxy; anonymised unless configured otherwise.
+    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> String {
+        let ip = if self.trusted_proxy_hops == 0 {
+            peer
+        } else {
+            forwarded_ip(headers, self.trusted_proxy_hops).unwrap_or(peer)
+        };
+        let ip = if self.keep_full_ip { ip } else { anonymise(ip) };
+        ip.to_string()
+    }
+}
+
+fn forwarded_ip(headers: &HeaderMap, hops: u8) -> Option<IpAddr> {
+    // Each proxy appends the address it saw; with N trusted proxies the Nth
+    // entry from the right was written by the outermost one.
+    let mut entries: Vec<&str> = Vec::new();
+    for value in headers.get_all("x-forwarded-for") {
+        entries.extend(value.to_str().ok()?.split(',').map(str::trim));
+    }
+    let idx = entries.len().checked_sub(hops as usize)?;
+    entries.get(idx)?.parse().ok()
+}
+
+/// IPv4 keeps its /24, IPv6 its /48.
+pub fn anonymise(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, c, _] = v4.octets();
+            IpAddr::from([a, b, c, 0])
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return anonymise(IpAddr::V4(v4));
+            }
+            let s = v6.segments();
+            IpAddr::from([s[0], s[1], s[2], 0, 0, 0, 0, 0])
+        }
+    }
+}
+
+/// Copies a header value, bounded, lossily as UTF-8.
+pub fn header_text(headers: &HeaderMap, name: http::header::HeaderName) -> String {
+    match headers.get(name) {
+        None => String::new(),
+        Some(v) => {
+            let b = v.as_bytes();
+            let b = &b[..b.len().min(MAX_HEADER_COPY)];
+            String::from_utf8_lossy(b).into_owned()
+        }
+    }
+}
+
+/// Everything an event is built from.
+pub struct Hit<'a> {
+    pub event_id: String,
+    pub timestamp_ms: i64,
+    pub program_id: &'a str,
+    pub program: Option<&'a Program>,
+    pub outcome: ValidationOutcome,
+    pub event_type: EventType,
+    pub source: &'static str,
+    pub user_agent: String,
+    pub referrer: String,
+    pub client_ip: String,
+    pub params: Params,
+}
+
+impl Hit<'_> {
+    pub fn into_event(self) -> TrackingEvent {
+        let mut extra = self.params.0;
+        let page_url = extra.remove("page").unwrap_or_default();
+        extra.remove("type");
+        let (checksum, customer_id, program_name, customer_name, version) = match self.program {
+            Some(p) => (
+                p.checksum.clone(),
+                p.customer_id,
+                p.program_name.clone(),
+                p.customer_name.clone(),
+                p.version,
+            ),
+            None => (String::new(), 0, String::new(), String::new(), 0),
+        };
+        TrackingEvent {
+            programid: self.program_id.to_owned(),
+            checksum,
+            customer_id,
+            user_agent: self.user_agent,
+            program_name,
+            customer_name,
+            is_valid: self.outcome == ValidationOutcome::Valid,
+            message_id: self.event_id,
+            event_type: self.event_type as i32,
+            timestamp_ms: self.timestamp_ms,
+            client_ip: self.client_ip,
+            referrer: self.referrer,
+            page_url,
+            extra,
+            validation: self.outcome as i32,
+            source: self.source.to_owned(),
+            program_version: version,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strict_query_parsing() {
+        let p = Params::parse(Some("type=click&page=https%3A%2F%2Fa.example%2Fx&q=a+b")).expect("ok");
+        assert_eq!(p.0["page"], "https://a.example/x");
+        assert_eq!(p.0["q"], "a b");
+        assert_eq!(p.event_type(EventType::Impression), Ok(EventType::Click));
+        assert_eq!(Params::parse(Some("a=%zz")), Err(QueryError::BadPercent));
+        assert_eq!(Params::parse(Some("a=%4")), Err(QueryError::BadPercent));
+        assert_eq!(Params::parse(Some("a=%ff")), Err(QueryError::NotUtf8));
+        assert_eq!(
+            Params::parse(Some("a=1&a=2")),
+            Err(QueryError::Duplicate("a".into()))
+        );
+        let many: Vec<String> = (0..40).map(|i| format!("k{i}=v")).collect();
+        assert_eq!(Params::parse(Some(&many.join("&"))), Err(QueryError::TooMany));
+        assert!(matches!(
+            Params::parse(Some("type=bogus")).expect("ok").event_type(EventType::Impression),
+            Err(QueryError::BadType(_))
+        ));
+    }
+
+    #[test]
+    fn ips_are_anonymised_and_forwarded_only_through_trusted_hops() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "203.0.113.9, 198.51.100.7".parse().expect("hv"));
+        let peer: IpAddr = "10.0.0.5".parse().expect("ip");
+        let direct = IpPolicy { trusted_proxy_hops: 0, keep_full_ip: false };
+        assert_eq!(direct.client_ip(peer, &h), "10.0.0.0");
+        let alb = IpPolicy { trusted_proxy_hops: 1, keep_full_ip: false };
+        assert_eq!(alb.client_ip(peer, &h), "198.51.100.0");
+        let two = IpPolicy { trusted_proxy_hops: 2, keep_full_ip: true };
+        assert_eq!(two.client_ip(peer, &h), "203.0.113.9");
+        let v6: IpAddr = "2001:db8:1234:5678::1".parse().expect("ip");
+        assert_eq!(anonymise(v6).to_string(), "2001:db8:1234::");
+    }
+}

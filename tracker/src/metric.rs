@@ -1,0 +1,59 @@
+//! Every metric the tracker emits, by name, in one place. Labels are
+//! low-cardinality only: never a program id or a user agent.
+
+use metrics_exporter_prometheus::PrometheusHandle;
+
+/// Requests answered, labels `route`, `status`.
+pub const REQUESTS: &str = "adtrack_http_requests_total";
+/// Request handling time in seconds, label `route`.
+pub const REQUEST_DURATION: &str = "adtrack_http_request_duration_seconds";
+/// Connections open now.
+pub const CONNECTIONS_OPEN: &str = "adtrack_http_connections_open";
+/// Hits by validation outcome, label `outcome` (`valid`, `invalid`, `unknown`, `unverified`, `malformed`).
+pub const HITS: &str = "adtrack_hits_total";
+/// Events put on the Kinesis queue (accepted for delivery).
+pub const EVENTS_ACCEPTED: &str = "adtrack_events_accepted_total";
+/// Events dropped, label `cause`.
+pub const EVENTS_DROPPED: &str = "adtrack_events_dropped_total";
+/// Events waiting for Kinesis, and their bytes.
+pub const QUEUE_EVENTS: &str = "adtrack_queue_events";
+pub const QUEUE_BYTES: &str = "adtrack_queue_bytes";
+/// Program cache lookups, label `result` (`hit`, `negative_hit`, `miss`).
+pub const CACHE_LOOKUPS: &str = "adtrack_cache_lookups_total";
+/// Programs held in the cache.
+pub const CACHE_ENTRIES: &str = "adtrack_cache_entries";
+/// Redis errors (timeouts included), label `op`.
+pub const REDIS_ERRORS: &str = "adtrack_redis_errors_total";
+/// Pub/sub reconnects.
+pub const PUBSUB_RECONNECTS: &str = "adtrack_pubsub_reconnects_total";
+/// Pub/sub changes, label `result` (`applied`, `stale`, `invalid`).
+pub const PUBSUB_CHANGES: &str = "adtrack_pubsub_changes_total";
+/// Programs loaded by warm-up and resync.
+pub const PROGRAMS_LOADED: &str = "adtrack_programs_loaded_total";
+/// PutRecords calls, label `result` (`ok`, `partial`, `error`).
+pub const KINESIS_CALLS: &str = "adtrack_kinesis_put_records_calls_total";
+/// Kinesis records acknowledged.
+pub const KINESIS_RECORDS: &str = "adtrack_kinesis_records_total";
+/// Events delivered to Kinesis.
+pub const EVENTS_DELIVERED: &str = "adtrack_events_delivered_total";
+/// Entries resent after a failure, label `cause` (`throttled`, `internal`, `call_failed`).
+pub const KINESIS_RETRIES: &str = "adtrack_kinesis_retries_total";
+/// PutRecords call time in seconds.
+pub const KINESIS_CALL_DURATION: &str = "adtrack_kinesis_put_records_duration_seconds";
+/// 1 when ready to take traffic.
+pub const READY: &str = "adtrack_ready";
+
+/// Latency buckets (seconds): microseconds matter here.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0,
+];
+const CALL_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Installs the Prometheus recorder once per process and returns its handle.
+pub fn install() -> PrometheusHandle {
+    adtrack_service::metrics_endpoint::install(&[
+        (REQUEST_DURATION, LATENCY_BUCKETS),
+        (KINESIS_CALL_DURATION, CALL_BUCKETS),
+    ])
+}

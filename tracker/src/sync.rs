@@ -1,0 +1,101 @@
+//! Keeps the program cache current: connects to Redis, subscribes to the
+//! change channel, loads every program (warm start), then applies each pushed
+//! change. Pub/sub is at-most-once, so after every reconnect it loads again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use adtrack_proto::redis_layout::{CHANGES_CHANNEL, ProgramChange};
+use futures_util::StreamExt;
+use rand::Rng;
+use redis::aio::ConnectionManagerConfig;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::ProgramCache;
+use crate::health::Health;
+use crate::metric;
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Runs until `shutdown`; reconnects with exponential backoff and jitter.
+pub async fn run(
+    client: redis::Client,
+    cache: Arc<ProgramCache>,
+    health: Arc<Health>,
+    redis_timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = MIN_BACKOFF;
+    let mut connected_before = false;
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        match session(&client, &cache, &health, redis_timeout, &shutdown).await {
+            Ok(()) if shutdown.is_cancelled() => return,
+            Ok(()) => {
+                tracing::warn!("Redis pub/sub connection closed; reconnecting");
+                backoff = MIN_BACKOFF;
+            }
+            Err(e) => tracing::warn!(error = %e, "Redis pub/sub unavailable; retrying"),
+        }
+        if connected_before || cache.is_connected() {
+            metrics::counter!(metric::PUBSUB_RECONNECTS).increment(1);
+        }
+        connected_before = true;
+        let pause = rand::rng().random_range(backoff / 2..=backoff);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One connected session: subscribe, (re)load everything, apply changes
+/// until the connection ends. Returns `Ok` when the stream closed.
+async fn session(
+    client: &redis::Client,
+    cache: &ProgramCache,
+    health: &Health,
+    redis_timeout: Duration,
+    shutdown: &CancellationToken,
+) -> Result<(), redis::RedisError> {
+    if !cache.is_connected() {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(redis_timeout.max(Duration::from_secs(1))));
+        let conn = client.get_connection_manager_with_config(config).await?;
+        cache.set_connection(conn);
+    }
+    // Subscribe before loading so no change between the two is missed;
+    // versions make the order of the two harmless.
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(CHANGES_CHANNEL).await?;
+    let loaded = cache.load_all().await.map_err(|e| match e {
+        crate::cache::FetchError::Redis(r) => r,
+        other => redis::RedisError::from(std::io::Error::other(other.to_string())),
+    })?;
+    tracing::info!(programs = loaded, "program cache loaded from Redis");
+    health.set_cache_warm();
+    let mut messages = pubsub.into_on_message();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            msg = messages.next() => match msg {
+                None => return Ok(()),
+                Some(msg) => match ProgramChange::parse(msg.get_payload_bytes()) {
+                    Ok(change) => {
+                        let result = if cache.apply(change).await { "applied" } else { "stale" };
+                        metrics::counter!(metric::PUBSUB_CHANGES, "result" => result).increment(1);
+                    }
+                    Err(e) => {
+                        metrics::counter!(metric::PUBSUB_CHANGES, "result" => "invalid").increment(1);
+                        tracing::warn!(error = %e, "ignoring unreadable program change message");
+                    }
+                },
+            }
+        }
+    }
+}
