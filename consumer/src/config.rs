@@ -15,15 +15,30 @@ use clap::Parser;
 #[command(name = "consumer", version)]
 pub struct Config {
     /// Kinesis stream to read.
-    #[arg(long, env = "EVENTS_STREAM", value_name = "EVENTS_STREAM", default_value = "adtrack-events")]
+    #[arg(
+        long,
+        env = "EVENTS_STREAM",
+        value_name = "EVENTS_STREAM",
+        default_value = "adtrack-events"
+    )]
     pub events_stream: String,
 
     /// DynamoDB table the events are written to.
-    #[arg(long, env = "EVENTS_TABLE", value_name = "EVENTS_TABLE", default_value = "adtrack-events")]
+    #[arg(
+        long,
+        env = "EVENTS_TABLE",
+        value_name = "EVENTS_TABLE",
+        default_value = "adtrack-events"
+    )]
     pub events_table: String,
 
     /// DynamoDB table holding per-shard checkpoints.
-    #[arg(long, env = "CHECKPOINT_TABLE", value_name = "CHECKPOINT_TABLE", default_value = "adtrack-checkpoints")]
+    #[arg(
+        long,
+        env = "CHECKPOINT_TABLE",
+        value_name = "CHECKPOINT_TABLE",
+        default_value = "adtrack-checkpoints"
+    )]
     pub checkpoint_table: String,
 
     /// Pause between reads of an idle shard, in milliseconds (Kinesis allows
@@ -41,7 +56,12 @@ pub struct Config {
     pub start_position: String,
 
     /// Admin HTTP address (Prometheus metrics, liveness).
-    #[arg(long, env = "CONSUMER_ADMIN_ADDR", value_name = "CONSUMER_ADMIN_ADDR", default_value = "0.0.0.0:9091")]
+    #[arg(
+        long,
+        env = "CONSUMER_ADMIN_ADDR",
+        value_name = "CONSUMER_ADMIN_ADDR",
+        default_value = "0.0.0.0:9091"
+    )]
     pub admin_addr: SocketAddr,
 
     /// Log format: `json` or `text`.

@@ -61,10 +61,15 @@ fn n(item: &mut HashMap<String, AttributeValue>, k: &str, v: impl ToString) {
 }
 
 /// The item for one event.
-pub fn to_item(ev: TrackingEvent, shard_id: &str, sequence: &str) -> HashMap<String, AttributeValue> {
+pub fn to_item(
+    ev: TrackingEvent,
+    shard_id: &str,
+    sequence: &str,
+) -> HashMap<String, AttributeValue> {
     let mut item = HashMap::with_capacity(24);
     let event_type = EventType::try_from(ev.event_type).unwrap_or(EventType::Unspecified);
-    let validation = ValidationOutcome::try_from(ev.validation).unwrap_or(ValidationOutcome::Unspecified);
+    let validation =
+        ValidationOutcome::try_from(ev.validation).unwrap_or(ValidationOutcome::Unspecified);
     s(&mut item, "eventId", ev.message_id);
     s(&mut item, "programId", ev.programid);
     s(&mut item, "eventType", event_type.name().to_owned());
@@ -112,7 +117,10 @@ mod tests {
         let item = to_item(back, "shard-0", "42");
         assert_eq!(item["eventId"], AttributeValue::S("id-1".into()));
         assert!(!item.contains_key("referrer"), "empty strings are left out");
-        assert!(matches!(decode(&[0xff, 0xff, 0xff]), Err(RecordError::Decode(_))));
+        assert!(matches!(
+            decode(&[0xff, 0xff, 0xff]),
+            Err(RecordError::Decode(_))
+        ));
         assert!(matches!(
             decode(&TrackingEvent::default().encode_to_vec()),
             Err(RecordError::NoEventId)

@@ -20,7 +20,11 @@ pub use config::Config;
 
 /// Runs the poller until `shutdown`. Records whose events are not yet
 /// written when it stops are read again on the next start.
-pub async fn run(config: Config, admin: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    admin: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let prometheus = adtrack_service::metrics_endpoint::install(&[]);
     let aws = aws_config::defaults(BehaviorVersion::latest())
         .timeout_config(

@@ -15,7 +15,10 @@ async fn main() -> ExitCode {
     let admin = match TcpListener::bind(config.admin_addr).await {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!("cannot listen on CONSUMER_ADMIN_ADDR {}: {e}", config.admin_addr);
+            tracing::error!(
+                "cannot listen on CONSUMER_ADMIN_ADDR {}: {e}",
+                config.admin_addr
+            );
             return ExitCode::from(1);
         }
     };

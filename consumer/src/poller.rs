@@ -84,7 +84,11 @@ impl Poller {
         format!("{}/{}", self.config.events_stream, shard)
     }
 
-    async fn read_checkpoint(&self, shard: &str, stop: &CancellationToken) -> Result<Option<String>, Interrupted> {
+    async fn read_checkpoint(
+        &self,
+        shard: &str,
+        stop: &CancellationToken,
+    ) -> Result<Option<String>, Interrupted> {
         let mut attempt = 0;
         loop {
             let out = self
@@ -111,7 +115,12 @@ impl Poller {
         }
     }
 
-    async fn write_checkpoint(&self, shard: &str, sequence: &str, stop: &CancellationToken) -> Result<(), Interrupted> {
+    async fn write_checkpoint(
+        &self,
+        shard: &str,
+        sequence: &str,
+        stop: &CancellationToken,
+    ) -> Result<(), Interrupted> {
         let mut attempt = 0;
         loop {
             let out = self
@@ -136,7 +145,12 @@ impl Poller {
         }
     }
 
-    async fn iterator(&self, shard: &str, after: Option<&str>, stop: &CancellationToken) -> Result<String, Interrupted> {
+    async fn iterator(
+        &self,
+        shard: &str,
+        after: Option<&str>,
+        stop: &CancellationToken,
+    ) -> Result<String, Interrupted> {
         let mut attempt = 0;
         loop {
             let req = self
@@ -160,7 +174,8 @@ impl Poller {
                     }
                 }
                 Err(e) => {
-                    metrics::counter!(metric::READ_ERRORS, "op" => "get_shard_iterator").increment(1);
+                    metrics::counter!(metric::READ_ERRORS, "op" => "get_shard_iterator")
+                        .increment(1);
                     tracing::warn!(shard, error = %aws_sdk_kinesis::error::DisplayErrorContext(&e), "GetShardIterator failed; retrying");
                 }
             }
@@ -175,7 +190,11 @@ impl Poller {
         tracing::info!(shard, "stopped working shard");
     }
 
-    async fn work_shard_inner(&self, shard: &str, stop: &CancellationToken) -> Result<(), Interrupted> {
+    async fn work_shard_inner(
+        &self,
+        shard: &str,
+        stop: &CancellationToken,
+    ) -> Result<(), Interrupted> {
         let mut checkpoint = self.read_checkpoint(shard, stop).await?;
         if let Some(seq) = &checkpoint {
             tracing::info!(shard, sequence = %seq, "resuming after checkpoint");
@@ -233,12 +252,19 @@ impl Poller {
                             items.insert(id, to_item(ev, shard, r.sequence_number()));
                         }
                         Err(e) => {
-                            metrics::counter!(metric::RECORDS_BAD, "reason" => "decode").increment(1);
+                            metrics::counter!(metric::RECORDS_BAD, "reason" => "decode")
+                                .increment(1);
                             tracing::warn!(shard, sequence = r.sequence_number(), error = %e, "skipping a record that is not an event");
                         }
                     }
                 }
-                write_all(&self.dynamodb, &self.config.events_table, items.into_values().collect(), stop).await?;
+                write_all(
+                    &self.dynamodb,
+                    &self.config.events_table,
+                    items.into_values().collect(),
+                    stop,
+                )
+                .await?;
                 self.write_checkpoint(shard, &last, stop).await?;
                 checkpoint = Some(last);
             }

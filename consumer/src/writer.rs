@@ -75,7 +75,8 @@ async fn write_chunk(
                 pending = left;
             }
             Err(e) => {
-                metrics::counter!(metric::WRITE_RETRIES, "cause" => "call_failed").increment(n as u64);
+                metrics::counter!(metric::WRITE_RETRIES, "cause" => "call_failed")
+                    .increment(n as u64);
                 if attempt == 0 || attempt.is_power_of_two() {
                     tracing::warn!(
                         table,

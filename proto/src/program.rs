@@ -196,7 +196,10 @@ impl Program {
         if let (Some(from), Some(until)) = (valid_from, valid_until)
             && from >= until
         {
-            return Err(FieldError::new("validUntil", "must be later than validFrom"));
+            return Err(FieldError::new(
+                "validUntil",
+                "must be later than validFrom",
+            ));
         }
         let allowed_redirect_hosts = match obj.get("allowedRedirectHosts") {
             None | Some(Value::Null) => Vec::new(),
@@ -261,16 +264,16 @@ impl Program {
 
     /// True when a click may redirect to `host` (already lower-cased).
     pub fn allows_redirect_to(&self, host: &str) -> bool {
-        self.allowed_redirect_hosts.iter().any(|pattern| {
-            match pattern.strip_prefix("*.") {
+        self.allowed_redirect_hosts
+            .iter()
+            .any(|pattern| match pattern.strip_prefix("*.") {
                 Some(suffix) => {
                     host.len() > suffix.len() + 1
                         && host.ends_with(suffix)
                         && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
                 }
                 None => pattern == host,
-            }
-        })
+            })
     }
 
     /// The Redis hash fields of this program (see [`crate::redis_layout`]).
@@ -282,7 +285,10 @@ impl Program {
             ("customerId", self.customer_id.to_string()),
             ("customerName", self.customer_name.clone()),
             ("valid", self.valid.to_string()),
-            ("allowedRedirectHosts", self.allowed_redirect_hosts.join(",")),
+            (
+                "allowedRedirectHosts",
+                self.allowed_redirect_hosts.join(","),
+            ),
         ];
         if let Some(t) = self.valid_from.and_then(|t| t.format(&Rfc3339).ok()) {
             f.push(("validFrom", t));
@@ -320,7 +326,10 @@ impl Program {
 
 fn check_len(field: &str, s: &str) -> Result<(), FieldError> {
     if s.len() > MAX_TEXT_LEN {
-        return Err(FieldError::new(field, format!("longer than {MAX_TEXT_LEN} bytes")));
+        return Err(FieldError::new(
+            field,
+            format!("longer than {MAX_TEXT_LEN} bytes"),
+        ));
     }
     Ok(())
 }
@@ -352,10 +361,16 @@ fn customer_id(obj: &Map<String, Value>) -> Result<i32, FieldError> {
         Some(Value::Number(n)) => n
             .as_i64()
             .ok_or_else(|| FieldError::new(field, "expected an integer"))?,
-        Some(Value::String(s)) => s.trim().parse::<i64>().map_err(|_| {
-            FieldError::new(field, format!("expected an integer, got {s:?}"))
-        })?,
-        Some(_) => return Err(FieldError::new(field, "expected an integer or a string holding one")),
+        Some(Value::String(s)) => s
+            .trim()
+            .parse::<i64>()
+            .map_err(|_| FieldError::new(field, format!("expected an integer, got {s:?}")))?,
+        Some(_) => {
+            return Err(FieldError::new(
+                field,
+                "expected an integer or a string holding one",
+            ));
+        }
     };
     i32::try_from(raw).map_err(|_| FieldError::new(field, "out of the 32-bit integer range"))
 }
@@ -380,12 +395,16 @@ fn normalize_host_pattern(raw: &str) -> Result<String, String> {
         && bare.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         });
     if ok {
         Ok(host)
     } else {
-        Err(format!("{raw:?} is not a host name (no scheme, port or path)"))
+        Err(format!(
+            "{raw:?} is not a host name (no scheme, port or path)"
+        ))
     }
 }
 
@@ -513,7 +532,10 @@ mod tests {
             errors[0].to_string(),
             "record 1 (programId 1): field `customerId`: expected an integer, got \"x1\""
         );
-        assert_eq!(errors[1].to_string(), "record 2 (programId 2): field `vaild`: unknown field");
+        assert_eq!(
+            errors[1].to_string(),
+            "record 2 (programId 2): field `vaild`: unknown field"
+        );
     }
 
     #[test]
@@ -521,16 +543,25 @@ mod tests {
         let base = json!({"programName":"a","checksum":"c","customerId":1,"customerName":"n"});
         let mut bad_id = base.clone();
         bad_id["programId"] = json!("has space");
-        assert_eq!(Program::from_json(&bad_id).expect_err("bad").field, "programId");
+        assert_eq!(
+            Program::from_json(&bad_id).expect_err("bad").field,
+            "programId"
+        );
         let mut window = base.clone();
         window["programId"] = json!("p");
         window["validFrom"] = json!("2026-02-01T00:00:00Z");
         window["validUntil"] = json!("2026-01-01T00:00:00Z");
-        assert_eq!(Program::from_json(&window).expect_err("bad").field, "validUntil");
+        assert_eq!(
+            Program::from_json(&window).expect_err("bad").field,
+            "validUntil"
+        );
         let mut big = base;
         big["programId"] = json!("p");
         big["customerId"] = json!(1_i64 << 40);
-        assert_eq!(Program::from_json(&big).expect_err("bad").field, "customerId");
+        assert_eq!(
+            Program::from_json(&big).expect_err("bad").field,
+            "customerId"
+        );
     }
 
     #[test]
@@ -567,6 +598,9 @@ mod tests {
         assert_eq!(back.version, 42);
         p.version = 42;
         assert_eq!(back, p);
-        assert_eq!(Program::from_json(&p.to_json()).expect("json round trip"), p);
+        assert_eq!(
+            Program::from_json(&p.to_json()).expect("json round trip"),
+            p
+        );
     }
 }

@@ -159,7 +159,9 @@ pub enum StoredProgram {
     /// No hash at all.
     Absent,
     /// A tombstone left by a delete.
-    Deleted { version: u64 },
+    Deleted {
+        version: u64,
+    },
     Present(Program),
 }
 

@@ -23,7 +23,11 @@ pub fn parse_config<C: Parser>() -> Result<C, ExitCode> {
             _ => {
                 let text = e.to_string();
                 let first = text.lines().next().unwrap_or("invalid configuration");
-                eprintln!("{}: {}", C::command().get_name(), first.trim_start_matches("error: "));
+                eprintln!(
+                    "{}: {}",
+                    C::command().get_name(),
+                    first.trim_start_matches("error: ")
+                );
                 Err(ExitCode::from(2))
             }
         },
@@ -38,7 +42,11 @@ pub fn init_logging(format: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     let _ = if format == "json" {
-        builder.json().flatten_event(true).with_current_span(false).try_init()
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init()
     } else {
         builder
             .with_target(false)
@@ -61,7 +69,10 @@ pub fn shutdown_on_signals() -> CancellationToken {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

@@ -69,9 +69,13 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, stop: Cancel
                 async move {
                     Ok::<_, Infallible>(match req.uri().path() {
                         "/metrics" => render(&handle),
-                        "/health/live" => Response::new(Full::new(Bytes::from_static(b"{\"status\":\"live\"}"))),
+                        "/health/live" => {
+                            Response::new(Full::new(Bytes::from_static(b"{\"status\":\"live\"}")))
+                        }
                         _ => {
-                            let mut r = Response::new(Full::new(Bytes::from_static(b"{\"error\":\"not_found\"}")));
+                            let mut r = Response::new(Full::new(Bytes::from_static(
+                                b"{\"error\":\"not_found\"}",
+                            )));
                             *r.status_mut() = StatusCode::NOT_FOUND;
                             r
                         }

@@ -374,9 +374,10 @@ impl Default for Http {
 
 impl Http {
     pub fn new() -> Self {
-        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_max_idle_per_host(64)
-            .build_http();
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_max_idle_per_host(64)
+                .build_http();
         Self { client }
     }
 
@@ -391,7 +392,9 @@ impl Http {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let req = req.body(http_body_util::Full::new(bytes::Bytes::copy_from_slice(body)))?;
+        let req = req.body(http_body_util::Full::new(bytes::Bytes::copy_from_slice(
+            body,
+        )))?;
         let resp = self.client.request(req).await?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();

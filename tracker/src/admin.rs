@@ -72,7 +72,8 @@ fn route<B>(req: &Request<B>, state: &AdminState) -> Response<Body> {
             resp
         }
         _ => {
-            let mut resp = Response::new(Full::new(Bytes::from_static(b"{\"error\":\"not_found\"}")));
+            let mut resp =
+                Response::new(Full::new(Bytes::from_static(b"{\"error\":\"not_found\"}")));
             *resp.status_mut() = StatusCode::NOT_FOUND;
             resp
         }

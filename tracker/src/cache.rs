@@ -26,7 +26,9 @@ use crate::metric;
 pub enum Cached {
     Known(Arc<Program>),
     /// Not in Redis (or deleted there at `version`).
-    Missing { version: u64 },
+    Missing {
+        version: u64,
+    },
 }
 
 impl Cached {
@@ -140,20 +142,24 @@ impl ProgramCache {
     pub async fn lookup(&self, id: &str, now: OffsetDateTime) -> Lookup {
         let cached = match self.cache.get(id).await {
             Some(c) => {
-                let result = if matches!(c, Cached::Known(_)) { "hit" } else { "negative_hit" };
+                let result = if matches!(c, Cached::Known(_)) {
+                    "hit"
+                } else {
+                    "negative_hit"
+                };
                 metrics::counter!(metric::CACHE_LOOKUPS, "result" => result).increment(1);
                 c
             }
             None => {
                 metrics::counter!(metric::CACHE_LOOKUPS, "result" => "miss").increment(1);
-                match self
-                    .cache
-                    .try_get_with(id.to_owned(), self.fetch(id))
-                    .await
-                {
+                match self.cache.try_get_with(id.to_owned(), self.fetch(id)).await {
                     Ok(c) => c,
                     Err(e) => {
-                        let op = if matches!(*e, FetchError::Timeout(_)) { "timeout" } else { "lookup" };
+                        let op = if matches!(*e, FetchError::Timeout(_)) {
+                            "timeout"
+                        } else {
+                            "lookup"
+                        };
                         metrics::counter!(metric::REDIS_ERRORS, "op" => op).increment(1);
                         return Lookup::Unverified;
                     }

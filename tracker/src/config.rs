@@ -16,15 +16,30 @@ use clap::Parser;
 #[command(name = "tracker", version)]
 pub struct Config {
     /// Public HTTP address.
-    #[arg(long, env = "TRACKER_LISTEN_ADDR", value_name = "TRACKER_LISTEN_ADDR", default_value = "0.0.0.0:8080")]
+    #[arg(
+        long,
+        env = "TRACKER_LISTEN_ADDR",
+        value_name = "TRACKER_LISTEN_ADDR",
+        default_value = "0.0.0.0:8080"
+    )]
     pub listen_addr: SocketAddr,
 
     /// Admin HTTP address (metrics, health, cache stats).
-    #[arg(long, env = "TRACKER_ADMIN_ADDR", value_name = "TRACKER_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
+    #[arg(
+        long,
+        env = "TRACKER_ADMIN_ADDR",
+        value_name = "TRACKER_ADMIN_ADDR",
+        default_value = "0.0.0.0:9090"
+    )]
     pub admin_addr: SocketAddr,
 
     /// Redis holding the program core data.
-    #[arg(long, env = "REDIS_URL", value_name = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        value_name = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
     pub redis_url: String,
 
     /// Longest wait for one Redis call on a cache miss, in milliseconds.
@@ -32,7 +47,12 @@ pub struct Config {
     pub redis_timeout_ms: u64,
 
     /// Kinesis stream the events go to.
-    #[arg(long, env = "EVENTS_STREAM", value_name = "EVENTS_STREAM", default_value = "adtrack-events")]
+    #[arg(
+        long,
+        env = "EVENTS_STREAM",
+        value_name = "EVENTS_STREAM",
+        default_value = "adtrack-events"
+    )]
     pub events_stream: String,
 
     /// Most programs held in the in-process cache.

@@ -224,7 +224,8 @@ mod tests {
 
     #[test]
     fn strict_query_parsing() {
-        let p = Params::parse(Some("type=click&page=https%3A%2F%2Fa.example%2Fx&q=a+b")).expect("ok");
+        let p =
+            Params::parse(Some("type=click&page=https%3A%2F%2Fa.example%2Fx&q=a+b")).expect("ok");
         assert_eq!(p.0["page"], "https://a.example/x");
         assert_eq!(p.0["q"], "a b");
         assert_eq!(p.event_type(EventType::Impression), Ok(EventType::Click));
@@ -236,9 +237,14 @@ mod tests {
             Err(QueryError::Duplicate("a".into()))
         );
         let many: Vec<String> = (0..40).map(|i| format!("k{i}=v")).collect();
-        assert_eq!(Params::parse(Some(&many.join("&"))), Err(QueryError::TooMany));
+        assert_eq!(
+            Params::parse(Some(&many.join("&"))),
+            Err(QueryError::TooMany)
+        );
         assert!(matches!(
-            Params::parse(Some("type=bogus")).expect("ok").event_type(EventType::Impression),
+            Params::parse(Some("type=bogus"))
+                .expect("ok")
+                .event_type(EventType::Impression),
             Err(QueryError::BadType(_))
         ));
     }
@@ -246,13 +252,25 @@ mod tests {
     #[test]
     fn ips_are_anonymised_and_forwarded_only_through_trusted_hops() {
         let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", "203.0.113.9, 198.51.100.7".parse().expect("hv"));
+        h.insert(
+            "x-forwarded-for",
+            "203.0.113.9, 198.51.100.7".parse().expect("hv"),
+        );
         let peer: IpAddr = "10.0.0.5".parse().expect("ip");
-        let direct = IpPolicy { trusted_proxy_hops: 0, keep_full_ip: false };
+        let direct = IpPolicy {
+            trusted_proxy_hops: 0,
+            keep_full_ip: false,
+        };
         assert_eq!(direct.client_ip(peer, &h), "10.0.0.0");
-        let alb = IpPolicy { trusted_proxy_hops: 1, keep_full_ip: false };
+        let alb = IpPolicy {
+            trusted_proxy_hops: 1,
+            keep_full_ip: false,
+        };
         assert_eq!(alb.client_ip(peer, &h), "198.51.100.0");
-        let two = IpPolicy { trusted_proxy_hops: 2, keep_full_ip: true };
+        let two = IpPolicy {
+            trusted_proxy_hops: 2,
+            keep_full_ip: true,
+        };
         assert_eq!(two.client_ip(peer, &h), "203.0.113.9");
         let v6: IpAddr = "2001:db8:1234:5678::1".parse().expect("ip");
         assert_eq!(anonymise(v6).to_string(), "2001:db8:1234::");

@@ -125,7 +125,10 @@ pub async fn run(
     shutdown.cancelled().await;
     let drain_started = Instant::now();
     health.set_draining();
-    tracing::info!(deadline_secs = deadline.as_secs(), "draining: not ready, closing the listener");
+    tracing::info!(
+        deadline_secs = deadline.as_secs(),
+        "draining: not ready, closing the listener"
+    );
     stop_accepting.cancel();
     // The server task owns the last request-side handle on the queue; once it
     // ends, the batcher sees the queue close and flushes what is left.
@@ -139,7 +142,8 @@ pub async fn run(
     let report = batcher_task.await.unwrap_or_default();
     timer.abort();
     if report.undelivered > 0 {
-        metrics::counter!(metric::EVENTS_DROPPED, "cause" => "drain_deadline").increment(report.undelivered);
+        metrics::counter!(metric::EVENTS_DROPPED, "cause" => "drain_deadline")
+            .increment(report.undelivered);
         tracing::error!(
             undelivered = report.undelivered,
             delivered = report.delivered,
@@ -147,7 +151,10 @@ pub async fn run(
             report.undelivered
         );
     } else {
-        tracing::info!(delivered = report.delivered, "drained: every accepted event delivered");
+        tracing::info!(
+            delivered = report.delivered,
+            "drained: every accepted event delivered"
+        );
     }
     background.cancel();
     let _ = tokio::join!(sync_task, stream_task, admin_task);

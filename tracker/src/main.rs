@@ -15,14 +15,20 @@ async fn main() -> ExitCode {
     let listener = match TcpListener::bind(config.listen_addr).await {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!("cannot listen on TRACKER_LISTEN_ADDR {}: {e}", config.listen_addr);
+            tracing::error!(
+                "cannot listen on TRACKER_LISTEN_ADDR {}: {e}",
+                config.listen_addr
+            );
             return ExitCode::from(1);
         }
     };
     let admin = match TcpListener::bind(config.admin_addr).await {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!("cannot listen on TRACKER_ADMIN_ADDR {}: {e}", config.admin_addr);
+            tracing::error!(
+                "cannot listen on TRACKER_ADMIN_ADDR {}: {e}",
+                config.admin_addr
+            );
             return ExitCode::from(1);
         }
     };

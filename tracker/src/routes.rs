@@ -93,10 +93,12 @@ impl ApiError {
         let mut resp = json_response(self.status(), body);
         match self {
             Self::MethodNotAllowed(allow) => {
-                resp.headers_mut().insert(http::header::ALLOW, HeaderValue::from_static(allow));
+                resp.headers_mut()
+                    .insert(http::header::ALLOW, HeaderValue::from_static(allow));
             }
             Self::Overloaded => {
-                resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                resp.headers_mut()
+                    .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }
@@ -152,7 +154,8 @@ pub async fn handle<B>(
     };
     let resp = result.unwrap_or_else(ApiError::into_response);
     metrics::counter!(metric::REQUESTS, "route" => route, "status" => resp.status().as_str().to_owned()).increment(1);
-    metrics::histogram!(metric::REQUEST_DURATION, "route" => route).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(metric::REQUEST_DURATION, "route" => route)
+        .record(started.elapsed().as_secs_f64());
     Ok(resp)
 }
 
@@ -160,7 +163,10 @@ fn check_id(raw: &str) -> Result<ProgramId, ApiError> {
     if raw.contains('/') {
         return Err(ApiError::NotFound);
     }
-    ProgramId::parse(raw).map_err(|e| ApiError::MalformedId(e.to_string()))
+    ProgramId::parse(raw).map_err(|e| {
+        metrics::counter!(metric::HITS, "outcome" => "malformed").increment(1);
+        ApiError::MalformedId(e.to_string())
+    })
 }
 
 fn now() -> (OffsetDateTime, i64) {
@@ -181,8 +187,11 @@ async fn validate<B>(
     state: &AppState,
     default_type: EventType,
 ) -> Result<Validated, ApiError> {
-    let params = Params::parse(req.uri().query())?;
-    let event_type = params.event_type(default_type)?;
+    let parsed = Params::parse(req.uri().query())
+        .and_then(|params| params.event_type(default_type).map(|t| (params, t)));
+    let (params, event_type) = parsed.inspect_err(|_| {
+        metrics::counter!(metric::HITS, "outcome" => "malformed").increment(1);
+    })?;
     let (now, timestamp_ms) = now();
     let lookup = state.cache.lookup(id.as_str(), now).await;
     let outcome = match &lookup {
@@ -259,17 +268,10 @@ async fn pixel<B>(
     let id = match check_id(raw_id) {
         Ok(id) => id,
         Err(ApiError::NotFound) => return Err(ApiError::NotFound),
-        Err(_) => {
-            metrics::counter!(metric::HITS, "outcome" => "malformed").increment(1);
-            return Ok(pixel_response(head));
-        }
+        Err(_) => return Ok(pixel_response(head)),
     };
-    let v = match validate(req, &id, state, EventType::Impression).await {
-        Ok(v) => v,
-        Err(_) => {
-            metrics::counter!(metric::HITS, "outcome" => "malformed").increment(1);
-            return Ok(pixel_response(head));
-        }
+    let Ok(v) = validate(req, &id, state, EventType::Impression).await else {
+        return Ok(pixel_response(head));
     };
     let mut resp = pixel_response(head);
     if matches!(v.lookup, Lookup::Active(_) | Lookup::Unverified) {
@@ -316,7 +318,8 @@ async fn event<B>(
         Lookup::Active(_) | Lookup::Unverified => {}
     }
     let user_agent = header_text(req.headers(), USER_AGENT);
-    let (event_id, lookup) = ship(req, &id, v, state, peer, "event").map_err(|_| ApiError::Overloaded)?;
+    let (event_id, lookup) =
+        ship(req, &id, v, state, peer, "event").map_err(|_| ApiError::Overloaded)?;
     let body = match &lookup {
         Lookup::Active(p) => serde_json::to_vec(&EventReply {
             user_agent: &user_agent,

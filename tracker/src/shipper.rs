@@ -168,17 +168,20 @@ impl Batcher {
                 let size = ev.size() as usize;
                 if batch_bytes + size > MAX_BYTES_PER_CALL && !batch.is_empty() {
                     let full = std::mem::take(&mut batch);
-                    self.dispatch(full, &inflight, &mut calls, &client, &stream, &give_up).await;
+                    self.dispatch(full, &inflight, &mut calls, &client, &stream, &give_up)
+                        .await;
                     batch_bytes = 0;
                 }
                 batch_bytes += size;
                 batch.push(ev);
             }
             if !batch.is_empty() {
-                self.dispatch(batch, &inflight, &mut calls, &client, &stream, &give_up).await;
+                self.dispatch(batch, &inflight, &mut calls, &client, &stream, &give_up)
+                    .await;
             }
             metrics::gauge!(metric::QUEUE_EVENTS).set(self.rx.len() as f64);
-            metrics::gauge!(metric::QUEUE_BYTES).set(self.queued_bytes.load(Ordering::Acquire) as f64);
+            metrics::gauge!(metric::QUEUE_BYTES)
+                .set(self.queued_bytes.load(Ordering::Acquire) as f64);
         }
         while let Some(done) = calls.join_next().await {
             add(&mut report, done);
@@ -198,7 +201,11 @@ impl Batcher {
         give_up: &CancellationToken,
     ) {
         let bytes: u64 = batch.iter().map(Outgoing::size).sum();
-        let permit = inflight.clone().acquire_owned().await.expect("semaphore never closed");
+        let permit = inflight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
         self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
         let (client, stream, give_up) = (client.clone(), stream.clone(), give_up.clone());
         calls.spawn(async move {
@@ -272,7 +279,8 @@ async fn send_with_retries(
                             } else {
                                 "internal"
                             };
-                            metrics::counter!(metric::KINESIS_RETRIES, "cause" => cause).increment(1);
+                            metrics::counter!(metric::KINESIS_RETRIES, "cause" => cause)
+                                .increment(1);
                             retry.push(ev);
                         }
                     }

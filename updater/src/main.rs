@@ -15,7 +15,12 @@ use clap::{Parser, Subcommand};
 #[command(name = "updater", version)]
 struct Cli {
     /// Redis holding the program core data.
-    #[arg(long, env = "REDIS_URL", value_name = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        value_name = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
     redis_url: String,
     #[command(subcommand)]
     command: Command,
@@ -55,7 +60,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Load { file } => {
             let text = if file == "-" {
                 let mut s = String::new();
-                std::io::stdin().read_to_string(&mut s).context("reading stdin")?;
+                std::io::stdin()
+                    .read_to_string(&mut s)
+                    .context("reading stdin")?;
                 s
             } else {
                 std::fs::read_to_string(&file).with_context(|| format!("reading {file}"))?

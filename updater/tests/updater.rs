@@ -29,7 +29,10 @@ async fn load_put_delete_get_and_versions() {
     let mut store = ProgramStore::connect(&redis.url()).await.expect("connect");
     let programs = parse_program_file(REFERENCE).expect("valid");
     let outcomes = store.load(&programs).await.expect("load");
-    assert_eq!(outcomes, vec![WriteOutcome::Written(1), WriteOutcome::Written(2)]);
+    assert_eq!(
+        outcomes,
+        vec![WriteOutcome::Written(1), WriteOutcome::Written(2)]
+    );
 
     use futures_util::StreamExt;
     for expected in ["212312", "212313"] {
@@ -48,13 +51,22 @@ async fn load_put_delete_get_and_versions() {
     let mut older = p.clone();
     older.version = 1;
     older.valid = false;
-    assert_eq!(store.put(&older).await.expect("put"), WriteOutcome::Stale(1));
+    assert_eq!(
+        store.put(&older).await.expect("put"),
+        WriteOutcome::Stale(1)
+    );
     older.version = 10;
-    assert_eq!(store.put(&older).await.expect("put"), WriteOutcome::Written(10));
+    assert_eq!(
+        store.put(&older).await.expect("put"),
+        WriteOutcome::Written(10)
+    );
     // Versions taken from the counter stay above explicit ones.
     let mut next = older.clone();
     next.version = 0;
-    assert_eq!(store.put(&next).await.expect("put"), WriteOutcome::Written(11));
+    assert_eq!(
+        store.put(&next).await.expect("put"),
+        WriteOutcome::Written(11)
+    );
 
     assert_eq!(store.delete(&id).await.expect("delete"), Some(12));
     assert_eq!(
@@ -64,7 +76,10 @@ async fn load_put_delete_get_and_versions() {
     assert_eq!(store.delete(&id).await.expect("delete again"), None);
     // A late write carrying an older version cannot resurrect it.
     older.version = 11;
-    assert_eq!(store.put(&older).await.expect("put"), WriteOutcome::Stale(12));
+    assert_eq!(
+        store.put(&older).await.expect("put"),
+        WriteOutcome::Stale(12)
+    );
 
     let kinds: Vec<(String, u64)> = {
         let mut v = Vec::new();

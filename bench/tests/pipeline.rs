@@ -1,0 +1,359 @@
+//! The whole pipeline, end to end, on real parts: redis-server, the Kinesis
+//! and DynamoDB stand-ins, and the tracker, consumer and updater binaries.
+//! Every valid hit must land in DynamoDB exactly once, nothing else may, the
+//! tracker's counters must agree, and a replay must not duplicate.
+
+use std::collections::{BTreeMap, HashSet};
+use std::process::Command;
+use std::time::Duration;
+
+use adtrack_testkit::{
+    CHECKPOINT_TABLE, EVENTS_TABLE, Http, Proc, Stack, binary, dev_dir, free_port, metric_sum,
+};
+use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_dynamodb::types::AttributeValue;
+
+const HITS: usize = 5_000;
+const VALID_IDS: [&str; 4] = ["212312", "212313", "212314", "summer-sale"];
+
+fn dynamodb(stack: &Stack) -> aws_sdk_dynamodb::Client {
+    let conf = aws_sdk_dynamodb::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .endpoint_url(stack.dynamodb.url())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("local", "local", None, None, "test"))
+        .build();
+    aws_sdk_dynamodb::Client::from_conf(conf)
+}
+
+async fn scan(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+) -> Vec<BTreeMap<String, AttributeValue>> {
+    let mut items = Vec::new();
+    let mut start = None;
+    loop {
+        let out = client
+            .scan()
+            .table_name(table)
+            .set_exclusive_start_key(start)
+            .send()
+            .await
+            .expect("scan");
+        items.extend(
+            out.items
+                .unwrap_or_default()
+                .into_iter()
+                .map(|i| i.into_iter().collect()),
+        );
+        start = out.last_evaluated_key;
+        if start.is_none() {
+            return items;
+        }
+    }
+}
+
+fn s(item: &BTreeMap<String, AttributeValue>, k: &str) -> String {
+    item.get(k)
+        .and_then(|v| v.as_s().ok())
+        .cloned()
+        .unwrap_or_default()
+}
+
+struct Service {
+    proc: Proc,
+    admin: String,
+}
+
+fn start(stack: &Stack, bin: &str, env: &[(&str, String)]) -> Service {
+    let admin_port = free_port();
+    let admin_var = if bin == "tracker" {
+        "TRACKER_ADMIN_ADDR"
+    } else {
+        "CONSUMER_ADMIN_ADDR"
+    };
+    let mut cmd = Command::new(binary(bin));
+    cmd.envs(stack.env())
+        .env(admin_var, format!("127.0.0.1:{admin_port}"))
+        .env("LOG_FORMAT", "text")
+        .env("RUST_LOG", "warn");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Service {
+        proc: Proc::new(cmd.spawn().expect("spawn")),
+        admin: format!("http://127.0.0.1:{admin_port}"),
+    }
+}
+
+async fn wait_for<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !f().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn metrics(http: &Http, admin: &str) -> String {
+    http.get(&format!("{admin}/metrics"))
+        .await
+        .map(|r| r.text())
+        .unwrap_or_default()
+}
+
+#[derive(Debug, Default)]
+struct Sent {
+    event_ids: Vec<String>,
+    unknown: usize,
+    inactive: usize,
+    malformed: usize,
+}
+
+/// Hit `i` of the mix: 60% valid (JSON and pixel), the rest unknown,
+/// disabled or malformed.
+fn hit(i: usize) -> (String, &'static str) {
+    let valid = VALID_IDS[i % VALID_IDS.len()];
+    match i % 20 {
+        0..=7 => (
+            format!("/event/{valid}?type=impression&campaign=c{}", i % 7),
+            "valid",
+        ),
+        8..=11 => (
+            format!("/v1/pixel/{valid}?type=click&page=https%3A%2F%2Fshop.example.com%2F"),
+            "valid",
+        ),
+        12 | 13 => (format!("/event/unknown-{i}"), "unknown"),
+        14 => (format!("/v1/pixel/unknown-{i}"), "unknown"),
+        15 | 16 => ("/event/212315".to_owned(), "inactive"),
+        17 | 18 => (format!("/event/bad%20id{i}"), "malformed"),
+        _ => ("/v1/pixel/x%zz".to_owned(), "malformed"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_valid_hit_lands_exactly_once_and_replay_does_not_duplicate() {
+    let stack = Stack::start(2).expect("stack");
+    let load = Command::new(binary("updater"))
+        .envs(stack.env())
+        .arg("load")
+        .arg(dev_dir().join("programs.json"))
+        .output()
+        .expect("updater");
+    assert!(
+        load.status.success(),
+        "{}",
+        String::from_utf8_lossy(&load.stderr)
+    );
+
+    let port = free_port();
+    let tracker = start(
+        &stack,
+        "tracker",
+        &[("TRACKER_LISTEN_ADDR", format!("127.0.0.1:{port}"))],
+    );
+    let consumer = start(
+        &stack,
+        "consumer",
+        &[("CONSUMER_POLL_INTERVAL_MS", "200".into())],
+    );
+    let http = Http::new();
+    wait_for("tracker ready", Duration::from_secs(30), || async {
+        http.get(&format!("{}/health/ready", tracker.admin))
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+
+    // Send the mix over 16 keep-alive connections.
+    let base = format!("http://127.0.0.1:{port}");
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..16 {
+        let (http, base) = (http.clone(), base.clone());
+        tasks.spawn(async move {
+            let mut sent = Sent::default();
+            for i in (worker..HITS).step_by(16) {
+                let (path, kind) = hit(i);
+                let r = http
+                    .request(
+                        "GET",
+                        &format!("{base}{path}"),
+                        &[("user-agent", "Mozilla/5.0 (X11; Linux x86_64) e2e")],
+                        b"",
+                    )
+                    .await
+                    .expect("request");
+                match (kind, path.starts_with("/event/")) {
+                    ("valid", true) => {
+                        assert_eq!(r.status, 200, "{path}: {}", r.text());
+                        sent.event_ids.push(
+                            r.json()["messageId"]
+                                .as_str()
+                                .expect("messageId")
+                                .to_owned(),
+                        );
+                    }
+                    ("valid", false) => {
+                        assert_eq!(r.status, 200);
+                        sent.event_ids
+                            .push(r.header("x-event-id").expect("event id"));
+                    }
+                    (kind, is_json) => {
+                        let want = match (kind, is_json) {
+                            (_, false) => 200,
+                            ("malformed", true) => 400,
+                            _ => 404,
+                        };
+                        assert_eq!(r.status, want, "{path}");
+                        assert!(
+                            r.header("x-event-id").is_none(),
+                            "{path} must not ship an event"
+                        );
+                        match kind {
+                            "unknown" => sent.unknown += 1,
+                            "inactive" => sent.inactive += 1,
+                            _ => sent.malformed += 1,
+                        }
+                    }
+                }
+            }
+            sent
+        });
+    }
+    let mut sent = Sent::default();
+    while let Some(part) = tasks.join_next().await {
+        let part = part.expect("worker");
+        sent.event_ids.extend(part.event_ids);
+        sent.unknown += part.unknown;
+        sent.inactive += part.inactive;
+        sent.malformed += part.malformed;
+    }
+    let valid = sent.event_ids.len();
+    let distinct: HashSet<&String> = sent.event_ids.iter().collect();
+    assert_eq!(distinct.len(), valid, "event ids are unique");
+    assert_eq!(valid + sent.unknown + sent.inactive + sent.malformed, HITS);
+
+    // Every valid hit lands in DynamoDB, once.
+    let ddb = dynamodb(&stack);
+    wait_for(
+        "all events in DynamoDB",
+        Duration::from_secs(120),
+        || async { scan(&ddb, EVENTS_TABLE).await.len() >= valid },
+    )
+    .await;
+    let items = scan(&ddb, EVENTS_TABLE).await;
+    let landed: HashSet<String> = items.iter().map(|i| s(i, "eventId")).collect();
+    assert_eq!(items.len(), valid, "one item per valid hit");
+    assert_eq!(landed.len(), valid);
+    assert!(
+        distinct.iter().all(|id| landed.contains(*id)),
+        "every answered event id landed"
+    );
+    assert!(
+        items
+            .iter()
+            .all(|i| VALID_IDS.contains(&s(i, "programId").as_str())
+                && s(i, "validation") == "valid"),
+        "only valid programs' events land"
+    );
+    let clicks = items.iter().filter(|i| s(i, "source") == "pixel").count();
+    assert!(
+        items
+            .iter()
+            .filter(|i| s(i, "source") == "pixel")
+            .all(|i| s(i, "eventType") == "click")
+    );
+    assert_eq!(
+        clicks,
+        (0..HITS).filter(|i| (8..=11).contains(&(i % 20))).count()
+    );
+
+    // The tracker's counters agree with what the client saw.
+    wait_for(
+        "tracker delivered everything",
+        Duration::from_secs(30),
+        || async {
+            metric_sum(
+                &metrics(&http, &tracker.admin).await,
+                "adtrack_events_delivered_total",
+                &[],
+            ) as usize
+                == valid
+        },
+    )
+    .await;
+    let m = metrics(&http, &tracker.admin).await;
+    let hits = |outcome: &str| {
+        metric_sum(
+            &m,
+            "adtrack_hits_total",
+            &[&format!("outcome=\"{outcome}\"")],
+        ) as usize
+    };
+    assert_eq!(hits("valid"), valid);
+    assert_eq!(hits("unknown"), sent.unknown);
+    assert_eq!(hits("invalid"), sent.inactive);
+    assert_eq!(hits("malformed"), sent.malformed);
+    assert_eq!(
+        metric_sum(&m, "adtrack_events_accepted_total", &[]) as usize,
+        valid
+    );
+    assert_eq!(
+        metric_sum(&m, "adtrack_events_dropped_total", &[]) as usize,
+        0
+    );
+    assert_eq!(
+        metric_sum(&m, "adtrack_http_requests_total", &[]) as usize,
+        HITS
+    );
+    let puts = metric_sum(&m, "adtrack_kinesis_put_records_calls_total", &[]);
+    println!(
+        "e2e: {HITS} hits, {valid} events, {puts} PutRecords calls, {} items",
+        items.len()
+    );
+
+    // Replay: restart the consumer with its checkpoints deleted.
+    let mut consumer = consumer;
+    consumer.proc.signal(15);
+    assert!(
+        consumer.proc.wait_exit(Duration::from_secs(20)).is_some(),
+        "consumer stops on SIGTERM"
+    );
+    let checkpoints = scan(&ddb, CHECKPOINT_TABLE).await;
+    assert_eq!(checkpoints.len(), 2, "one checkpoint per shard");
+    for c in checkpoints {
+        ddb.delete_item()
+            .table_name(CHECKPOINT_TABLE)
+            .key("shardKey", c["shardKey"].clone())
+            .send()
+            .await
+            .expect("delete checkpoint");
+    }
+    let replay = start(
+        &stack,
+        "consumer",
+        &[("CONSUMER_POLL_INTERVAL_MS", "200".into())],
+    );
+    wait_for(
+        "replayed consumer rewrote every event",
+        Duration::from_secs(120),
+        || async {
+            metric_sum(
+                &metrics(&http, &replay.admin).await,
+                "adtrack_consumer_items_written_total",
+                &[],
+            ) as usize
+                >= valid
+        },
+    )
+    .await;
+    let after = scan(&ddb, EVENTS_TABLE).await;
+    assert_eq!(after.len(), valid, "a replay overwrites, never duplicates");
+    drop(tracker);
+}

@@ -1,0 +1,56 @@
+# Shared by dev/run, dev/test and dev/stop: installs what is missing and
+# knows where things live. Sourced, not run.
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STACK_DIR="$ROOT/dev/.stack"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/adtrack/target}"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+apt_install() {
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  if [ -z "${APT_UPDATED:-}" ]; then
+    $sudo apt-get update -qq >/dev/null || die "apt-get update failed"
+    APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null || die "apt-get install $* failed"
+}
+
+# Installs what the local stack and the build need, if missing.
+ensure_tools() {
+  command -v cargo >/dev/null || die "cargo is missing: install the Rust toolchain (rustup) first"
+  command -v redis-server >/dev/null || { say "installing redis-server"; apt_install redis-server; }
+  command -v node >/dev/null || { say "installing Node.js"; apt_install nodejs npm; }
+  command -v npm >/dev/null || { say "installing npm"; apt_install npm; }
+  command -v curl >/dev/null || { say "installing curl"; apt_install curl; }
+  if [ ! -f "$ROOT/dev/node_modules/.package-lock.json" ] ||
+     [ "$ROOT/dev/package-lock.json" -nt "$ROOT/dev/node_modules/.package-lock.json" ]; then
+    say "installing the Kinesis and DynamoDB stand-ins (dev/package-lock.json)"
+    (cd "$ROOT/dev" && npm ci --no-audit --no-fund --loglevel=error) || die "npm ci in dev/ failed"
+  fi
+}
+
+# Is a TCP port on 127.0.0.1 taken?
+port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# The first free port at or above $1.
+free_port_from() {
+  local p="$1"
+  while port_taken "$p"; do p=$((p + 1)); done
+  echo "$p"
+}
+
+# Stops one process started by dev/run, by its PID file, if it is still ours.
+stop_pidfile() {
+  local file="$1" pid
+  [ -f "$file" ] || return 0
+  pid="$(cat "$file")"
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && grep -q "${2:-}" "/proc/$pid/cmdline" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+  fi
+  rm -f "$file"
+}
