@@ -116,6 +116,15 @@ impl ProgramCache {
                 positive: settings.positive_ttl,
                 negative: settings.negative_ttl,
             })
+            .eviction_listener(|_, _, cause| {
+                let cause = match cause {
+                    moka::notification::RemovalCause::Expired => "expired",
+                    moka::notification::RemovalCause::Explicit => "explicit",
+                    moka::notification::RemovalCause::Replaced => "replaced",
+                    moka::notification::RemovalCause::Size => "size",
+                };
+                metrics::counter!(metric::CACHE_EVICTIONS, "cause" => cause).increment(1);
+            })
             .build();
         Self {
             cache,
@@ -188,13 +197,27 @@ impl ProgramCache {
 
     /// Applies a pushed change if it is newer than what is cached.
     /// Returns false when it was stale and ignored.
-    pub async fn apply(&self, change: ProgramChange) -> bool {
+    ///
+    /// A cache miss that read Redis just before this change was written may
+    /// insert its older answer just after; so the change is applied once more
+    /// after that read's timeout has surely passed ([`Self::reapply_later`]).
+    pub async fn apply(&self, change: &ProgramChange) -> bool {
         let id = change.program_id().to_string();
         let new = match change {
-            ProgramChange::Upsert(p) => Cached::Known(Arc::new(p)),
-            ProgramChange::Delete { version, .. } => Cached::Missing { version },
+            ProgramChange::Upsert(p) => Cached::Known(Arc::new(p.clone())),
+            ProgramChange::Delete { version, .. } => Cached::Missing { version: *version },
         };
         self.put_if_newer(id, new).await
+    }
+
+    /// Applies `change` again after twice the Redis timeout (see [`Self::apply`]).
+    pub fn reapply_later(self: &Arc<Self>, change: ProgramChange) {
+        let me = self.clone();
+        let delay = self.timeout * 2 + Duration::from_millis(50);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            me.apply(&change).await;
+        });
     }
 
     async fn put_if_newer(&self, id: String, new: Cached) -> bool {

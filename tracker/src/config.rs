@@ -6,6 +6,12 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::cors::CorsPolicy;
+
+fn parse_cors(s: &str) -> Result<CorsPolicy, String> {
+    CorsPolicy::parse(s)
+}
+
 /// adtrack tracker: validates each hit against the program cache, replies at
 /// once and ships the event to Kinesis in the background.
 ///
@@ -91,9 +97,59 @@ pub struct Config {
     #[arg(long, env = "TRACKER_MAX_CONNECTIONS", value_name = "TRACKER_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_connections: u64,
 
-    /// Longest time a client may take to send its request headers, in seconds.
+    /// Longest time a client may take to send its request headers once it
+    /// has started a request, in seconds (then 408).
     #[arg(long, env = "TRACKER_HEADER_TIMEOUT_SECS", value_name = "TRACKER_HEADER_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub header_timeout_secs: u64,
+
+    /// Longest time a client may take to send a request body, in seconds (then 408).
+    #[arg(long, env = "TRACKER_BODY_TIMEOUT_SECS", value_name = "TRACKER_BODY_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub body_timeout_secs: u64,
+
+    /// How long a keep-alive connection may sit idle between requests, in
+    /// seconds; keep it above the load balancer's (ALB: 60).
+    #[arg(long, env = "TRACKER_IDLE_TIMEOUT_SECS", value_name = "TRACKER_IDLE_TIMEOUT_SECS", default_value_t = 75, value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    pub idle_timeout_secs: u64,
+
+    /// Longest request line target (path and query), in bytes (then 414).
+    #[arg(long, env = "TRACKER_MAX_URI_BYTES", value_name = "TRACKER_MAX_URI_BYTES", default_value_t = 8192, value_parser = clap::value_parser!(u64).range(64..=65_000))]
+    pub max_uri_bytes: u64,
+
+    /// Longest request head (request line and headers), in bytes (then 431).
+    #[arg(long, env = "TRACKER_MAX_HEADER_BYTES", value_name = "TRACKER_MAX_HEADER_BYTES", default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(1024..=1_048_576))]
+    pub max_header_bytes: u64,
+
+    /// Largest request body, in bytes (then 413).
+    #[arg(long, env = "TRACKER_MAX_BODY_BYTES", value_name = "TRACKER_MAX_BODY_BYTES", default_value_t = 262_144, value_parser = clap::value_parser!(u64).range(256..=16_777_216))]
+    pub max_body_bytes: u64,
+
+    /// Most events in one batch POST (then 413).
+    #[arg(long, env = "TRACKER_MAX_BATCH_EVENTS", value_name = "TRACKER_MAX_BATCH_EVENTS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub max_batch_events: u64,
+
+    /// Browser origins allowed to POST batches: empty (none), `*`, or a
+    /// comma-separated list such as `https://shop.example.com`.
+    #[arg(long, env = "TRACKER_CORS_ORIGINS", value_name = "TRACKER_CORS_ORIGINS", default_value = "", value_parser = parse_cors)]
+    pub cors_origins: CorsPolicy,
+
+    /// What `DNT: 1` or `Sec-GPC: 1` does: `strip` (drop client IP, user
+    /// agent and identifier parameters), `skip` (ship no event), `ignore`.
+    #[arg(long, env = "TRACKER_PRIVACY_SIGNALS", value_name = "TRACKER_PRIVACY_SIGNALS", default_value = "strip", value_parser = ["strip", "skip", "ignore"])]
+    pub privacy_signals: String,
+
+    /// Query or batch parameters that identify a person, dropped under `strip`.
+    #[arg(
+        long,
+        env = "TRACKER_IDENTIFIER_PARAMS",
+        value_name = "TRACKER_IDENTIFIER_PARAMS",
+        default_value = "uid,user_id,userid,client_id,device_id,idfa,gaid,adid,email"
+    )]
+    pub identifier_params: String,
+
+    /// Seconds between full reconciliations of the cache with Redis (pub/sub
+    /// is at-most-once; this bounds how long a missed change can live).
+    #[arg(long, env = "TRACKER_RECONCILE_SECS", value_name = "TRACKER_RECONCILE_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub reconcile_secs: u64,
 
     /// Number of trusted proxies in front of the tracker (e.g. 1 behind an
     /// ALB): the client IP is taken from `X-Forwarded-For` through that many
@@ -128,6 +184,15 @@ impl Config {
     }
     pub fn header_timeout(&self) -> Duration {
         Duration::from_secs(self.header_timeout_secs)
+    }
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_secs(self.body_timeout_secs)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+    pub fn reconcile_every(&self) -> Duration {
+        Duration::from_secs(self.reconcile_secs)
     }
 
     /// Defaults with the given Redis URL and stream, for tests.

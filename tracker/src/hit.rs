@@ -179,10 +179,81 @@ pub struct Hit<'a> {
     pub referrer: String,
     pub client_ip: String,
     pub params: Params,
+    pub destination_url: String,
+    /// Set by [`Privacy::apply`].
+    pub privacy_restricted: bool,
+    /// Set from the user agent when the event is built (kept under `Strip`).
+    pub is_bot: bool,
+}
+
+/// What the tracker does when a client sends `DNT: 1` or `Sec-GPC: 1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrivacyMode {
+    /// Ship the event without identifiers.
+    Strip,
+    /// Ship nothing (counted as dropped, cause `privacy_opt_out`).
+    Skip,
+    /// Ship it as usual.
+    Ignore,
+}
+
+/// The privacy policy.
+#[derive(Debug, Clone)]
+pub struct Privacy {
+    pub mode: PrivacyMode,
+    /// Parameters that identify a person, removed under `Strip`.
+    pub identifier_params: Vec<String>,
+}
+
+impl Privacy {
+    pub fn new(mode: &str, identifier_params: &str) -> Self {
+        let mode = match mode {
+            "skip" => PrivacyMode::Skip,
+            "ignore" => PrivacyMode::Ignore,
+            _ => PrivacyMode::Strip,
+        };
+        Self {
+            mode,
+            identifier_params: identifier_params
+                .split(',')
+                .map(|p| p.trim().to_owned())
+                .filter(|p| !p.is_empty())
+                .collect(),
+        }
+    }
+
+    /// True when the request carries `DNT: 1` or `Sec-GPC: 1`.
+    pub fn signal(headers: &HeaderMap) -> bool {
+        let on = |name: &str| headers.get(name).is_some_and(|v| v.as_bytes() == b"1");
+        on("dnt") || on("sec-gpc")
+    }
+
+    /// Applies the policy to a hit from a client that did (or did not) opt out.
+    pub fn apply<'a>(&self, mut hit: Hit<'a>, opted_out: bool) -> Option<Hit<'a>> {
+        if !opted_out {
+            return Some(hit);
+        }
+        match self.mode {
+            PrivacyMode::Ignore => Some(hit),
+            PrivacyMode::Skip => None,
+            PrivacyMode::Strip => {
+                hit.privacy_restricted = true;
+                hit.client_ip.clear();
+                hit.is_bot = crate::bots::is_bot(&hit.user_agent);
+                hit.user_agent.clear();
+                for p in &self.identifier_params {
+                    hit.params.0.remove(p);
+                }
+                Some(hit)
+            }
+        }
+    }
 }
 
 impl Hit<'_> {
     pub fn into_event(self) -> TrackingEvent {
+        let is_bot =
+            self.is_bot || (!self.privacy_restricted && crate::bots::is_bot(&self.user_agent));
         let mut extra = self.params.0;
         let page_url = extra.remove("page").unwrap_or_default();
         extra.remove("type");
@@ -214,6 +285,9 @@ impl Hit<'_> {
             validation: self.outcome as i32,
             source: self.source.to_owned(),
             program_version: version,
+            privacy_restricted: self.privacy_restricted,
+            is_bot,
+            destination_url: self.destination_url,
         }
     }
 }

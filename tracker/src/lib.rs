@@ -5,8 +5,13 @@
 //! `main` parses [`Config`] and calls [`run`]; tests call [`run`] too.
 
 pub mod admin;
+pub mod api_error;
+pub mod batch;
+pub mod bots;
 pub mod cache;
 pub mod config;
+pub mod conn_timeouts;
+pub mod cors;
 pub mod health;
 pub mod hit;
 pub mod metric;
@@ -28,12 +33,9 @@ pub use config::Config;
 
 use crate::cache::{CacheSettings, ProgramCache};
 use crate::health::Health;
-use crate::hit::IpPolicy;
-use crate::routes::AppState;
+use crate::hit::{IpPolicy, Privacy};
+use crate::routes::{AppState, Limits};
 use crate::shipper::{DeliveryReport, ShipperSettings};
-
-/// Longest header section a client may send (request line included).
-pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 /// Runs the tracker until `shutdown` fires, then drains: readiness goes false,
 /// the listener closes, in-flight requests finish, queued events are sent
@@ -81,6 +83,7 @@ pub async fn run(
         cache.clone(),
         health.clone(),
         config.redis_timeout(),
+        config.reconcile_every(),
         background.clone(),
     ));
     let stream_task = tokio::spawn(check_stream(
@@ -107,6 +110,14 @@ pub async fn run(
             trusted_proxy_hops: config.trusted_proxy_hops,
             keep_full_ip: config.keep_full_ip,
         },
+        privacy: Privacy::new(&config.privacy_signals, &config.identifier_params),
+        cors: config.cors_origins.clone(),
+        limits: Limits {
+            max_uri_bytes: config.max_uri_bytes,
+            max_body_bytes: config.max_body_bytes,
+            max_batch_events: config.max_batch_events,
+            body_timeout: config.body_timeout(),
+        },
     });
     let deadline = config.drain_deadline();
     let stop_accepting = CancellationToken::new();
@@ -116,7 +127,8 @@ pub async fn run(
         server::ServerSettings {
             max_connections: config.max_connections as usize,
             header_timeout: config.header_timeout(),
-            max_header_bytes: MAX_HEADER_BYTES,
+            idle_timeout: config.idle_timeout(),
+            max_header_bytes: config.max_header_bytes as usize,
         },
         stop_accepting.clone(),
         deadline,

@@ -40,6 +40,15 @@ pub const EVENTS_DELIVERED: &str = "adtrack_events_delivered_total";
 pub const KINESIS_RETRIES: &str = "adtrack_kinesis_retries_total";
 /// PutRecords call time in seconds.
 pub const KINESIS_CALL_DURATION: &str = "adtrack_kinesis_put_records_duration_seconds";
+/// Request bounds breached, label `bound` (`uri_bytes`, `header_bytes`,
+/// `body_bytes`, `batch_events`, `header_timeout`, `body_timeout`, `connections`, `malformed_request`).
+pub const BOUNDS_BREACHED: &str = "adtrack_bounds_breached_total";
+/// Click redirects refused because the host is not allowed.
+pub const REDIRECTS_REFUSED: &str = "adtrack_redirects_refused_total";
+/// Programs evicted from the cache, label `cause` (`size`, `expired`, `replaced`, `explicit`).
+pub const CACHE_EVICTIONS: &str = "adtrack_cache_evictions_total";
+/// Full reconciliations of the cache with Redis, label `result`.
+pub const RECONCILES: &str = "adtrack_cache_reconciles_total";
 /// 1 when ready to take traffic.
 pub const READY: &str = "adtrack_ready";
 

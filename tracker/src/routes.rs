@@ -1,5 +1,5 @@
-//! The public HTTP surface: routing, one handler per route, and the error
-//! model (one status per error kind, a JSON body with the reason).
+//! The public HTTP surface: routing, one handler per route, and how a hit
+//! becomes a queued event.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -7,28 +7,39 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use adtrack_proto::program::ProgramId;
-use adtrack_proto::v1::{EventType, ValidationOutcome};
+use adtrack_proto::v1::{EventType, TrackingEvent, ValidationOutcome};
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_TYPE, REFERER, USER_AGENT};
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, LOCATION, REFERER, USER_AGENT};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use prost::Message;
 use serde::Serialize;
 use time::OffsetDateTime;
 
+pub use crate::api_error::Body;
+use crate::api_error::{ApiError, json_response};
 use crate::cache::{Lookup, ProgramCache};
+use crate::conn_timeouts::ConnPhase;
+use crate::cors::CorsPolicy;
 use crate::health::Health;
-use crate::hit::{Hit, IpPolicy, Params, QueryError, header_text};
+use crate::hit::{Hit, IpPolicy, Params, Privacy, header_text};
 use crate::metric;
 use crate::shipper::{EventSink, Outgoing, QueueError};
 
 /// The 43-byte transparent 1x1 GIF.
 pub const PIXEL_GIF: &[u8; 43] = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff\x21\xf9\x04\x01\x00\x00\x00\x00\x2c\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02\x44\x01\x00\x3b";
 
-pub type Body = Full<Bytes>;
-
 /// Response header naming the id of the event a hit produced.
 pub const EVENT_ID_HEADER: &str = "x-event-id";
+
+/// Request bounds enforced in handlers (the head's are enforced by hyper).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_uri_bytes: u64,
+    pub max_body_bytes: u64,
+    pub max_batch_events: u64,
+    pub body_timeout: std::time::Duration,
+}
 
 /// What every request handler shares.
 pub struct AppState {
@@ -36,82 +47,233 @@ pub struct AppState {
     pub sink: EventSink,
     pub health: Arc<Health>,
     pub ip_policy: IpPolicy,
+    pub privacy: Privacy,
+    pub cors: CorsPolicy,
+    pub limits: Limits,
 }
 
-/// One error kind, one status.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error("malformed program id: {0}")]
-    MalformedId(String),
-    #[error("{0}")]
-    BadQuery(#[from] QueryError),
-    #[error("unknown program")]
-    UnknownProgram,
-    #[error("program is not valid now")]
-    InactiveProgram,
-    #[error("event queue is full, retry later")]
-    Overloaded,
-    #[error("no such route")]
-    NotFound,
-    #[error("method not allowed")]
-    MethodNotAllowed(&'static str),
+/// Entry point for every public request.
+pub async fn handle<B>(
+    req: Request<B>,
+    state: Arc<AppState>,
+    peer: SocketAddr,
+    phase: Arc<ConnPhase>,
+) -> Result<Response<Body>, Infallible>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    phase.busy();
+    let started = Instant::now();
+    let (route, result) = dispatch(req, &state, peer).await;
+    let resp = result.unwrap_or_else(ApiError::into_response);
+    metrics::counter!(metric::REQUESTS, "route" => route, "status" => status_label(resp.status()))
+        .increment(1);
+    metrics::histogram!(metric::REQUEST_DURATION, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    phase.idle();
+    Ok(resp)
 }
 
-impl ApiError {
-    fn status(&self) -> StatusCode {
-        match self {
-            Self::MalformedId(_) | Self::BadQuery(_) => StatusCode::BAD_REQUEST,
-            Self::UnknownProgram | Self::InactiveProgram | Self::NotFound => StatusCode::NOT_FOUND,
-            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
-            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+/// Status labels without an allocation per request.
+fn status_label(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        200 => "200",
+        202 => "202",
+        204 => "204",
+        302 => "302",
+        400 => "400",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        408 => "408",
+        413 => "413",
+        414 => "414",
+        431 => "431",
+        503 => "503",
+        _ => "other",
+    }
+}
+
+async fn dispatch<B>(
+    req: Request<B>,
+    state: &AppState,
+    peer: SocketAddr,
+) -> (&'static str, Result<Response<Body>, ApiError>)
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let target_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+    if target_len as u64 > state.limits.max_uri_bytes {
+        metrics::counter!(metric::BOUNDS_BREACHED, "bound" => "uri_bytes").increment(1);
+        return (
+            "none",
+            Err(ApiError::UriTooLong(state.limits.max_uri_bytes)),
+        );
+    }
+    let path = req.uri().path();
+    if let Some(id) = path.strip_prefix("/v1/pixel/") {
+        let id = id.to_owned();
+        ("pixel", pixel(&req, &id, state, peer).await)
+    } else if let Some(id) = path.strip_prefix("/v1/click/") {
+        let id = id.to_owned();
+        ("click", click(&req, &id, state, peer).await)
+    } else if let Some(id) = path.strip_prefix("/event/") {
+        let id = id.to_owned();
+        ("event", event(&req, &id, state, peer).await)
+    } else {
+        match path {
+            "/v1/events" => ("batch", crate::batch::handle(req, state, peer).await),
+            "/health/live" => ("health", Ok(health_live())),
+            "/health/ready" | "/health/check" => ("health", Ok(health_ready(&state.health))),
+            _ => ("unknown", Err(ApiError::NotFound)),
         }
     }
+}
 
-    fn code(&self) -> &'static str {
-        match self {
-            Self::MalformedId(_) => "malformed_program_id",
-            Self::BadQuery(_) => "bad_query",
-            Self::UnknownProgram => "unknown_program",
-            Self::InactiveProgram => "inactive_program",
-            Self::Overloaded => "overloaded",
-            Self::NotFound => "not_found",
-            Self::MethodNotAllowed(_) => "method_not_allowed",
-        }
+/// Checks a program id from a path; counts a malformed one.
+pub fn check_id(raw: &str) -> Result<ProgramId, ApiError> {
+    if raw.contains('/') {
+        return Err(ApiError::NotFound);
     }
+    ProgramId::parse(raw).map_err(|e| {
+        metrics::counter!(metric::HITS, "outcome" => "malformed").increment(1);
+        ApiError::MalformedId(e.to_string())
+    })
+}
 
-    fn into_response(self) -> Response<Body> {
-        #[derive(Serialize)]
-        struct ErrorBody<'a> {
-            error: &'a str,
-            reason: String,
-        }
-        let body = serde_json::to_vec(&ErrorBody {
-            error: self.code(),
-            reason: self.to_string(),
+/// The wall clock, as the validity check and the event want it.
+pub fn now() -> (OffsetDateTime, i64) {
+    let t = OffsetDateTime::now_utc();
+    (t, (t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+/// Looks a program up and counts the outcome.
+pub async fn lookup(state: &AppState, id: &ProgramId, now: OffsetDateTime) -> Lookup {
+    let lookup = state.cache.lookup(id.as_str(), now).await;
+    let outcome = match &lookup {
+        Lookup::Active(_) => "valid",
+        Lookup::Inactive(_) => "invalid",
+        Lookup::Unknown => "unknown",
+        Lookup::Unverified => "unverified",
+    };
+    metrics::counter!(metric::HITS, "outcome" => outcome).increment(1);
+    lookup
+}
+
+fn parse_query(
+    query: Option<&str>,
+    default_type: EventType,
+) -> Result<(Params, EventType), ApiError> {
+    Params::parse(query)
+        .and_then(|params| params.event_type(default_type).map(|t| (params, t)))
+        .map_err(|e| {
+            metrics::counter!(metric::HITS, "outcome" => "malformed").increment(1);
+            ApiError::BadQuery(e)
         })
-        .unwrap_or_default();
-        let mut resp = json_response(self.status(), body);
-        match self {
-            Self::MethodNotAllowed(allow) => {
-                resp.headers_mut()
-                    .insert(http::header::ALLOW, HeaderValue::from_static(allow));
-            }
-            Self::Overloaded => {
-                resp.headers_mut()
-                    .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
-            }
-            _ => {}
+}
+
+/// What the request itself says about the client.
+pub struct ClientInfo {
+    pub user_agent: String,
+    pub referrer: String,
+    pub client_ip: String,
+    pub opted_out: bool,
+}
+
+impl ClientInfo {
+    pub fn from_request(headers: &HeaderMap, peer: SocketAddr, state: &AppState) -> Self {
+        Self {
+            user_agent: header_text(headers, USER_AGENT),
+            referrer: header_text(headers, REFERER),
+            client_ip: state.ip_policy.client_ip(peer.ip(), headers),
+            opted_out: Privacy::signal(headers),
         }
-        resp
     }
 }
 
-fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp
+/// Everything about one event except the client.
+pub struct EventParts<'a> {
+    pub id: &'a ProgramId,
+    pub lookup: &'a Lookup,
+    pub event_type: EventType,
+    pub timestamp_ms: i64,
+    pub source: &'static str,
+    pub params: Params,
+    pub destination_url: String,
+}
+
+/// Why an event was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotShipped {
+    /// The client opted out and the policy is `skip`.
+    OptedOut,
+    Queue(QueueError),
+}
+
+/// Builds the event for a hit; `None` when the client opted out and the
+/// privacy policy says to skip it.
+pub fn build_event(
+    parts: EventParts<'_>,
+    client: &ClientInfo,
+    state: &AppState,
+) -> Option<TrackingEvent> {
+    let (program, outcome) = match parts.lookup {
+        Lookup::Active(p) => (Some(p.as_ref()), ValidationOutcome::Valid),
+        Lookup::Unverified => (None, ValidationOutcome::Unverified),
+        Lookup::Inactive(_) | Lookup::Unknown => (None, ValidationOutcome::Invalid),
+    };
+    let hit = Hit {
+        event_id: adtrack_proto::event::new_event_id(),
+        timestamp_ms: parts.timestamp_ms,
+        program_id: parts.id.as_str(),
+        program,
+        outcome,
+        event_type: parts.event_type,
+        source: parts.source,
+        user_agent: client.user_agent.clone(),
+        referrer: client.referrer.clone(),
+        client_ip: client.client_ip.clone(),
+        params: parts.params,
+        destination_url: parts.destination_url,
+        privacy_restricted: false,
+        is_bot: false,
+    };
+    state
+        .privacy
+        .apply(hit, client.opted_out)
+        .map(Hit::into_event)
+}
+
+/// Queues one event; counts a drop with its cause.
+pub fn ship_one(event: TrackingEvent, state: &AppState) -> Result<String, QueueError> {
+    let event_id = event.message_id.clone();
+    let data = Bytes::from(event.encode_to_vec());
+    state
+        .sink
+        .try_send(Outgoing {
+            partition_key: event_id.clone(),
+            data,
+        })
+        .inspect_err(|e| {
+            metrics::counter!(metric::EVENTS_DROPPED, "cause" => e.cause()).increment(1);
+        })?;
+    Ok(event_id)
+}
+
+fn ship(
+    parts: EventParts<'_>,
+    client: &ClientInfo,
+    state: &AppState,
+) -> Result<String, NotShipped> {
+    match build_event(parts, client, state) {
+        None => {
+            metrics::counter!(metric::EVENTS_DROPPED, "cause" => "privacy_opt_out").increment(1);
+            Err(NotShipped::OptedOut)
+        }
+        Some(ev) => ship_one(ev, state).map_err(NotShipped::Queue),
+    }
 }
 
 fn pixel_response(head: bool) -> Response<Body> {
@@ -133,125 +295,6 @@ fn pixel_response(head: bool) -> Response<Body> {
     resp
 }
 
-/// Entry point for every public request.
-pub async fn handle<B>(
-    req: Request<B>,
-    state: Arc<AppState>,
-    peer: SocketAddr,
-) -> Result<Response<Body>, Infallible> {
-    let started = Instant::now();
-    let path = req.uri().path();
-    let (route, result) = if let Some(id) = path.strip_prefix("/v1/pixel/") {
-        ("pixel", pixel(&req, id, &state, peer).await)
-    } else if let Some(id) = path.strip_prefix("/event/") {
-        ("event", event(&req, id, &state, peer).await)
-    } else {
-        match path {
-            "/health/live" => ("health", Ok(health_live())),
-            "/health/ready" | "/health/check" => ("health", Ok(health_ready(&state.health))),
-            _ => ("unknown", Err(ApiError::NotFound)),
-        }
-    };
-    let resp = result.unwrap_or_else(ApiError::into_response);
-    metrics::counter!(metric::REQUESTS, "route" => route, "status" => resp.status().as_str().to_owned()).increment(1);
-    metrics::histogram!(metric::REQUEST_DURATION, "route" => route)
-        .record(started.elapsed().as_secs_f64());
-    Ok(resp)
-}
-
-fn check_id(raw: &str) -> Result<ProgramId, ApiError> {
-    if raw.contains('/') {
-        return Err(ApiError::NotFound);
-    }
-    ProgramId::parse(raw).map_err(|e| {
-        metrics::counter!(metric::HITS, "outcome" => "malformed").increment(1);
-        ApiError::MalformedId(e.to_string())
-    })
-}
-
-fn now() -> (OffsetDateTime, i64) {
-    let t = OffsetDateTime::now_utc();
-    (t, (t.unix_timestamp_nanos() / 1_000_000) as i64)
-}
-
-struct Validated {
-    lookup: Lookup,
-    params: Params,
-    event_type: EventType,
-    timestamp_ms: i64,
-}
-
-async fn validate<B>(
-    req: &Request<B>,
-    id: &ProgramId,
-    state: &AppState,
-    default_type: EventType,
-) -> Result<Validated, ApiError> {
-    let parsed = Params::parse(req.uri().query())
-        .and_then(|params| params.event_type(default_type).map(|t| (params, t)));
-    let (params, event_type) = parsed.inspect_err(|_| {
-        metrics::counter!(metric::HITS, "outcome" => "malformed").increment(1);
-    })?;
-    let (now, timestamp_ms) = now();
-    let lookup = state.cache.lookup(id.as_str(), now).await;
-    let outcome = match &lookup {
-        Lookup::Active(_) => "valid",
-        Lookup::Inactive(_) => "invalid",
-        Lookup::Unknown => "unknown",
-        Lookup::Unverified => "unverified",
-    };
-    metrics::counter!(metric::HITS, "outcome" => outcome).increment(1);
-    Ok(Validated {
-        lookup,
-        params,
-        event_type,
-        timestamp_ms,
-    })
-}
-
-/// Builds and queues the event; returns its id.
-fn ship<B>(
-    req: &Request<B>,
-    id: &ProgramId,
-    v: Validated,
-    state: &AppState,
-    peer: SocketAddr,
-    source: &'static str,
-) -> Result<(String, Lookup), QueueError> {
-    let (program, outcome) = match &v.lookup {
-        Lookup::Active(p) => (Some(p.clone()), ValidationOutcome::Valid),
-        Lookup::Unverified => (None, ValidationOutcome::Unverified),
-        Lookup::Inactive(_) | Lookup::Unknown => (None, ValidationOutcome::Invalid),
-    };
-    let event_id = adtrack_proto::event::new_event_id();
-    let headers = req.headers();
-    let event = Hit {
-        event_id: event_id.clone(),
-        timestamp_ms: v.timestamp_ms,
-        program_id: id.as_str(),
-        program: program.as_deref(),
-        outcome,
-        event_type: v.event_type,
-        source,
-        user_agent: header_text(headers, USER_AGENT),
-        referrer: header_text(headers, REFERER),
-        client_ip: state.ip_policy.client_ip(peer.ip(), headers),
-        params: v.params,
-    }
-    .into_event();
-    let data = Bytes::from(event.encode_to_vec());
-    state
-        .sink
-        .try_send(Outgoing {
-            partition_key: event_id.clone(),
-            data,
-        })
-        .inspect_err(|e| {
-            metrics::counter!(metric::EVENTS_DROPPED, "cause" => e.cause()).increment(1);
-        })?;
-    Ok((event_id, v.lookup))
-}
-
 /// `GET|HEAD /v1/pixel/{programId}`: always the GIF (browsers ignore error
 /// bodies); only valid or unverified hits are shipped, rejections are counted.
 async fn pixel<B>(
@@ -270,13 +313,25 @@ async fn pixel<B>(
         Err(ApiError::NotFound) => return Err(ApiError::NotFound),
         Err(_) => return Ok(pixel_response(head)),
     };
-    let Ok(v) = validate(req, &id, state, EventType::Impression).await else {
+    let Ok((params, event_type)) = parse_query(req.uri().query(), EventType::Impression) else {
         return Ok(pixel_response(head));
     };
+    let (now, timestamp_ms) = now();
+    let lookup = lookup(state, &id, now).await;
     let mut resp = pixel_response(head);
-    if matches!(v.lookup, Lookup::Active(_) | Lookup::Unverified) {
+    if matches!(lookup, Lookup::Active(_) | Lookup::Unverified) {
+        let client = ClientInfo::from_request(req.headers(), peer, state);
+        let parts = EventParts {
+            id: &id,
+            lookup: &lookup,
+            event_type,
+            timestamp_ms,
+            source: "pixel",
+            params,
+            destination_url: String::new(),
+        };
         // A full queue still answers the GIF; the drop is counted with its cause.
-        if let Ok((event_id, _)) = ship(req, &id, v, state, peer, "pixel")
+        if let Ok(event_id) = ship(parts, &client, state)
             && let Ok(value) = HeaderValue::from_str(&event_id)
         {
             resp.headers_mut().insert(EVENT_ID_HEADER, value);
@@ -311,40 +366,120 @@ async fn event<B>(
         return Err(ApiError::MethodNotAllowed("GET"));
     }
     let id = check_id(raw_id)?;
-    let v = validate(req, &id, state, EventType::Impression).await?;
-    match &v.lookup {
+    let (params, event_type) = parse_query(req.uri().query(), EventType::Impression)?;
+    let (now, timestamp_ms) = now();
+    let lookup = lookup(state, &id, now).await;
+    match &lookup {
         Lookup::Unknown => return Err(ApiError::UnknownProgram),
         Lookup::Inactive(_) => return Err(ApiError::InactiveProgram),
         Lookup::Active(_) | Lookup::Unverified => {}
     }
-    let user_agent = header_text(req.headers(), USER_AGENT);
-    let (event_id, lookup) =
-        ship(req, &id, v, state, peer, "event").map_err(|_| ApiError::Overloaded)?;
-    let body = match &lookup {
-        Lookup::Active(p) => serde_json::to_vec(&EventReply {
-            user_agent: &user_agent,
-            program_id: p.program_id.as_str(),
-            program_name: &p.program_name,
-            checksum: &p.checksum,
-            customer_id: p.customer_id,
-            customer_name: &p.customer_name,
-            message_id: &event_id,
-            valid: true,
-        }),
-        _ => serde_json::to_vec(&serde_json::json!({
-            "programId": id.as_str(),
-            "messageId": event_id,
-            "valid": false,
-            "validation": "unverified",
-        })),
-    }
-    .unwrap_or_default();
-    let status = if matches!(lookup, Lookup::Active(_)) {
-        StatusCode::OK
-    } else {
-        StatusCode::ACCEPTED
+    let client = ClientInfo::from_request(req.headers(), peer, state);
+    let parts = EventParts {
+        id: &id,
+        lookup: &lookup,
+        event_type,
+        timestamp_ms,
+        source: "event",
+        params,
+        destination_url: String::new(),
     };
-    Ok(json_response(status, body))
+    let event_id = match ship(parts, &client, state) {
+        Ok(id) => id,
+        Err(NotShipped::OptedOut) => String::new(),
+        Err(NotShipped::Queue(_)) => return Err(ApiError::Overloaded),
+    };
+    let user_agent = header_text(req.headers(), USER_AGENT);
+    let (status, body) = match &lookup {
+        Lookup::Active(p) => (
+            StatusCode::OK,
+            serde_json::to_vec(&EventReply {
+                user_agent: &user_agent,
+                program_id: p.program_id.as_str(),
+                program_name: &p.program_name,
+                checksum: &p.checksum,
+                customer_id: p.customer_id,
+                customer_name: &p.customer_name,
+                message_id: &event_id,
+                valid: true,
+            }),
+        ),
+        _ => (
+            StatusCode::ACCEPTED,
+            serde_json::to_vec(&serde_json::json!({
+                "programId": id.as_str(),
+                "messageId": event_id,
+                "valid": false,
+                "validation": "unverified",
+            })),
+        ),
+    };
+    Ok(json_response(status, body.unwrap_or_default()))
+}
+
+/// `GET /v1/click/{programId}?url=...`: 302 to `url` only when its host is
+/// allowed by the program; never an open redirect.
+async fn click<B>(
+    req: &Request<B>,
+    raw_id: &str,
+    state: &AppState,
+    peer: SocketAddr,
+) -> Result<Response<Body>, ApiError> {
+    if req.method() != Method::GET {
+        return Err(ApiError::MethodNotAllowed("GET"));
+    }
+    let id = check_id(raw_id)?;
+    let (mut params, event_type) = parse_query(req.uri().query(), EventType::Click)?;
+    let raw_url = params.0.remove("url").ok_or(ApiError::MissingUrl)?;
+    let url = url::Url::parse(&raw_url).map_err(|_| ApiError::BadRedirectUrl)?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(ApiError::BadRedirectUrl);
+    }
+    let host = url
+        .host_str()
+        .ok_or(ApiError::BadRedirectUrl)?
+        .to_ascii_lowercase();
+    let (now, timestamp_ms) = now();
+    let lookup = lookup(state, &id, now).await;
+    match &lookup {
+        Lookup::Unknown => return Err(ApiError::UnknownProgram),
+        Lookup::Inactive(_) => return Err(ApiError::InactiveProgram),
+        Lookup::Active(p) if !p.allows_redirect_to(&host) => {
+            metrics::counter!(metric::REDIRECTS_REFUSED).increment(1);
+            return Err(ApiError::RedirectNotAllowed(host));
+        }
+        Lookup::Active(_) | Lookup::Unverified => {}
+    }
+    let client = ClientInfo::from_request(req.headers(), peer, state);
+    let parts = EventParts {
+        id: &id,
+        lookup: &lookup,
+        event_type,
+        timestamp_ms,
+        source: "click",
+        params,
+        destination_url: url.as_str().to_owned(),
+    };
+    let shipped = ship(parts, &client, state);
+    if matches!(lookup, Lookup::Unverified) {
+        // The allow-list cannot be checked: the click is kept, the redirect is not made.
+        return Err(ApiError::ProgramUnavailable);
+    }
+    if let Err(NotShipped::Queue(_)) = shipped {
+        return Err(ApiError::Overloaded);
+    }
+    let location = HeaderValue::from_str(url.as_str()).map_err(|_| ApiError::BadRedirectUrl)?;
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::FOUND;
+    resp.headers_mut().insert(LOCATION, location);
+    resp.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Ok(event_id) = shipped
+        && let Ok(v) = HeaderValue::from_str(&event_id)
+    {
+        resp.headers_mut().insert(EVENT_ID_HEADER, v);
+    }
+    Ok(resp)
 }
 
 fn health_live() -> Response<Body> {

@@ -1,5 +1,6 @@
-//! The accept loop: bounded connections, header-read timeout, keep-alive, and
-//! a graceful stop that lets in-flight requests finish.
+//! The accept loop: bounded connections (503 past the bound), header and
+//! idle timeouts, keep-alive, and a graceful stop that lets in-flight
+//! requests finish.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,12 +8,14 @@ use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::conn_timeouts::{ConnPhase, TimedIo};
 use crate::metric;
 use crate::routes::{AppState, handle};
 
@@ -21,9 +24,12 @@ use crate::routes::{AppState, handle};
 pub struct ServerSettings {
     pub max_connections: usize,
     pub header_timeout: Duration,
-    /// Longest header section (request line included), in bytes.
+    pub idle_timeout: Duration,
+    /// Longest request head (request line and headers), in bytes.
     pub max_header_bytes: usize,
 }
+
+const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
 /// Serves until `stop` fires, then stops accepting and waits up to
 /// `grace` for open connections to finish their requests.
@@ -39,15 +45,14 @@ pub async fn serve(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_timeout)
+        // Our own IO wrapper enforces header and idle deadlines (hyper's
+        // header timeout would also cut idle keep-alive connections short).
+        .header_read_timeout(None)
         .keep_alive(true)
-        .max_buf_size(settings.max_header_bytes.max(8192));
+        .max_header_size(settings.max_header_bytes)
+        .max_buf_size(settings.max_header_bytes.max(8192) + 8192);
     loop {
-        let permit = tokio::select! {
-            _ = stop.cancelled() => break,
-            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
-        };
-        let (stream, peer): (_, SocketAddr) = tokio::select! {
+        let (mut stream, peer): (_, SocketAddr) = tokio::select! {
             _ = stop.cancelled() => break,
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -59,13 +64,31 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            metrics::counter!(metric::BOUNDS_BREACHED, "bound" => "connections").increment(1);
+            metrics::counter!(metric::REQUESTS, "route" => "none", "status" => "503").increment(1);
+            tokio::spawn(async move {
+                let _ = stream.write_all(OVER_CAPACITY).await;
+                let _ = stream.shutdown().await;
+            });
+            continue;
+        };
         let _ = stream.set_nodelay(true);
+        let phase = Arc::new(ConnPhase::default());
+        let io = TimedIo::new(
+            stream,
+            phase.clone(),
+            settings.header_timeout,
+            settings.idle_timeout,
+        );
         let state = state.clone();
-        let svc = service_fn(move |req| handle(req, state.clone(), peer));
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
+        let svc = service_fn(move |req| handle(req, state.clone(), peer, phase.clone()));
+        let conn = graceful.watch(builder.serve_connection(io, svc));
         metrics::gauge!(metric::CONNECTIONS_OPEN).increment(1.0);
         tokio::spawn(async move {
-            let _ = conn.await;
+            if let Err(e) = conn.await {
+                count_connection_error(&e);
+            }
             metrics::gauge!(metric::CONNECTIONS_OPEN).decrement(1.0);
             drop(permit);
         });
@@ -77,4 +100,17 @@ pub async fn serve(
             tracing::warn!("connections still open at the drain deadline; closing them");
         }
     }
+}
+
+/// hyper answers malformed heads itself (400, 431, 414); count them.
+fn count_connection_error(e: &hyper::Error) {
+    let (bound, status) = if e.is_parse_too_large() {
+        ("header_bytes", "431")
+    } else if e.is_parse() {
+        ("malformed_request", "400")
+    } else {
+        return;
+    };
+    metrics::counter!(metric::BOUNDS_BREACHED, "bound" => bound).increment(1);
+    metrics::counter!(metric::REQUESTS, "route" => "none", "status" => status).increment(1);
 }

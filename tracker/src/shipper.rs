@@ -92,6 +92,37 @@ impl EventSink {
     }
 }
 
+impl EventSink {
+    /// Queues all events or none (a batch request's events go together).
+    pub fn try_send_all(&self, events: Vec<Outgoing>) -> Result<(), QueueError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let size: u64 = events.iter().map(Outgoing::size).sum();
+        let before = self.queued_bytes.fetch_add(size, Ordering::AcqRel);
+        if before + size > self.max_bytes {
+            self.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+            return Err(QueueError::Full);
+        }
+        let permits = match self.tx.try_reserve_many(events.len()) {
+            Ok(p) => p,
+            Err(e) => {
+                self.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+                return Err(match e {
+                    mpsc::error::TrySendError::Full(()) => QueueError::Full,
+                    mpsc::error::TrySendError::Closed(()) => QueueError::Closed,
+                });
+            }
+        };
+        let n = events.len() as u64;
+        for (permit, ev) in permits.zip(events) {
+            permit.send(ev);
+        }
+        metrics::counter!(metric::EVENTS_ACCEPTED).increment(n);
+        Ok(())
+    }
+}
+
 /// Batcher settings.
 #[derive(Debug, Clone)]
 pub struct ShipperSettings {

@@ -24,6 +24,7 @@ pub async fn run(
     cache: Arc<ProgramCache>,
     health: Arc<Health>,
     redis_timeout: Duration,
+    reconcile_every: Duration,
     shutdown: CancellationToken,
 ) {
     let mut backoff = MIN_BACKOFF;
@@ -32,7 +33,16 @@ pub async fn run(
         if shutdown.is_cancelled() {
             return;
         }
-        match session(&client, &cache, &health, redis_timeout, &shutdown).await {
+        match session(
+            &client,
+            &cache,
+            &health,
+            redis_timeout,
+            reconcile_every,
+            &shutdown,
+        )
+        .await
+        {
             Ok(()) if shutdown.is_cancelled() => return,
             Ok(()) => {
                 tracing::warn!("Redis pub/sub connection closed; reconnecting");
@@ -57,9 +67,10 @@ pub async fn run(
 /// until the connection ends. Returns `Ok` when the stream closed.
 async fn session(
     client: &redis::Client,
-    cache: &ProgramCache,
+    cache: &Arc<ProgramCache>,
     health: &Health,
     redis_timeout: Duration,
+    reconcile_every: Duration,
     shutdown: &CancellationToken,
 ) -> Result<(), redis::RedisError> {
     if !cache.is_connected() {
@@ -80,15 +91,37 @@ async fn session(
     tracing::info!(programs = loaded, "program cache loaded from Redis");
     health.set_cache_warm();
     let mut messages = pubsub.into_on_message();
+    let mut reconcile = tokio::time::interval_at(
+        tokio::time::Instant::now() + reconcile_every,
+        reconcile_every,
+    );
+    reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            _ = reconcile.tick() => {
+                let result = match cache.load_all().await {
+                    Ok(n) => {
+                        tracing::debug!(programs = n, "cache reconciled with Redis");
+                        "ok"
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cache reconciliation failed");
+                        "error"
+                    }
+                };
+                metrics::counter!(metric::RECONCILES, "result" => result).increment(1);
+            }
             msg = messages.next() => match msg {
                 None => return Ok(()),
                 Some(msg) => match ProgramChange::parse(msg.get_payload_bytes()) {
                     Ok(change) => {
-                        let result = if cache.apply(change).await { "applied" } else { "stale" };
+                        let applied = cache.apply(&change).await;
+                        let result = if applied { "applied" } else { "stale" };
                         metrics::counter!(metric::PUBSUB_CHANGES, "result" => result).increment(1);
+                        if applied {
+                            cache.reapply_later(change);
+                        }
                     }
                     Err(e) => {
                         metrics::counter!(metric::PUBSUB_CHANGES, "result" => "invalid").increment(1);

@@ -1,0 +1,396 @@
+//! `POST /v1/events`: a batch of events as a JSON array, JSON lines, or a
+//! `text/plain` body from `navigator.sendBeacon`, with a result per event;
+//! `OPTIONS /v1/events` answers CORS preflights for the configured origins.
+//!
+//! Accepted events are queued all together or not at all: when the queue
+//! cannot take the whole batch the answer is 503 with `Retry-After` and
+//! nothing was accepted, so a client's retry cannot duplicate.
+//!
+//! Each event: `{"programId": "...", "type": "click", "page": "...",
+//! "referrer": "...", "params": {"k": "v"}}`; only `programId` is required.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use adtrack_proto::v1::EventType;
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, ORIGIN};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::api_error::{ApiError, Body, json_response};
+use crate::cache::Lookup;
+use crate::hit::{MAX_HEADER_COPY, MAX_PARAM_NAME, MAX_PARAM_VALUE, MAX_PARAMS, Params};
+use crate::metric;
+use crate::routes::{AppState, ClientInfo, EventParts, build_event, check_id, lookup, now};
+use crate::shipper::Outgoing;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct BatchEvent {
+    program_id: String,
+    #[serde(rename = "type")]
+    event_type: Option<String>,
+    page: Option<String>,
+    referrer: Option<String>,
+    params: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Serialize)]
+struct ItemResult {
+    index: usize,
+    status: &'static str,
+    #[serde(rename = "eventId", skip_serializing_if = "Option::is_none")]
+    event_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+impl ItemResult {
+    fn rejected(index: usize, e: &ApiError) -> Self {
+        Self {
+            index,
+            status: "rejected",
+            event_id: None,
+            error: Some(e.code()),
+            reason: Some(e.to_string()),
+        }
+    }
+}
+
+pub async fn handle<B>(
+    req: Request<B>,
+    state: &AppState,
+    peer: SocketAddr,
+) -> Result<Response<Body>, ApiError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let allow_origin = state.cors.allow(req.headers().get(ORIGIN));
+    let mut resp = match *req.method() {
+        Method::OPTIONS => preflight(req.headers().get(ORIGIN).is_some(), allow_origin.is_some())?,
+        Method::POST => post(req, state, peer).await?,
+        _ => return Err(ApiError::MethodNotAllowed("POST, OPTIONS")),
+    };
+    if let Some(origin) = allow_origin {
+        let h = resp.headers_mut();
+        h.insert(http::header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        h.insert(http::header::VARY, HeaderValue::from_static("Origin"));
+    }
+    Ok(resp)
+}
+
+fn preflight(has_origin: bool, allowed: bool) -> Result<Response<Body>, ApiError> {
+    if !has_origin || !allowed {
+        return Err(ApiError::OriginNotAllowed);
+    }
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("POST"),
+    );
+    h.insert(
+        http::header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("content-type"),
+    );
+    h.insert(
+        http::header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
+    Ok(resp)
+}
+
+async fn read_body<B>(req: Request<B>, state: &AppState) -> Result<Bytes, ApiError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let max = state.limits.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        metrics::counter!(metric::BOUNDS_BREACHED, "bound" => "body_bytes").increment(1);
+        return Err(ApiError::BodyTooLarge(max));
+    }
+    let body = Limited::new(req.into_body(), max as usize);
+    match tokio::time::timeout(state.limits.body_timeout, body.collect()).await {
+        Err(_) => {
+            metrics::counter!(metric::BOUNDS_BREACHED, "bound" => "body_timeout").increment(1);
+            Err(ApiError::Timeout)
+        }
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            metrics::counter!(metric::BOUNDS_BREACHED, "bound" => "body_bytes").increment(1);
+            Err(ApiError::BodyTooLarge(max))
+        }
+        Ok(Err(e)) => Err(ApiError::BadBody(format!("could not read the body: {e}"))),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
+}
+
+/// Splits a body into event values: a JSON array, or one JSON value per line.
+fn parse_values(body: &[u8], max_events: u64) -> Result<Vec<Value>, ApiError> {
+    let text =
+        std::str::from_utf8(body).map_err(|_| ApiError::BadBody("body is not UTF-8".into()))?;
+    let trimmed = text.trim_start();
+    let values: Vec<Value> = if trimmed.starts_with('[') {
+        serde_json::from_str(trimmed)
+            .map_err(|e| ApiError::BadBody(format!("not a JSON array of events: {e}")))?
+    } else {
+        let mut v = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            if v.len() as u64 >= max_events {
+                break;
+            }
+            v.push(serde_json::from_str(line).map_err(|e| {
+                ApiError::BadBody(format!("line {} is not a JSON event: {e}", n + 1))
+            })?);
+        }
+        if text.lines().filter(|l| !l.trim().is_empty()).count() as u64 > max_events {
+            metrics::counter!(metric::BOUNDS_BREACHED, "bound" => "batch_events").increment(1);
+            return Err(ApiError::TooManyEvents(max_events));
+        }
+        v
+    };
+    if values.is_empty() {
+        return Err(ApiError::BadBody("no events in the body".into()));
+    }
+    if values.len() as u64 > max_events {
+        metrics::counter!(metric::BOUNDS_BREACHED, "bound" => "batch_events").increment(1);
+        return Err(ApiError::TooManyEvents(max_events));
+    }
+    Ok(values)
+}
+
+fn check_params(map: BTreeMap<String, String>) -> Result<Params, String> {
+    if map.len() > MAX_PARAMS {
+        return Err(format!("more than {MAX_PARAMS} params"));
+    }
+    for (k, v) in &map {
+        if k.is_empty() || k.len() > MAX_PARAM_NAME {
+            return Err(format!(
+                "param name {k:?} is empty or longer than {MAX_PARAM_NAME} bytes"
+            ));
+        }
+        if v.len() > MAX_PARAM_VALUE {
+            return Err(format!(
+                "param {k:?} is longer than {MAX_PARAM_VALUE} bytes"
+            ));
+        }
+    }
+    Ok(Params(map))
+}
+
+async fn post<B>(
+    req: Request<B>,
+    state: &AppState,
+    peer: SocketAddr,
+) -> Result<Response<Body>, ApiError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let client = ClientInfo::from_request(req.headers(), peer, state);
+    let body = read_body(req, state).await?;
+    let values = parse_values(&body, state.limits.max_batch_events)?;
+    let (now, timestamp_ms) = now();
+    let mut results = Vec::with_capacity(values.len());
+    let mut outgoing = Vec::with_capacity(values.len());
+    for (index, value) in values.into_iter().enumerate() {
+        let item: BatchEvent = match serde_json::from_value(value) {
+            Ok(i) => i,
+            Err(e) => {
+                metrics::counter!(metric::HITS, "outcome" => "malformed").increment(1);
+                results.push(ItemResult::rejected(
+                    index,
+                    &ApiError::BadBody(e.to_string()),
+                ));
+                continue;
+            }
+        };
+        let id = match check_id(&item.program_id) {
+            Ok(id) => id,
+            Err(e) => {
+                let e = if matches!(e, ApiError::NotFound) {
+                    metrics::counter!(metric::HITS, "outcome" => "malformed").increment(1);
+                    ApiError::MalformedId("program id may not contain '/'".into())
+                } else {
+                    e
+                };
+                results.push(ItemResult::rejected(index, &e));
+                continue;
+            }
+        };
+        let mut params = match check_params(item.params.unwrap_or_default()) {
+            Ok(p) => p,
+            Err(reason) => {
+                metrics::counter!(metric::HITS, "outcome" => "malformed").increment(1);
+                results.push(ItemResult::rejected(index, &ApiError::BadBody(reason)));
+                continue;
+            }
+        };
+        let event_type = match item.event_type.as_deref() {
+            None => EventType::Custom,
+            Some(t) => match EventType::from_param(t) {
+                Some(t) => t,
+                None => {
+                    metrics::counter!(metric::HITS, "outcome" => "malformed").increment(1);
+                    let e = ApiError::BadQuery(crate::hit::QueryError::BadType(t.to_owned()));
+                    results.push(ItemResult::rejected(index, &e));
+                    continue;
+                }
+            },
+        };
+        if let Some(page) = item.page {
+            params.0.insert("page".into(), truncate(page));
+        }
+        let lookup = lookup(state, &id, now).await;
+        match &lookup {
+            Lookup::Unknown => {
+                results.push(ItemResult::rejected(index, &ApiError::UnknownProgram));
+                continue;
+            }
+            Lookup::Inactive(_) => {
+                results.push(ItemResult::rejected(index, &ApiError::InactiveProgram));
+                continue;
+            }
+            Lookup::Active(_) | Lookup::Unverified => {}
+        }
+        let mut item_client = ClientInfo {
+            user_agent: client.user_agent.clone(),
+            referrer: client.referrer.clone(),
+            client_ip: client.client_ip.clone(),
+            opted_out: client.opted_out,
+        };
+        if let Some(r) = item.referrer {
+            item_client.referrer = truncate(r);
+        }
+        let status = if matches!(lookup, Lookup::Active(_)) {
+            "accepted"
+        } else {
+            "unverified"
+        };
+        let parts = EventParts {
+            id: &id,
+            lookup: &lookup,
+            event_type,
+            timestamp_ms,
+            source: "batch",
+            params,
+            destination_url: String::new(),
+        };
+        match build_event(parts, &item_client, state) {
+            Some(ev) => {
+                results.push(ItemResult {
+                    index,
+                    status,
+                    event_id: Some(ev.message_id.clone()),
+                    error: None,
+                    reason: None,
+                });
+                outgoing.push(ev);
+            }
+            None => {
+                metrics::counter!(metric::EVENTS_DROPPED, "cause" => "privacy_opt_out")
+                    .increment(1);
+                results.push(ItemResult {
+                    index,
+                    status: "skipped",
+                    event_id: None,
+                    error: None,
+                    reason: Some("client opted out of tracking".into()),
+                });
+            }
+        }
+    }
+    let accepted = outgoing.len();
+    let batch: Vec<Outgoing> = outgoing
+        .into_iter()
+        .map(|ev| {
+            use prost::Message;
+            Outgoing {
+                partition_key: ev.message_id.clone(),
+                data: Bytes::from(ev.encode_to_vec()),
+            }
+        })
+        .collect();
+    if let Err(e) = state.sink.try_send_all(batch) {
+        metrics::counter!(metric::EVENTS_DROPPED, "cause" => e.cause()).increment(accepted as u64);
+        return Err(ApiError::Overloaded);
+    }
+    #[derive(Serialize)]
+    struct Reply {
+        accepted: usize,
+        rejected: usize,
+        results: Vec<ItemResult>,
+    }
+    let rejected = results.iter().filter(|r| r.status == "rejected").count();
+    let body = serde_json::to_vec(&Reply {
+        accepted,
+        rejected,
+        results,
+    })
+    .unwrap_or_default();
+    Ok(json_response(StatusCode::OK, body))
+}
+
+fn truncate(mut s: String) -> String {
+    if s.len() > MAX_HEADER_COPY {
+        let mut cut = MAX_HEADER_COPY;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_split_into_events() {
+        assert_eq!(
+            parse_values(br#"[{"programId":"a"},{"programId":"b"}]"#, 10)
+                .expect("ok")
+                .len(),
+            2
+        );
+        assert_eq!(
+            parse_values(b"{\"programId\":\"a\"}\n\n{\"programId\":\"b\"}\n", 10)
+                .expect("ok")
+                .len(),
+            2
+        );
+        assert!(matches!(parse_values(b"[{", 10), Err(ApiError::BadBody(_))));
+        assert!(
+            matches!(parse_values(b"{}\nnope", 10), Err(ApiError::BadBody(r)) if r.contains("line 2"))
+        );
+        assert!(matches!(
+            parse_values(b"[{},{},{}]", 2),
+            Err(ApiError::TooManyEvents(2))
+        ));
+        assert!(matches!(
+            parse_values(b"{}\n{}\n{}", 2),
+            Err(ApiError::TooManyEvents(2))
+        ));
+        assert!(matches!(parse_values(b"  ", 2), Err(ApiError::BadBody(_))));
+        assert!(matches!(
+            parse_values(&[0xff, 0xfe], 2),
+            Err(ApiError::BadBody(_))
+        ));
+    }
+}
