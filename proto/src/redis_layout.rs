@@ -9,8 +9,11 @@
 //!   comma-separated list) plus `version`. A deleted program keeps a tombstone
 //!   hash holding only `version` and `deleted` = `1`, so a late, older write
 //!   cannot bring it back.
-//! - `adtrack:program-version`: a counter; the updater takes versions from it
-//!   with `INCR` when the operator gives none. Versions only grow.
+//! - `adtrack:program-version`: the highest version handed out. When the
+//!   operator gives none, a write takes the largest of that plus one, the
+//!   stored version plus one, and Redis's clock in microseconds: versions only
+//!   grow, and keep growing even after Redis lost its data (a reload after a
+//!   flush or a cold restart still beats what trackers have cached).
 //!
 //! Every write goes through [`UPSERT_SCRIPT`] or [`DELETE_SCRIPT`], which
 //! refuse a version not newer than the stored one and PUBLISH the change in
@@ -49,28 +52,27 @@ pub fn program_key(id: &ProgramId) -> String {
 }
 
 /// Upsert, atomically: `KEYS[1]` program hash, `KEYS[2]` version counter;
-/// `ARGV[1]` requested version (0: take the next from the counter),
+/// `ARGV[1]` requested version (0: take the next one, see the module docs),
 /// `ARGV[2]` channel, `ARGV[3]` program JSON without version, `ARGV[4..]`
 /// field/value pairs. Returns `{1, version}` when written and published,
-/// `{0, stored_version}` when the stored version is not older.
+/// `{0, stored_version}` when the stored version is not older (versions as
+/// decimal strings).
 pub const UPSERT_SCRIPT: &str = r#"
 local requested = tonumber(ARGV[1])
 local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 local v = requested
 if v == 0 then
-  v = redis.call('INCR', KEYS[2])
-  if v <= stored then
-    v = stored + 1
-    redis.call('SET', KEYS[2], v)
-  end
-else
-  if tonumber(redis.call('GET', KEYS[2]) or '0') < v then redis.call('SET', KEYS[2], v) end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  v = math.max(tonumber(redis.call('GET', KEYS[2]) or '0') + 1, now, stored + 1)
 end
-if v <= stored then return {0, stored} end
+local vs = string.format('%.0f', v)
+if tonumber(redis.call('GET', KEYS[2]) or '0') < v then redis.call('SET', KEYS[2], vs) end
+if v <= stored then return {0, string.format('%.0f', stored)} end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'version', v, unpack(ARGV, 4))
-redis.call('PUBLISH', ARGV[2], '{"op":"upsert","version":' .. v .. ',"program":' .. ARGV[3] .. '}')
-return {1, v}
+redis.call('HSET', KEYS[1], 'version', vs, unpack(ARGV, 4))
+redis.call('PUBLISH', ARGV[2], '{"op":"upsert","version":' .. vs .. ',"program":' .. ARGV[3] .. '}')
+return {1, vs}
 "#;
 
 /// Delete, atomically: `KEYS[1]` program hash, `KEYS[2]` version counter;
@@ -78,17 +80,17 @@ return {1, v}
 /// and publishes the deletion. Returns `{1, version}`, or `{0, 0}` when
 /// there was no such program.
 pub const DELETE_SCRIPT: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HGET', KEYS[1], 'deleted') == '1' then return {0, 0} end
+if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HGET', KEYS[1], 'deleted') == '1' then return {0, '0'} end
 local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
-local v = redis.call('INCR', KEYS[2])
-if v <= stored then
-  v = stored + 1
-  redis.call('SET', KEYS[2], v)
-end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local v = math.max(tonumber(redis.call('GET', KEYS[2]) or '0') + 1, now, stored + 1)
+local vs = string.format('%.0f', v)
+redis.call('SET', KEYS[2], vs)
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'version', v, 'deleted', '1')
-redis.call('PUBLISH', ARGV[1], '{"op":"delete","version":' .. v .. ',"programId":' .. ARGV[2] .. '}')
-return {1, v}
+redis.call('HSET', KEYS[1], 'version', vs, 'deleted', '1')
+redis.call('PUBLISH', ARGV[1], '{"op":"delete","version":' .. vs .. ',"programId":' .. ARGV[2] .. '}')
+return {1, vs}
 "#;
 
 /// A change announced on [`CHANGES_CHANNEL`].

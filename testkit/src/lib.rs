@@ -444,3 +444,68 @@ pub fn metric_sum(exposition: &str, name: &str, labels: &[&str]) -> f64 {
         })
         .sum()
 }
+
+/// One record read back from the Kinesis stand-in.
+#[derive(Debug, Clone)]
+pub struct StreamRecord {
+    pub shard_id: String,
+    pub sequence_number: String,
+    pub partition_key: String,
+    pub data: Vec<u8>,
+}
+
+/// A Kinesis client for the stand-in at `url`.
+pub fn kinesis_client(url: &str) -> aws_sdk_kinesis::Client {
+    use aws_sdk_kinesis::config::{BehaviorVersion, Credentials, Region};
+    let conf = aws_sdk_kinesis::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .endpoint_url(url)
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("local", "local", None, None, "test"))
+        .build();
+    aws_sdk_kinesis::Client::from_conf(conf)
+}
+
+/// Every record in the events stream, shard by shard, in order.
+pub async fn read_stream(url: &str) -> Result<Vec<StreamRecord>> {
+    use aws_sdk_kinesis::types::ShardIteratorType;
+    let client = kinesis_client(url);
+    let shards = client
+        .list_shards()
+        .stream_name(EVENTS_STREAM)
+        .send()
+        .await?
+        .shards
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for shard in shards {
+        let mut iterator = client
+            .get_shard_iterator()
+            .stream_name(EVENTS_STREAM)
+            .shard_id(shard.shard_id())
+            .shard_iterator_type(ShardIteratorType::TrimHorizon)
+            .send()
+            .await?
+            .shard_iterator;
+        while let Some(it) = iterator {
+            let page = client
+                .get_records()
+                .shard_iterator(it)
+                .limit(10_000)
+                .send()
+                .await?;
+            let empty = page.records.is_empty();
+            out.extend(page.records.into_iter().map(|r| StreamRecord {
+                shard_id: shard.shard_id().to_owned(),
+                sequence_number: r.sequence_number().to_owned(),
+                partition_key: r.partition_key.clone().unwrap_or_default(),
+                data: r.data.into_inner(),
+            }));
+            if empty || page.millis_behind_latest == Some(0) && page.next_shard_iterator.is_none() {
+                break;
+            }
+            iterator = page.next_shard_iterator;
+        }
+    }
+    Ok(out)
+}

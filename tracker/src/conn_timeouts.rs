@@ -5,14 +5,15 @@
 //! than the load balancer's, so the ALB never reuses a closed connection).
 //!
 //! The IO wrapper learns the request phase from the handler through
-//! [`ConnPhase`]. Deadlines are kept as plain instants and the one timer per
-//! connection is re-armed only when it fires early, so a request costs a
-//! clock read, not a timer-wheel update.
+//! [`ConnPhase`]. Deadlines are kept as plain instants; the one timer per
+//! connection is never armed more than `header_timeout` ahead and is re-armed
+//! when it fires early, so a new deadline is never earlier than the armed
+//! timer and a request costs a clock read, not a timer-wheel update.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -23,24 +24,22 @@ use tokio::time::{Instant, Sleep};
 
 use crate::metric;
 
-const IDLE: u8 = 0;
-const BUSY: u8 = 1;
-
-/// Shared between a connection's IO wrapper and its request handler.
+/// Shared between a connection's IO wrapper and its request handler:
+/// requests whose head arrived, and requests answered.
 #[derive(Debug, Default)]
-pub struct ConnPhase(AtomicU8);
+pub struct ConnPhase {
+    started: AtomicU32,
+    finished: AtomicU32,
+}
 
 impl ConnPhase {
     /// The handler has the request head: no header deadline any more.
     pub fn busy(&self) {
-        self.0.store(BUSY, Ordering::Release);
+        self.started.fetch_add(1, Ordering::AcqRel);
     }
     /// The handler is done: the connection waits for the next request.
     pub fn idle(&self) {
-        self.0.store(IDLE, Ordering::Release);
-    }
-    fn get(&self) -> u8 {
-        self.0.load(Ordering::Acquire)
+        self.finished.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -59,6 +58,7 @@ pub struct TimedIo {
     inner: TokioIo<TcpStream>,
     phase: Arc<ConnPhase>,
     local: Local,
+    seen_started: u32,
     deadline: Instant,
     timer: Pin<Box<Sleep>>,
     header_timeout: Duration,
@@ -72,28 +72,30 @@ impl TimedIo {
         header_timeout: Duration,
         idle_timeout: Duration,
     ) -> Self {
-        let deadline = Instant::now() + idle_timeout;
+        let now = Instant::now();
+        let deadline = now + idle_timeout;
         Self {
             inner: TokioIo::new(stream),
             phase,
             local: Local::Idle,
+            seen_started: 0,
             deadline,
-            timer: Box::pin(tokio::time::sleep_until(deadline)),
+            timer: Box::pin(tokio::time::sleep_until(deadline.min(now + header_timeout))),
             header_timeout,
             idle_timeout,
         }
     }
 
     fn sync_phase(&mut self) {
-        let shared = self.phase.get();
-        match (self.local, shared) {
-            (Local::Receiving, BUSY) => self.local = Local::Busy,
-            (Local::Busy, IDLE) => {
-                self.local = Local::Idle;
-                self.deadline = Instant::now() + self.idle_timeout;
-            }
-            (Local::Idle, BUSY) => self.local = Local::Busy, // pipelined request
-            _ => {}
+        let started = self.phase.started.load(Ordering::Acquire);
+        if started != self.seen_started {
+            // A head arrived (possibly pipelined): its header deadline is over.
+            self.seen_started = started;
+            self.local = Local::Busy;
+        }
+        if self.local == Local::Busy && self.phase.finished.load(Ordering::Acquire) == started {
+            self.local = Local::Idle;
+            self.deadline = Instant::now() + self.idle_timeout;
         }
     }
 
@@ -104,9 +106,10 @@ impl TimedIo {
         }
         loop {
             ready!(self.timer.as_mut().poll(cx));
-            if Instant::now() < self.deadline {
-                let d = self.deadline;
-                self.timer.as_mut().reset(d);
+            let now = Instant::now();
+            if now < self.deadline {
+                let next = self.deadline.min(now + self.header_timeout);
+                self.timer.as_mut().reset(next);
                 continue;
             }
             return Poll::Ready(match self.local {

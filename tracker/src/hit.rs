@@ -296,6 +296,15 @@ impl Hit<'_> {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        #[test]
+        fn any_query_parses_or_is_refused_without_panic(q in "\\PC{0,300}") {
+            if let Ok(p) = Params::parse(Some(&q)) {
+                proptest::prop_assert!(p.0.len() <= MAX_PARAMS);
+            }
+        }
+    }
+
     #[test]
     fn strict_query_parsing() {
         let p =

@@ -1,55 +1,13 @@
 //! The tracker process against real Redis and the Kinesis stand-in: routes,
 //! replies, bad input, and core-data pushes seen without a restart.
 
-use std::time::Duration;
-
 use adtrack_proto::program::{Program, ProgramId, parse_program_file};
-use adtrack_testkit::{Http, Proc, Stack, free_port, metric_sum};
+use adtrack_testkit::{Http, Stack, metric_sum};
 use adtrack_updater::ProgramStore;
 
-const PROGRAMS: &str = include_str!("../../dev/programs.json");
+mod support;
 
-struct Tracker {
-    _proc: Proc,
-    base: String,
-    admin: String,
-}
-
-async fn start_tracker(stack: &Stack, extra: &[(&str, &str)]) -> Tracker {
-    let (port, admin_port) = (free_port(), free_port());
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tracker"));
-    cmd.envs(stack.env())
-        .env("TRACKER_LISTEN_ADDR", format!("127.0.0.1:{port}"))
-        .env("TRACKER_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
-        .env("LOG_FORMAT", "text");
-    for (k, v) in extra {
-        cmd.env(k, v);
-    }
-    let proc = Proc::new(cmd.spawn().expect("spawn tracker"));
-    let t = Tracker {
-        _proc: proc,
-        base: format!("http://127.0.0.1:{port}"),
-        admin: format!("http://127.0.0.1:{admin_port}"),
-    };
-    let http = Http::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = http.get(&format!("{}/health/ready", t.admin)).await
-            && r.status == 200
-        {
-            return t;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "tracker never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn status_of(http: &Http, url: &str) -> u16 {
-    http.get(url).await.expect("request").status
-}
+use support::{PROGRAMS, Tracker, wait_status};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_replies_and_pushed_updates() {
@@ -61,7 +19,7 @@ async fn routes_replies_and_pushed_updates() {
         .load(&parse_program_file(PROGRAMS).expect("programs"))
         .await
         .expect("load");
-    let t = start_tracker(&stack, &[]).await;
+    let t = Tracker::start(&stack, &[]).await;
     let http = Http::new();
 
     // The reference design's JSON reply, field for field.
@@ -200,24 +158,13 @@ async fn routes_replies_and_pushed_updates() {
     );
 }
 
-async fn wait_status(http: &Http, url: &str, want: u16) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let got = status_of(http, url).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{url}: still {got}, want {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn uuid_version(s: &str) -> Option<u8> {
     let hex: String = s.chars().filter(|c| *c != '-').collect();
     (hex.len() == 32)
         .then(|| u8::from_str_radix(&hex[12..13], 16).ok())
         .flatten()
+}
+
+async fn status_of(http: &Http, url: &str) -> u16 {
+    http.get(url).await.expect("request").status
 }

@@ -20,7 +20,7 @@ fn key_count(url: &str) -> usize {
 
 #[tokio::test]
 async fn load_put_delete_get_and_versions() {
-    let redis = Redis::start().expect("redis");
+    let mut redis = Redis::start().expect("redis");
     let client = redis::Client::open(redis.url()).expect("client");
     let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
     pubsub.subscribe(CHANGES_CHANNEL).await.expect("subscribe");
@@ -29,10 +29,10 @@ async fn load_put_delete_get_and_versions() {
     let mut store = ProgramStore::connect(&redis.url()).await.expect("connect");
     let programs = parse_program_file(REFERENCE).expect("valid");
     let outcomes = store.load(&programs).await.expect("load");
-    assert_eq!(
-        outcomes,
-        vec![WriteOutcome::Written(1), WriteOutcome::Written(2)]
-    );
+    let (WriteOutcome::Written(v1), WriteOutcome::Written(v2)) = (outcomes[0], outcomes[1]) else {
+        panic!("both written: {outcomes:?}")
+    };
+    assert!(v2 > v1, "versions grow");
 
     use futures_util::StreamExt;
     for expected in ["212312", "212313"] {
@@ -45,7 +45,7 @@ async fn load_put_delete_get_and_versions() {
     let StoredProgram::Present(p) = store.get(&id).await.expect("get") else {
         panic!("missing")
     };
-    assert_eq!((p.customer_id, p.version), (9123, 1));
+    assert_eq!((p.customer_id, p.version), (9123, v1));
 
     // An explicit older version is refused; a newer one wins.
     let mut older = p.clone();
@@ -53,32 +53,33 @@ async fn load_put_delete_get_and_versions() {
     older.valid = false;
     assert_eq!(
         store.put(&older).await.expect("put"),
-        WriteOutcome::Stale(1)
+        WriteOutcome::Stale(v1)
     );
-    older.version = 10;
+    let far = v2 + 10_000_000_000;
+    older.version = far;
     assert_eq!(
         store.put(&older).await.expect("put"),
-        WriteOutcome::Written(10)
+        WriteOutcome::Written(far)
     );
-    // Versions taken from the counter stay above explicit ones.
+    // Versions handed out later stay above explicit ones.
     let mut next = older.clone();
     next.version = 0;
     assert_eq!(
         store.put(&next).await.expect("put"),
-        WriteOutcome::Written(11)
+        WriteOutcome::Written(far + 1)
     );
 
-    assert_eq!(store.delete(&id).await.expect("delete"), Some(12));
+    assert_eq!(store.delete(&id).await.expect("delete"), Some(far + 2));
     assert_eq!(
         store.get(&id).await.expect("get"),
-        StoredProgram::Deleted { version: 12 }
+        StoredProgram::Deleted { version: far + 2 }
     );
     assert_eq!(store.delete(&id).await.expect("delete again"), None);
     // A late write carrying an older version cannot resurrect it.
-    older.version = 11;
+    older.version = far + 1;
     assert_eq!(
         store.put(&older).await.expect("put"),
-        WriteOutcome::Stale(12)
+        WriteOutcome::Stale(far + 2)
     );
 
     let kinds: Vec<(String, u64)> = {
@@ -97,10 +98,19 @@ async fn load_put_delete_get_and_versions() {
     assert_eq!(
         kinds,
         vec![
-            ("upsert".to_owned(), 10),
-            ("upsert".to_owned(), 11),
-            ("delete".to_owned(), 12)
+            ("upsert".to_owned(), far),
+            ("upsert".to_owned(), far + 1),
+            ("delete".to_owned(), far + 2)
         ]
+    );
+
+    // After Redis loses everything, a reload still carries newer versions.
+    redis.restart().expect("restart");
+    let mut store = ProgramStore::connect(&redis.url()).await.expect("connect");
+    let outcomes = store.load(&programs).await.expect("load");
+    assert!(
+        matches!(outcomes[0], WriteOutcome::Written(v) if v > v2),
+        "{outcomes:?}"
     );
 }
 

@@ -1,0 +1,283 @@
+//! The validation cache against a real redis-server: stale pushes ignored,
+//! resync after a Redis restart, the negative cache, Redis down (`unverified`),
+//! readiness before warm-up and during drain.
+
+mod support;
+
+use std::time::Duration;
+
+use adtrack_proto::program::{Program, parse_program_file};
+use adtrack_proto::redis_layout::CHANGES_CHANNEL;
+use adtrack_proto::v1::TrackingEvent;
+use adtrack_testkit::{Http, Stack, metric_sum, read_stream};
+use adtrack_updater::ProgramStore;
+use prost::Message;
+use support::{PROGRAMS, Tracker, wait_status, wait_until};
+
+async fn load_reference(stack: &Stack) -> ProgramStore {
+    let mut store = ProgramStore::connect(&stack.redis.url())
+        .await
+        .expect("redis");
+    store
+        .load(&parse_program_file(PROGRAMS).expect("programs"))
+        .await
+        .expect("load");
+    store
+}
+
+fn program(json: serde_json::Value) -> Program {
+    Program::from_json(&json).expect("program")
+}
+
+async fn redis_cmd(url: &str, args: &[&str]) {
+    let client = redis::Client::open(url).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("conn");
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    let _: redis::Value = cmd.query_async(&mut conn).await.expect("command");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_pushes_are_ignored() {
+    let stack = Stack::start(1).expect("stack");
+    let _store = load_reference(&stack).await;
+    let t = Tracker::start(&stack, &[]).await;
+    let http = Http::new();
+    assert_eq!(
+        http.get(&t.url("/event/212312")).await.expect("get").status,
+        200
+    );
+
+    // An old message (version 1) that says "disabled" arrives late.
+    let stale = r#"{"op":"upsert","version":1,"program":{"programId":"212312","programName":"old","checksum":"1","customerId":1,"customerName":"old","valid":false}}"#;
+    redis_cmd(&stack.redis.url(), &["PUBLISH", CHANGES_CHANNEL, stale]).await;
+    let old_delete = r#"{"op":"delete","version":2,"programId":"212312"}"#;
+    redis_cmd(
+        &stack.redis.url(),
+        &["PUBLISH", CHANGES_CHANNEL, old_delete],
+    )
+    .await;
+    redis_cmd(
+        &stack.redis.url(),
+        &["PUBLISH", CHANGES_CHANNEL, "not json"],
+    )
+    .await;
+    wait_until("stale changes counted", Duration::from_secs(10), || async {
+        let m = t.metrics().await;
+        metric_sum(&m, "adtrack_pubsub_changes_total", &["result=\"stale\""]) >= 2.0
+            && metric_sum(&m, "adtrack_pubsub_changes_total", &["result=\"invalid\""]) >= 1.0
+    })
+    .await;
+    let r = http.get(&t.url("/event/212312")).await.expect("get");
+    assert_eq!(r.status, 200, "a stale change never overwrites a newer one");
+    assert_eq!(r.json()["programName"], "program1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resynchronises_after_redis_restart() {
+    let mut stack = Stack::start(1).expect("stack");
+    let _ = load_reference(&stack).await;
+    let t = Tracker::start(&stack, &[]).await;
+    let http = Http::new();
+    assert_eq!(
+        http.get(&t.url("/event/212312")).await.expect("get").status,
+        200
+    );
+
+    // Redis restarts empty; while the tracker reconnects, the operator reloads
+    // with changes. Their pushes may be missed; the resync must not be.
+    stack.redis.restart().expect("restart redis");
+    let mut store = ProgramStore::connect(&stack.redis.url())
+        .await
+        .expect("redis");
+    let mut programs = parse_program_file(PROGRAMS).expect("programs");
+    programs[0].valid = false;
+    programs.push(program(serde_json::json!({
+        "programId":"after-restart","programName":"n","checksum":"1","customerId":5,"customerName":"c"
+    })));
+    store.load(&programs).await.expect("load");
+
+    wait_status(&http, &t.url("/event/after-restart"), 200).await;
+    wait_status(&http, &t.url("/event/212312"), 404).await;
+    wait_until("reconnect counted", Duration::from_secs(10), || async {
+        metric_sum(&t.metrics().await, "adtrack_pubsub_reconnects_total", &[]) >= 1.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_ids_are_cached_negatively_then_expire() {
+    let stack = Stack::start(1).expect("stack");
+    let _ = load_reference(&stack).await;
+    let t = Tracker::start(&stack, &[("TRACKER_NEGATIVE_TTL_SECS", "2")]).await;
+    let http = Http::new();
+    assert_eq!(
+        http.get(&t.url("/event/quiet")).await.expect("get").status,
+        404
+    );
+
+    // Written behind the tracker's back (no publish): the negative entry
+    // answers until it expires, then Redis is asked again.
+    redis_cmd(
+        &stack.redis.url(),
+        &[
+            "HSET",
+            "adtrack:program:quiet",
+            "programId",
+            "quiet",
+            "programName",
+            "q",
+            "checksum",
+            "1",
+            "customerId",
+            "1",
+            "customerName",
+            "c",
+            "valid",
+            "true",
+            "version",
+            "1",
+        ],
+    )
+    .await;
+    let before = metric_sum(
+        &t.metrics().await,
+        "adtrack_cache_lookups_total",
+        &["result=\"negative_hit\""],
+    );
+    let r = http.get(&t.url("/event/quiet")).await.expect("get");
+    let after = metric_sum(
+        &t.metrics().await,
+        "adtrack_cache_lookups_total",
+        &["result=\"negative_hit\""],
+    );
+    if r.status == 404 {
+        assert_eq!(after, before + 1.0, "answered from the negative cache");
+    }
+    wait_status(&http, &t.url("/event/quiet"), 200).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_ships_unverified_and_keeps_cached_programs_valid() {
+    let mut stack = Stack::start(1).expect("stack");
+    let _ = load_reference(&stack).await;
+    let t = Tracker::start(&stack, &[("TRACKER_REDIS_TIMEOUT_MS", "50")]).await;
+    let http = Http::new();
+    stack.redis.stop();
+
+    let r = http.get(&t.url("/event/212312")).await.expect("get");
+    assert_eq!(r.status, 200, "cached programs go on as normal");
+    let r = http.get(&t.url("/event/never-seen")).await.expect("get");
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(r.json()["validation"], "unverified");
+    let unverified_id = r.json()["messageId"].as_str().expect("id").to_owned();
+    let r = http
+        .get(&t.url("/v1/pixel/also-never-seen"))
+        .await
+        .expect("pixel");
+    assert_eq!(r.body.len(), 43);
+    let pixel_id = r.header("x-event-id").expect("shipped");
+
+    wait_until(
+        "both events in the stream",
+        Duration::from_secs(20),
+        || async {
+            let records = read_stream(&stack.kinesis.url()).await.unwrap_or_default();
+            let events: Vec<TrackingEvent> = records
+                .iter()
+                .filter_map(|r| TrackingEvent::decode(r.data.as_slice()).ok())
+                .collect();
+            [&unverified_id, &pixel_id].iter().all(|id| {
+                events
+                    .iter()
+                    .any(|e| &&e.message_id == id && e.validation == 3 && !e.is_valid)
+            })
+        },
+    )
+    .await;
+    let m = t.metrics().await;
+    assert!(metric_sum(&m, "adtrack_hits_total", &["outcome=\"unverified\""]) >= 2.0);
+    assert!(metric_sum(&m, "adtrack_redis_errors_total", &[]) >= 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_until_warm_and_stream_answered() {
+    let mut stack = Stack::start(1).expect("stack");
+    stack.redis.stop();
+    stack.kinesis.stop();
+    let t = Tracker::spawn(&stack, &[]);
+    let http = Http::new();
+    wait_until("admin answers", Duration::from_secs(20), || async {
+        http.get(&format!("{}/health/ready", t.admin)).await.is_ok()
+    })
+    .await;
+    let r = http
+        .get(&format!("{}/health/ready", t.admin))
+        .await
+        .expect("ready");
+    assert_eq!(r.status, 503);
+    let reasons = r.json()["reasons"].to_string();
+    assert!(reasons.contains("cache not warm"), "{reasons}");
+    assert!(reasons.contains("Kinesis"), "{reasons}");
+    let live = http
+        .get(&format!("{}/health/live", t.admin))
+        .await
+        .expect("live");
+    assert_eq!(live.status, 200, "alive while not ready");
+
+    stack.redis.restart().expect("redis");
+    stack.kinesis.restart().expect("kinesis");
+    t.wait_ready().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_while_draining() {
+    let mut stack = Stack::start(1).expect("stack");
+    let _ = load_reference(&stack).await;
+    let mut t = Tracker::start(&stack, &[("TRACKER_DRAIN_DEADLINE_SECS", "4")]).await;
+    let http = Http::new();
+    // With Kinesis gone, the queued event keeps the drain busy.
+    stack.kinesis.stop();
+    assert_eq!(
+        http.get(&t.url("/event/212312")).await.expect("get").status,
+        200
+    );
+    t.proc.signal(15);
+    wait_until(
+        "readiness false while draining",
+        Duration::from_secs(10),
+        || async {
+            match http.get(&format!("{}/health/ready", t.admin)).await {
+                Ok(r) => r.status == 503 && r.text().contains("draining"),
+                Err(_) => false,
+            }
+        },
+    )
+    .await;
+    // The listener is closed during the drain.
+    let port = t.port;
+    wait_until(
+        "the public listener stops accepting",
+        Duration::from_secs(10),
+        || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+        },
+    )
+    .await;
+    let status = t
+        .proc
+        .wait_exit(Duration::from_secs(30))
+        .expect("exits by the deadline");
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "exit code reports undelivered events"
+    );
+}

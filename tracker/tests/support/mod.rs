@@ -1,0 +1,93 @@
+//! Starting the tracker process for tests.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use adtrack_testkit::{Http, Proc, Stack, free_port};
+
+pub const PROGRAMS: &str = include_str!("../../../dev/programs.json");
+
+pub struct Tracker {
+    pub proc: Proc,
+    pub port: u16,
+    pub base: String,
+    pub admin: String,
+}
+
+impl Tracker {
+    /// Starts the tracker binary against `stack` without waiting for ready.
+    pub fn spawn(stack: &Stack, extra: &[(&str, &str)]) -> Self {
+        let (port, admin_port) = (free_port(), free_port());
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tracker"));
+        cmd.envs(stack.env())
+            .env("TRACKER_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+            .env("TRACKER_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
+            .env("LOG_FORMAT", "text")
+            .env("RUST_LOG", "warn");
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        Self {
+            proc: Proc::new(cmd.spawn().expect("spawn tracker")),
+            port,
+            base: format!("http://127.0.0.1:{port}"),
+            admin: format!("http://127.0.0.1:{admin_port}"),
+        }
+    }
+
+    /// Starts it and waits until it is ready.
+    pub async fn start(stack: &Stack, extra: &[(&str, &str)]) -> Self {
+        let t = Self::spawn(stack, extra);
+        t.wait_ready().await;
+        t
+    }
+
+    pub async fn wait_ready(&self) {
+        let http = Http::new();
+        wait_until("tracker ready", Duration::from_secs(30), || async {
+            http.get(&format!("{}/health/ready", self.admin))
+                .await
+                .is_ok_and(|r| r.status == 200)
+        })
+        .await;
+    }
+
+    pub async fn metrics(&self) -> String {
+        Http::new()
+            .get(&format!("{}/metrics", self.admin))
+            .await
+            .map(|r| r.text())
+            .unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+/// Polls `f` every 20 ms until it is true; panics after `limit`.
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !f().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `url` answers `want`.
+pub async fn wait_status(http: &Http, url: &str, want: u16) {
+    wait_until(
+        &format!("{url} to answer {want}"),
+        Duration::from_secs(20),
+        || async { http.get(url).await.is_ok_and(|r| r.status == want) },
+    )
+    .await;
+}

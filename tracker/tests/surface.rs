@@ -1,0 +1,358 @@
+//! The rest of the public surface on the real process: click redirects and
+//! their allow-list, batch and beacon POSTs, CORS, privacy signals, bots,
+//! and the events they put in the stream.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use adtrack_proto::program::parse_program_file;
+use adtrack_proto::v1::TrackingEvent;
+use adtrack_testkit::{Http, Stack, read_stream};
+use adtrack_updater::ProgramStore;
+use prost::Message;
+use support::{PROGRAMS, Tracker};
+
+async fn setup(extra: &[(&str, &str)]) -> (Stack, Tracker) {
+    let stack = Stack::start(1).expect("stack");
+    let mut store = ProgramStore::connect(&stack.redis.url())
+        .await
+        .expect("redis");
+    store
+        .load(&parse_program_file(PROGRAMS).expect("programs"))
+        .await
+        .expect("load");
+    let t = Tracker::start(&stack, extra).await;
+    (stack, t)
+}
+
+async fn events(stack: &Stack, ids: &[String]) -> HashMap<String, TrackingEvent> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let records = read_stream(&stack.kinesis.url()).await.unwrap_or_default();
+        let found: HashMap<String, TrackingEvent> = records
+            .iter()
+            .filter_map(|r| TrackingEvent::decode(r.data.as_slice()).ok())
+            .map(|e| (e.message_id.clone(), e))
+            .collect();
+        if ids.iter().all(|id| found.contains_key(id)) {
+            return found;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "events never reached the stream"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn click_redirects_only_to_allowed_hosts() {
+    let (stack, t) = setup(&[]).await;
+    let http = Http::new();
+    let click =
+        |id: &str, url: &str| format!("{}/v1/click/{id}?url={}&campaign=x", t.base, percent(url));
+    let r = http
+        .get(&click("summer-sale", "https://shop.example.com/deal?a=1"))
+        .await
+        .expect("click");
+    assert_eq!(r.status, 302);
+    assert_eq!(
+        r.header("location").as_deref(),
+        Some("https://shop.example.com/deal?a=1")
+    );
+    let event_id = r.header("x-event-id").expect("event id");
+    let r = http
+        .get(&click("summer-sale", "https://m.shop.example.com/"))
+        .await
+        .expect("click");
+    assert_eq!(r.status, 302, "subdomains by wildcard");
+
+    for bad in [
+        "https://evil.example/",
+        "https://shop.example.com.evil.example/",
+        "https://shop.example.com@evil.example/",
+        "//evil.example/",
+        "javascript:alert(1)",
+        "ftp://shop.example.com/",
+        "not a url",
+    ] {
+        let r = http.get(&click("summer-sale", bad)).await.expect("click");
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+        assert!(r.header("location").is_none());
+    }
+    let r = http
+        .get(&format!("{}/v1/click/summer-sale", t.base))
+        .await
+        .expect("click");
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (400, Some("missing_url"))
+    );
+    // A program with no allowed hosts redirects nowhere.
+    let r = http
+        .get(&click("212312", "https://shop.example.com/"))
+        .await
+        .expect("click");
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (400, Some("redirect_not_allowed"))
+    );
+    let r = http
+        .get(&click("999999", "https://shop.example.com/"))
+        .await
+        .expect("click");
+    assert_eq!(r.status, 404);
+
+    let found = events(&stack, std::slice::from_ref(&event_id)).await;
+    let e = &found[&event_id];
+    assert_eq!(e.destination_url, "https://shop.example.com/deal?a=1");
+    assert_eq!(e.event_type, 2, "click");
+    assert_eq!(e.extra.get("campaign").map(String::as_str), Some("x"));
+    assert_eq!(e.source, "click");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_and_beacon_posts_with_per_event_results() {
+    let (stack, t) = setup(&[
+        ("TRACKER_CORS_ORIGINS", "https://shop.example.com"),
+        ("TRACKER_MAX_BATCH_EVENTS", "10"),
+    ])
+    .await;
+    let http = Http::new();
+    let url = t.url("/v1/events");
+    let body = r#"[
+        {"programId":"212312","type":"conversion","page":"https://shop.example.com/thanks","params":{"order":"o-1"}},
+        {"programId":"999999"},
+        {"programId":"bad id"},
+        {"programId":"212315"},
+        {"programId":"212313","colour":"red"},
+        {"programId":"212313","type":"teleport"}
+    ]"#;
+    let r = http
+        .request(
+            "POST",
+            &url,
+            &[
+                ("content-type", "application/json"),
+                ("origin", "https://shop.example.com"),
+            ],
+            body.as_bytes(),
+        )
+        .await
+        .expect("post");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("access-control-allow-origin").as_deref(),
+        Some("https://shop.example.com")
+    );
+    let j = r.json();
+    assert_eq!(
+        (j["accepted"].as_u64(), j["rejected"].as_u64()),
+        (Some(1), Some(5))
+    );
+    let results = j["results"].as_array().expect("results");
+    let errors: Vec<&str> = results
+        .iter()
+        .map(|r| r["error"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        errors,
+        vec![
+            "",
+            "unknown_program",
+            "malformed_program_id",
+            "inactive_program",
+            "bad_body",
+            "bad_query"
+        ]
+    );
+    let conversion_id = results[0]["eventId"].as_str().expect("id").to_owned();
+
+    // sendBeacon: text/plain JSON lines, no preflight.
+    let beacon = "{\"programId\":\"212313\",\"type\":\"viewable\"}\n{\"programId\":\"212314\"}\n";
+    let r = http
+        .request(
+            "POST",
+            &url,
+            &[("content-type", "text/plain;charset=UTF-8")],
+            beacon.as_bytes(),
+        )
+        .await
+        .expect("beacon");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    assert_eq!(j["accepted"], 2);
+    let beacon_ids: Vec<String> = j["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| r["eventId"].as_str().expect("id").to_owned())
+        .collect();
+
+    // Preflight: allowed origin answered, others refused.
+    let r = http
+        .request(
+            "OPTIONS",
+            &url,
+            &[
+                ("origin", "https://shop.example.com"),
+                ("access-control-request-method", "POST"),
+            ],
+            b"",
+        )
+        .await
+        .expect("preflight");
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        r.header("access-control-allow-methods").as_deref(),
+        Some("POST")
+    );
+    let r = http
+        .request("OPTIONS", &url, &[("origin", "https://evil.example")], b"")
+        .await
+        .expect("preflight");
+    assert_eq!(r.status, 403);
+
+    // Whole-body errors.
+    for (body, want) in [("[{", 400), ("", 400), ("{\"programId\":\"1\"}\nnope", 400)] {
+        let r = http
+            .request("POST", &url, &[], body.as_bytes())
+            .await
+            .expect("post");
+        assert_eq!(r.status, want, "{body:?}: {}", r.text());
+    }
+    let many: Vec<String> = (0..11)
+        .map(|_| "{\"programId\":\"212312\"}".to_owned())
+        .collect();
+    let r = http
+        .request("POST", &url, &[], many.join("\n").as_bytes())
+        .await
+        .expect("post");
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (413, Some("too_many_events"))
+    );
+    let r = http.get(&url).await.expect("get");
+    assert_eq!(r.status, 405);
+
+    let mut ids = beacon_ids.clone();
+    ids.push(conversion_id.clone());
+    let found = events(&stack, &ids).await;
+    let conv = &found[&conversion_id];
+    assert_eq!(conv.event_type, 3, "conversion");
+    assert_eq!(conv.page_url, "https://shop.example.com/thanks");
+    assert_eq!(conv.extra.get("order").map(String::as_str), Some("o-1"));
+    assert_eq!(conv.source, "batch");
+    assert_eq!(found[&beacon_ids[0]].event_type, 4, "viewable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privacy_signals_strip_identifiers_and_bots_are_flagged() {
+    let (stack, t) = setup(&[("TRACKER_TRUSTED_PROXY_HOPS", "1")]).await;
+    let http = Http::new();
+    let chrome = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36";
+    let url = t.url("/v1/pixel/212312?uid=u-42&campaign=c");
+    let plain = http
+        .request(
+            "GET",
+            &url,
+            &[
+                ("user-agent", chrome),
+                ("x-forwarded-for", "203.0.113.77, 198.51.100.23"),
+            ],
+            b"",
+        )
+        .await
+        .expect("pixel")
+        .header("x-event-id")
+        .expect("id");
+    let dnt = http
+        .request(
+            "GET",
+            &url,
+            &[
+                ("user-agent", chrome),
+                ("dnt", "1"),
+                ("x-forwarded-for", "198.51.100.23"),
+            ],
+            b"",
+        )
+        .await
+        .expect("pixel")
+        .header("x-event-id")
+        .expect("id");
+    let gpc_bot = http
+        .request(
+            "GET",
+            &url,
+            &[
+                (
+                    "user-agent",
+                    "Googlebot/2.1 (+http://www.google.com/bot.html)",
+                ),
+                ("sec-gpc", "1"),
+            ],
+            b"",
+        )
+        .await
+        .expect("pixel")
+        .header("x-event-id")
+        .expect("id");
+    let found = events(&stack, &[plain.clone(), dnt.clone(), gpc_bot.clone()]).await;
+
+    let p = &found[&plain];
+    assert_eq!(
+        p.client_ip, "198.51.100.0",
+        "from the trusted hop, truncated to /24"
+    );
+    assert_eq!(p.user_agent, chrome);
+    assert_eq!(p.extra.get("uid").map(String::as_str), Some("u-42"));
+    assert!(!p.privacy_restricted && !p.is_bot);
+
+    let d = &found[&dnt];
+    assert!(d.privacy_restricted);
+    assert!(d.client_ip.is_empty() && d.user_agent.is_empty());
+    assert!(!d.extra.contains_key("uid"), "identifier params dropped");
+    assert_eq!(d.extra.get("campaign").map(String::as_str), Some("c"));
+
+    let b = &found[&gpc_bot];
+    assert!(
+        b.privacy_restricted && b.is_bot,
+        "bots are flagged, even when stripped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privacy_skip_ships_nothing() {
+    let (_stack, t) = setup(&[("TRACKER_PRIVACY_SIGNALS", "skip")]).await;
+    let http = Http::new();
+    let r = http
+        .request("GET", &t.url("/v1/pixel/212312"), &[("dnt", "1")], b"")
+        .await
+        .expect("pixel");
+    assert_eq!(r.body.len(), 43);
+    assert!(r.header("x-event-id").is_none());
+    let m = t.metrics().await;
+    assert_eq!(
+        adtrack_testkit::metric_sum(
+            &m,
+            "adtrack_events_dropped_total",
+            &["cause=\"privacy_opt_out\""]
+        ),
+        1.0
+    );
+}
+
+fn percent(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
