@@ -32,6 +32,30 @@ pub enum RecordError {
     NoEventId,
     #[error("event id {0:?} is longer than 64 bytes")]
     BadEventId(String),
+    #[error("{0}")]
+    Aggregate(#[from] adtrack_proto::kpl::BadAggregate),
+}
+
+impl RecordError {
+    /// Low-cardinality label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::TooLarge(_) => "too_large",
+            Self::Decode(_) => "decode",
+            Self::NoEventId | Self::BadEventId(_) => "bad_event_id",
+            Self::Aggregate(_) => "bad_aggregate",
+        }
+    }
+}
+
+/// The events in one Kinesis record, aggregated (KPL format) or plain.
+pub fn decode_record(data: &[u8]) -> Vec<Result<TrackingEvent, RecordError>> {
+    use adtrack_proto::kpl::{Deaggregated, deaggregate};
+    match deaggregate(data) {
+        Ok(Deaggregated::Plain) => vec![decode(data)],
+        Ok(Deaggregated::Records(records)) => records.iter().map(|r| decode(&r.data)).collect(),
+        Err(e) => vec![Err(e.into())],
+    }
 }
 
 /// Decodes and checks one record's data.

@@ -11,7 +11,7 @@ use aws_sdk_kinesis::types::ShardIteratorType;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::item::{decode, to_item};
+use crate::item::to_item;
 use crate::writer::{Interrupted, Item, backoff, write_all};
 use crate::{Config, metric};
 
@@ -246,15 +246,17 @@ impl Poller {
                 // per call (BatchWriteItem refuses duplicate keys).
                 let mut items: HashMap<String, Item> = HashMap::with_capacity(records.len());
                 for r in &records {
-                    match decode(r.data().as_ref()) {
-                        Ok(ev) => {
-                            let id = ev.message_id.clone();
-                            items.insert(id, to_item(ev, shard, r.sequence_number()));
-                        }
-                        Err(e) => {
-                            metrics::counter!(metric::RECORDS_BAD, "reason" => "decode")
-                                .increment(1);
-                            tracing::warn!(shard, sequence = r.sequence_number(), error = %e, "skipping a record that is not an event");
+                    for ev in crate::item::decode_record(r.data().as_ref()) {
+                        match ev {
+                            Ok(ev) => {
+                                let id = ev.message_id.clone();
+                                items.insert(id, to_item(ev, shard, r.sequence_number()));
+                            }
+                            Err(e) => {
+                                metrics::counter!(metric::RECORDS_BAD, "reason" => e.reason())
+                                    .increment(1);
+                                tracing::warn!(shard, sequence = r.sequence_number(), error = %e, "skipping data that is not an event");
+                            }
                         }
                     }
                 }

@@ -15,6 +15,7 @@
 //! kept in Redis and announced to the trackers.
 
 pub mod event;
+pub mod kpl;
 pub mod program;
 pub mod redis_layout;
 

@@ -509,3 +509,50 @@ pub async fn read_stream(url: &str) -> Result<Vec<StreamRecord>> {
     }
     Ok(out)
 }
+
+/// One user record (event) read back from the stream, deaggregated.
+#[derive(Debug, Clone)]
+pub struct StreamEvent {
+    pub shard_id: String,
+    pub sequence_number: String,
+    /// Partition key of the Kinesis record that carried it.
+    pub record_partition_key: String,
+    /// The event's own partition key (its id, for adtrack events).
+    pub partition_key: String,
+    /// Events in the Kinesis record that carried it (1 for a plain record).
+    pub record_events: usize,
+    pub data: Vec<u8>,
+}
+
+/// Every event in the events stream: aggregated records are split by the
+/// KCL's rules, plain records are one event each.
+pub async fn read_stream_events(url: &str) -> Result<Vec<StreamEvent>> {
+    use adtrack_proto::kpl::{Deaggregated, deaggregate};
+    let mut out = Vec::new();
+    for r in read_stream(url).await? {
+        match deaggregate(&r.data)? {
+            Deaggregated::Plain => out.push(StreamEvent {
+                shard_id: r.shard_id,
+                sequence_number: r.sequence_number,
+                record_partition_key: r.partition_key.clone(),
+                partition_key: r.partition_key,
+                record_events: 1,
+                data: r.data,
+            }),
+            Deaggregated::Records(users) => {
+                let n = users.len();
+                for u in users {
+                    out.push(StreamEvent {
+                        shard_id: r.shard_id.clone(),
+                        sequence_number: r.sequence_number.clone(),
+                        record_partition_key: r.partition_key.clone(),
+                        partition_key: u.partition_key,
+                        record_events: n,
+                        data: u.data.to_vec(),
+                    });
+                }
+            }
+        }
+    }
+    Ok(out)
+}

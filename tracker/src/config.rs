@@ -85,6 +85,40 @@ pub struct Config {
     #[arg(long, env = "TRACKER_BATCH_LINGER_MS", value_name = "TRACKER_BATCH_LINGER_MS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub batch_linger_ms: u64,
 
+    /// Pack events into KPL aggregated records (many events per Kinesis record).
+    #[arg(long, env = "TRACKER_AGGREGATION", value_name = "TRACKER_AGGREGATION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub aggregation: bool,
+
+    /// Largest aggregated record, in bytes (the KPL's default; at most 1 MiB).
+    #[arg(long, env = "TRACKER_MAX_AGGREGATE_BYTES", value_name = "TRACKER_MAX_AGGREGATE_BYTES", default_value_t = 51_200, value_parser = clap::value_parser!(u64).range(1024..=1_048_000))]
+    pub max_aggregate_bytes: u64,
+
+    /// Write budget per shard, records per second (Kinesis allows 1,000).
+    #[arg(long, env = "TRACKER_SHARD_RECORDS_PER_SEC", value_name = "TRACKER_SHARD_RECORDS_PER_SEC", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub shard_records_per_sec: u32,
+
+    /// Write budget per shard, bytes per second (Kinesis allows 1 MiB).
+    #[arg(long, env = "TRACKER_SHARD_BYTES_PER_SEC", value_name = "TRACKER_SHARD_BYTES_PER_SEC", default_value_t = 1_048_576, value_parser = clap::value_parser!(u32).range(1024..=1_073_741_824))]
+    pub shard_bytes_per_sec: u32,
+
+    /// Directory of the disk spool (events waiting while Kinesis is
+    /// unreachable or the memory queue is full); empty disables it.
+    #[arg(
+        long,
+        env = "TRACKER_SPOOL_DIR",
+        value_name = "TRACKER_SPOOL_DIR",
+        default_value = "/tmp/adtrack-spool"
+    )]
+    pub spool_dir: String,
+
+    /// Largest size of the spool on disk, in bytes.
+    #[arg(long, env = "TRACKER_SPOOL_MAX_BYTES", value_name = "TRACKER_SPOOL_MAX_BYTES", default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(65_536..))]
+    pub spool_max_bytes: u64,
+
+    /// Size at which a spool segment file is closed and a new one started.
+    #[arg(long, env = "TRACKER_SPOOL_SEGMENT_BYTES", value_name = "TRACKER_SPOOL_SEGMENT_BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(4096..))]
+    pub spool_segment_bytes: u64,
+
     /// Most PutRecords calls in flight at once.
     #[arg(long, env = "TRACKER_MAX_INFLIGHT_BATCHES", value_name = "TRACKER_MAX_INFLIGHT_BATCHES", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
     pub max_inflight_batches: u64,

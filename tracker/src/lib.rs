@@ -12,12 +12,15 @@ pub mod cache;
 pub mod config;
 pub mod conn_timeouts;
 pub mod cors;
+pub mod delivery;
 pub mod health;
 pub mod hit;
 pub mod metric;
 pub mod routes;
 pub mod server;
+pub mod shard_map;
 pub mod shipper;
+pub mod spool;
 pub mod sync;
 
 use std::sync::Arc;
@@ -32,10 +35,11 @@ use tokio_util::sync::CancellationToken;
 pub use config::Config;
 
 use crate::cache::{CacheSettings, ProgramCache};
+use crate::delivery::{DeliveryReport, DeliverySettings};
 use crate::health::Health;
 use crate::hit::{IpPolicy, Privacy};
 use crate::routes::{AppState, Limits};
-use crate::shipper::{DeliveryReport, ShipperSettings};
+use crate::spool::Spool;
 
 /// Runs the tracker until `shutdown` fires, then drains: readiness goes false,
 /// the listener closes, in-flight requests finish, queued events are sent
@@ -67,17 +71,26 @@ pub async fn run(
         negative_ttl: config.negative_ttl(),
         redis_timeout: config.redis_timeout(),
     }));
-    let (sink, batcher) = shipper::channel(ShipperSettings {
-        stream: config.events_stream.clone(),
-        queue_events: config.queue_events as usize,
-        queue_bytes: config.queue_bytes,
-        linger: config.batch_linger(),
-        max_inflight: config.max_inflight_batches as usize,
-    });
+    let spool = open_spool(&config)?;
+    let (sink, engine) = delivery::channel(
+        DeliverySettings {
+            stream: config.events_stream.clone(),
+            queue_events: config.queue_events as usize,
+            queue_bytes: config.queue_bytes,
+            linger: config.batch_linger(),
+            max_inflight: config.max_inflight_batches as usize,
+            aggregate: config.aggregation,
+            max_aggregate_bytes: config.max_aggregate_bytes as usize,
+            shard_records_per_sec: config.shard_records_per_sec,
+            shard_bytes_per_sec: config.shard_bytes_per_sec,
+        },
+        spool.clone(),
+    );
 
     let give_up = CancellationToken::new();
     let background = CancellationToken::new();
-    let batcher_task = tokio::spawn(batcher.run(kinesis.clone(), give_up.clone()));
+    let batcher_task = tokio::spawn(engine.run(kinesis.clone(), give_up.clone()));
+    let spool_task = spool.map(|spool| tokio::spawn(sync_spool(spool, background.clone())));
     let sync_task = tokio::spawn(sync::run(
         redis,
         cache.clone(),
@@ -153,14 +166,24 @@ pub async fn run(
     });
     let report = batcher_task.await.unwrap_or_default();
     timer.abort();
-    if report.undelivered > 0 {
+    if report.lost > 0 {
         metrics::counter!(metric::EVENTS_DROPPED, "cause" => "drain_deadline")
-            .increment(report.undelivered);
+            .increment(report.lost);
+    }
+    if report.undelivered() > 0 {
         tracing::error!(
-            undelivered = report.undelivered,
             delivered = report.delivered,
-            "drain deadline reached: {} event(s) not delivered to Kinesis",
-            report.undelivered
+            spooled = report.spooled,
+            lost = report.lost,
+            "drain deadline reached: {} event(s) not delivered to Kinesis ({} kept in the spool at {}, {} lost)",
+            report.undelivered(),
+            report.spooled,
+            if config.spool_dir.is_empty() {
+                "(none)"
+            } else {
+                config.spool_dir.as_str()
+            },
+            report.lost
         );
     } else {
         tracing::info!(
@@ -170,7 +193,50 @@ pub async fn run(
     }
     background.cancel();
     let _ = tokio::join!(sync_task, stream_task, admin_task);
+    if let Some(t) = spool_task {
+        let _ = t.await;
+    }
     Ok(report)
+}
+
+fn open_spool(config: &Config) -> Result<Option<Arc<Spool>>> {
+    if config.spool_dir.is_empty() {
+        return Ok(None);
+    }
+    let dir = std::path::Path::new(&config.spool_dir);
+    let (spool, recovered) = Spool::open(dir, config.spool_max_bytes, config.spool_segment_bytes)
+        .with_context(|| {
+        format!("TRACKER_SPOOL_DIR {}: cannot open the spool", dir.display())
+    })?;
+    if recovered.entries > 0 || recovered.truncated_bytes > 0 {
+        tracing::warn!(
+            events = recovered.entries,
+            segments = recovered.segments,
+            truncated_bytes = recovered.truncated_bytes,
+            "spool holds events from a previous run; they will be delivered"
+        );
+    }
+    Ok(Some(Arc::new(spool)))
+}
+
+/// Flushes the spool to disk regularly and publishes its size.
+async fn sync_spool(spool: Arc<Spool>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        metrics::gauge!(metric::SPOOL_EVENTS).set(spool.pending() as f64);
+        metrics::gauge!(metric::SPOOL_BYTES).set(spool.bytes() as f64);
+        if spool.pending() > 0 {
+            let s = spool.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.sync()).await {
+                tracing::warn!(error = %e, "spool sync failed");
+            }
+        }
+    }
+    let _ = spool.sync();
 }
 
 /// Asks Kinesis about the stream until it answers; readiness waits for it.
@@ -181,6 +247,7 @@ async fn check_stream(
     stop: CancellationToken,
 ) {
     let mut pause = Duration::from_millis(200);
+    let mut attempts = 0u32;
     loop {
         match client
             .describe_stream_summary()
@@ -193,11 +260,17 @@ async fn check_stream(
                 tracing::info!(stream, "Kinesis stream answered");
                 return;
             }
-            Err(e) => tracing::warn!(
-                stream,
-                error = %aws_sdk_kinesis::error::DisplayErrorContext(&e),
-                "Kinesis stream not available; not ready"
-            ),
+            Err(e) => {
+                // One line at first, then one every ~30 s while it lasts.
+                if attempts.is_multiple_of(8) {
+                    tracing::warn!(
+                        stream,
+                        error = %aws_sdk_kinesis::error::DisplayErrorContext(&e),
+                        "Kinesis stream not available; not ready"
+                    );
+                }
+                attempts += 1;
+            }
         }
         tokio::select! {
             _ = stop.cancelled() => return,

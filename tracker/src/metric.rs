@@ -15,6 +15,14 @@ pub const HITS: &str = "adtrack_hits_total";
 pub const EVENTS_ACCEPTED: &str = "adtrack_events_accepted_total";
 /// Events dropped, label `cause`.
 pub const EVENTS_DROPPED: &str = "adtrack_events_dropped_total";
+/// Events written to the disk spool.
+pub const EVENTS_SPOOLED: &str = "adtrack_events_spooled_total";
+/// Events waiting in the spool.
+pub const SPOOL_EVENTS: &str = "adtrack_spool_events";
+/// Bytes of the spool on disk.
+pub const SPOOL_BYTES: &str = "adtrack_spool_bytes";
+/// Events packed into each Kinesis record.
+pub const EVENTS_PER_RECORD: &str = "adtrack_kinesis_events_per_record";
 /// Events waiting for Kinesis, and their bytes.
 pub const QUEUE_EVENTS: &str = "adtrack_queue_events";
 pub const QUEUE_BYTES: &str = "adtrack_queue_bytes";
@@ -61,10 +69,15 @@ const CALL_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+const PER_RECORD_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 150.0, 250.0, 500.0, 1000.0,
+];
+
 /// Installs the Prometheus recorder once per process and returns its handle.
 pub fn install() -> PrometheusHandle {
     adtrack_service::metrics_endpoint::install(&[
         (REQUEST_DURATION, LATENCY_BUCKETS),
         (KINESIS_CALL_DURATION, CALL_BUCKETS),
+        (EVENTS_PER_RECORD, PER_RECORD_BUCKETS),
     ])
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use adtrack_proto::program::{Program, parse_program_file};
 use adtrack_proto::redis_layout::CHANGES_CHANNEL;
 use adtrack_proto::v1::TrackingEvent;
-use adtrack_testkit::{Http, Stack, metric_sum, read_stream};
+use adtrack_testkit::{Http, Stack, metric_sum, read_stream_events};
 use adtrack_updater::ProgramStore;
 use prost::Message;
 use support::{PROGRAMS, Tracker, wait_status, wait_until};
@@ -187,7 +187,9 @@ async fn redis_down_ships_unverified_and_keeps_cached_programs_valid() {
         "both events in the stream",
         Duration::from_secs(20),
         || async {
-            let records = read_stream(&stack.kinesis.url()).await.unwrap_or_default();
+            let records = read_stream_events(&stack.kinesis.url())
+                .await
+                .unwrap_or_default();
             let events: Vec<TrackingEvent> = records
                 .iter()
                 .filter_map(|r| TrackingEvent::decode(r.data.as_slice()).ok())

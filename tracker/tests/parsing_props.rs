@@ -13,10 +13,10 @@ use adtrack_testkit::Redis;
 use adtrack_tracker::cache::{CacheSettings, ProgramCache};
 use adtrack_tracker::conn_timeouts::ConnPhase;
 use adtrack_tracker::cors::CorsPolicy;
+use adtrack_tracker::delivery::{self, DeliverySettings};
 use adtrack_tracker::health::Health;
 use adtrack_tracker::hit::{IpPolicy, Privacy};
 use adtrack_tracker::routes::{AppState, Limits, handle};
-use adtrack_tracker::shipper::{self, ShipperSettings};
 use adtrack_updater::ProgramStore;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request};
@@ -25,7 +25,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use support::PROGRAMS;
 
-async fn state(redis: &Redis) -> (Arc<AppState>, shipper::Batcher) {
+async fn state(redis: &Redis) -> (Arc<AppState>, delivery::Engine) {
     let mut store = ProgramStore::connect(&redis.url()).await.expect("redis");
     store
         .load(&parse_program_file(PROGRAMS).expect("programs"))
@@ -40,13 +40,20 @@ async fn state(redis: &Redis) -> (Arc<AppState>, shipper::Batcher) {
     let client = redis::Client::open(redis.url()).expect("client");
     cache.set_connection(client.get_connection_manager().await.expect("manager"));
     cache.load_all().await.expect("warm");
-    let (sink, batcher) = shipper::channel(ShipperSettings {
-        stream: "unused".into(),
-        queue_events: 1_000_000,
-        queue_bytes: 1 << 30,
-        linger: Duration::from_millis(5),
-        max_inflight: 1,
-    });
+    let (sink, batcher) = delivery::channel(
+        DeliverySettings {
+            stream: "unused".into(),
+            queue_events: 1_000_000,
+            queue_bytes: 1 << 30,
+            linger: Duration::from_millis(5),
+            max_inflight: 1,
+            aggregate: true,
+            max_aggregate_bytes: 51_200,
+            shard_records_per_sec: 1000,
+            shard_bytes_per_sec: 1 << 20,
+        },
+        None,
+    );
     let health = Arc::new(Health::default());
     health.set_cache_warm();
     health.set_stream_ok();

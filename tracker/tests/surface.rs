@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use adtrack_proto::program::parse_program_file;
 use adtrack_proto::v1::TrackingEvent;
-use adtrack_testkit::{Http, Stack, read_stream};
+use adtrack_testkit::{Http, Stack, read_stream_events};
 use adtrack_updater::ProgramStore;
 use prost::Message;
 use support::{PROGRAMS, Tracker};
@@ -30,7 +30,9 @@ async fn setup(extra: &[(&str, &str)]) -> (Stack, Tracker) {
 async fn events(stack: &Stack, ids: &[String]) -> HashMap<String, TrackingEvent> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let records = read_stream(&stack.kinesis.url()).await.unwrap_or_default();
+        let records = read_stream_events(&stack.kinesis.url())
+            .await
+            .unwrap_or_default();
         let found: HashMap<String, TrackingEvent> = records
             .iter()
             .filter_map(|r| TrackingEvent::decode(r.data.as_slice()).ok())

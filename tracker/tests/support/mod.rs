@@ -10,6 +10,8 @@ pub const PROGRAMS: &str = include_str!("../../../dev/programs.json");
 
 pub struct Tracker {
     pub proc: Proc,
+    pub spool_dir: std::path::PathBuf,
+    _spool: tempfile::TempDir,
     pub port: u16,
     pub base: String,
     pub admin: String,
@@ -19,8 +21,10 @@ impl Tracker {
     /// Starts the tracker binary against `stack` without waiting for ready.
     pub fn spawn(stack: &Stack, extra: &[(&str, &str)]) -> Self {
         let (port, admin_port) = (free_port(), free_port());
+        let spool = tempfile::tempdir().expect("spool dir");
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tracker"));
         cmd.envs(stack.env())
+            .env("TRACKER_SPOOL_DIR", spool.path())
             .env("TRACKER_LISTEN_ADDR", format!("127.0.0.1:{port}"))
             .env("TRACKER_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
             .env("LOG_FORMAT", "text")
@@ -30,6 +34,8 @@ impl Tracker {
         }
         Self {
             proc: Proc::new(cmd.spawn().expect("spawn tracker")),
+            spool_dir: spool.path().to_owned(),
+            _spool: spool,
             port,
             base: format!("http://127.0.0.1:{port}"),
             admin: format!("http://127.0.0.1:{admin_port}"),
