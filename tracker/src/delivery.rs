@@ -88,7 +88,8 @@ pub fn channel(settings: DeliverySettings, spool: Option<Arc<Spool>>) -> (EventS
     let shared = Arc::new(Shared {
         mem_bytes: std::sync::atomic::AtomicU64::new(0),
         max_mem_bytes: settings.queue_bytes,
-        kinesis_down: std::sync::atomic::AtomicBool::new(false),
+        // Until the engine has reached Kinesis, events go to the spool.
+        kinesis_down: std::sync::atomic::AtomicBool::new(true),
         spool,
     });
     (
@@ -266,6 +267,7 @@ impl Engine {
             aggregate = self.settings.aggregate,
             "delivery engine started"
         );
+        self.shared.kinesis_down.store(false, Ordering::Release);
         let now = Instant::now();
         let mut run = Run {
             shards: Vec::new(),

@@ -57,7 +57,8 @@ pub struct Shared {
     /// Bytes of events held in memory (queue and engine), released on delivery.
     pub mem_bytes: AtomicU64,
     pub max_mem_bytes: u64,
-    /// Set by the engine after consecutive failed calls; cleared on success.
+    /// True until the engine has reached Kinesis, and again after
+    /// consecutive failed calls; cleared on success.
     pub kinesis_down: AtomicBool,
     pub spool: Option<Arc<Spool>>,
 }
@@ -106,7 +107,7 @@ impl EventSink {
             return Ok(());
         }
         let n = events.len() as u64;
-        if !self.shared.spool_first() {
+        if !self.shared.spool_first() || self.shared.spool.is_none() {
             let size: u64 = events.iter().map(Outgoing::size).sum();
             if self.shared.try_reserve(size) {
                 match self.tx.try_reserve_many(events.len()) {

@@ -1,0 +1,407 @@
+//! Delivery on the real tracker process and the real Kinesis stand-in:
+//! a 30 s Kinesis outage under load, SIGTERM under load, entries failed by a
+//! proxy (only those resent), and SIGKILL while events are being spooled.
+//! Every event id the tracker answered for must end up in the stream.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use adtrack_proto::program::parse_program_file;
+use adtrack_proto::v1::TrackingEvent;
+use adtrack_testkit::{Http, Stack, metric_sum, read_stream_events};
+use adtrack_updater::ProgramStore;
+use prost::Message;
+use support::{PROGRAMS, Tracker, wait_until};
+
+async fn load_programs(stack: &Stack) {
+    let mut store = ProgramStore::connect(&stack.redis.url())
+        .await
+        .expect("redis");
+    store
+        .load(&parse_program_file(PROGRAMS).expect("programs"))
+        .await
+        .expect("load");
+}
+
+/// Steady load: `workers` clients each sending a hit every `pause`, keeping
+/// the event ids the tracker answered for.
+struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<String>>>,
+}
+
+impl Load {
+    fn start(base: &str, workers: usize, pause: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..workers)
+            .map(|w| {
+                let (stop, base) = (stop.clone(), base.to_owned());
+                tokio::spawn(async move {
+                    let http = Http::new();
+                    let mut ids = Vec::new();
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Acquire) {
+                        i += 1;
+                        let url = format!("{base}/event/212312?worker={w}&n={i}");
+                        if let Ok(r) = http.get(&url).await
+                            && r.status == 200
+                            && let Some(id) = r.json()["messageId"].as_str()
+                        {
+                            ids.push(id.to_owned());
+                        }
+                        tokio::time::sleep(pause).await;
+                    }
+                    ids
+                })
+            })
+            .collect();
+        Self { stop, tasks }
+    }
+
+    async fn finish(self) -> Vec<String> {
+        self.stop.store(true, Ordering::Release);
+        let mut all = Vec::new();
+        for t in self.tasks {
+            all.extend(t.await.expect("load task"));
+        }
+        all
+    }
+}
+
+/// Events in the stream by id, with how many times each appears.
+async fn stream_counts(stack: &Stack) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for e in read_stream_events(&stack.kinesis.url())
+        .await
+        .unwrap_or_default()
+    {
+        let ev = TrackingEvent::decode(e.data.as_slice()).expect("every delivered event decodes");
+        assert_eq!(
+            ev.message_id, e.partition_key,
+            "user record keyed by its event id"
+        );
+        *counts.entry(ev.message_id).or_insert(0) += 1;
+    }
+    counts
+}
+
+async fn wait_all_in_stream(
+    stack: &Stack,
+    ids: &[String],
+    limit: Duration,
+) -> HashMap<String, usize> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let counts = stream_counts(stack).await;
+        let missing = ids.iter().filter(|id| !counts.contains_key(*id)).count();
+        if missing == 0 {
+            return counts;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{missing} of {} answered event ids never reached the stream",
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_outage_of_30s_loses_nothing() {
+    let mut stack = Stack::start(2).expect("stack");
+    load_programs(&stack).await;
+    let t = Tracker::start(&stack, &[]).await;
+    let load = Load::start(&t.base, 4, Duration::from_millis(20));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stack.kinesis.stop();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let during = t.metrics().await;
+    stack.kinesis.restart().expect("restart kinesis");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ids = load.finish().await;
+    let counts = wait_all_in_stream(&stack, &ids, Duration::from_secs(120)).await;
+    let duplicates: usize = ids.iter().map(|id| counts[id] - 1).sum();
+    println!(
+        "outage: {} events answered, {} found in the stream, {} duplicated, {} spooled during the outage",
+        ids.len(),
+        ids.iter().filter(|id| counts.contains_key(*id)).count(),
+        duplicates,
+        metric_sum(&during, "adtrack_events_spooled_total", &[])
+    );
+    assert!(
+        metric_sum(&during, "adtrack_events_spooled_total", &[]) > 0.0,
+        "the outage used the spool"
+    );
+    wait_until("spool emptied", Duration::from_secs(30), || async {
+        metric_sum(&t.metrics().await, "adtrack_spool_events", &[]) == 0.0
+    })
+    .await;
+    assert_eq!(
+        metric_sum(&t.metrics().await, "adtrack_events_dropped_total", &[]),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_delivers_every_accepted_event() {
+    let stack = Stack::start(2).expect("stack");
+    load_programs(&stack).await;
+    let mut t = Tracker::start(&stack, &[]).await;
+    let load = Load::start(&t.base, 6, Duration::from_millis(2));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    t.proc.signal(15);
+    let status = t.proc.wait_exit(Duration::from_secs(40)).expect("exits");
+    let ids = load.finish().await;
+    assert_eq!(status.code(), Some(0), "clean exit: everything delivered");
+    assert!(ids.len() > 100, "load ran: {}", ids.len());
+    let counts = wait_all_in_stream(&stack, &ids, Duration::from_secs(10)).await;
+    let duplicates: usize = ids.iter().map(|id| counts[id] - 1).sum();
+    println!(
+        "sigterm: {} events answered, all in the stream, {duplicates} duplicated",
+        ids.len()
+    );
+}
+
+/// A proxy in front of the Kinesis stand-in that fails every other
+/// PutRecords entry the first time it sees it, without forwarding it.
+struct FailingProxy {
+    port: u16,
+    injected: Arc<AtomicU64>,
+    resent: Arc<AtomicU64>,
+    sent_twice_ok: Arc<AtomicU64>,
+}
+
+async fn failing_proxy(upstream: String) -> FailingProxy {
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let injected = Arc::new(AtomicU64::new(0));
+    let resent = Arc::new(AtomicU64::new(0));
+    let sent_twice_ok = Arc::new(AtomicU64::new(0));
+    let failed_once: Arc<std::sync::Mutex<HashSet<String>>> = Arc::default();
+    let delivered: Arc<std::sync::Mutex<HashSet<String>>> = Arc::default();
+    let (inj, res, twice) = (injected.clone(), resent.clone(), sent_twice_ok.clone());
+    tokio::spawn(async move {
+        let http = Http::new();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (http, upstream) = (http.clone(), upstream.clone());
+            let (failed_once, delivered) = (failed_once.clone(), delivered.clone());
+            let (inj, res, twice) = (inj.clone(), res.clone(), twice.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (http, upstream) = (http.clone(), upstream.clone());
+                    let (failed_once, delivered) = (failed_once.clone(), delivered.clone());
+                    let (inj, res, twice) = (inj.clone(), res.clone(), twice.clone());
+                    async move {
+                        let target = req
+                            .headers()
+                            .get("x-amz-target")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        let headers: Vec<(String, String)> = req
+                            .headers()
+                            .iter()
+                            .filter(|(k, _)| *k != "host" && *k != "content-length")
+                            .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_owned())))
+                            .collect();
+                        let body = req.into_body().collect().await.expect("body").to_bytes();
+                        let mut failed_at = Vec::new();
+                        let forward = if target.ends_with(".PutRecords") {
+                            let mut j: serde_json::Value =
+                                serde_json::from_slice(&body).expect("json");
+                            let records = j["Records"].as_array().cloned().unwrap_or_default();
+                            let mut keep = Vec::new();
+                            for (i, r) in records.into_iter().enumerate() {
+                                let key = r["Data"].as_str().unwrap_or("").to_owned();
+                                let mut seen = failed_once.lock().expect("lock");
+                                if seen.contains(&key) {
+                                    res.fetch_add(1, Ordering::Relaxed);
+                                }
+                                if i % 2 == 0 && seen.insert(key.clone()) {
+                                    inj.fetch_add(1, Ordering::Relaxed);
+                                    failed_at.push(i);
+                                } else {
+                                    if !delivered.lock().expect("lock").insert(key) {
+                                        twice.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                    keep.push(r);
+                                }
+                            }
+                            if keep.is_empty() {
+                                None
+                            } else {
+                                j["Records"] = serde_json::Value::Array(keep);
+                                Some(serde_json::to_vec(&j).expect("json"))
+                            }
+                        } else {
+                            Some(body.to_vec())
+                        };
+                        let hs: Vec<(&str, &str)> = headers
+                            .iter()
+                            .map(|(k, v)| (k.as_str(), v.as_str()))
+                            .collect();
+                        let (status, content_type, resp_body) = match forward {
+                            Some(b) => {
+                                let r = http
+                                    .request("POST", &upstream, &hs, &b)
+                                    .await
+                                    .expect("upstream");
+                                (
+                                    r.status,
+                                    r.header("content-type").unwrap_or_default(),
+                                    r.body.to_vec(),
+                                )
+                            }
+                            None => (
+                                200,
+                                "application/x-amz-json-1.1".to_owned(),
+                                br#"{"FailedRecordCount":0,"Records":[]}"#.to_vec(),
+                            ),
+                        };
+                        let resp_body = if failed_at.is_empty() || status != 200 {
+                            resp_body
+                        } else {
+                            let mut j: serde_json::Value =
+                                serde_json::from_slice(&resp_body).expect("json");
+                            let mut results: Vec<serde_json::Value> =
+                                j["Records"].as_array().cloned().unwrap_or_default();
+                            for i in &failed_at {
+                                results.insert(
+                                    *i,
+                                    serde_json::json!({"ErrorCode": "ProvisionedThroughputExceededException", "ErrorMessage": "injected by the test proxy"}),
+                                );
+                            }
+                            let failed = j["FailedRecordCount"].as_u64().unwrap_or(0)
+                                + failed_at.len() as u64;
+                            j["FailedRecordCount"] = failed.into();
+                            j["Records"] = serde_json::Value::Array(results);
+                            serde_json::to_vec(&j).expect("json")
+                        };
+                        let mut resp = hyper::Response::new(Full::new(Bytes::from(resp_body)));
+                        *resp.status_mut() = hyper::StatusCode::from_u16(status).expect("status");
+                        resp.headers_mut()
+                            .insert("content-type", content_type.parse().expect("content type"));
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    FailingProxy {
+        port,
+        injected,
+        resent,
+        sent_twice_ok,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_failed_entries_are_resent() {
+    let stack = Stack::start(2).expect("stack");
+    load_programs(&stack).await;
+    let proxy = failing_proxy(stack.kinesis.url()).await;
+    let endpoint = format!("http://127.0.0.1:{}", proxy.port);
+    let t = Tracker::start(
+        &stack,
+        &[
+            ("AWS_ENDPOINT_URL_KINESIS", endpoint.as_str()),
+            ("TRACKER_MAX_AGGREGATE_BYTES", "2048"),
+        ],
+    )
+    .await;
+    let load = Load::start(&t.base, 4, Duration::from_millis(1));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ids = load.finish().await;
+    let counts = wait_all_in_stream(&stack, &ids, Duration::from_secs(60)).await;
+    let duplicates: usize = ids.iter().map(|id| counts[id] - 1).sum();
+    let (injected, resent) = (
+        proxy.injected.load(Ordering::Relaxed),
+        proxy.resent.load(Ordering::Relaxed),
+    );
+    println!(
+        "partial failures: {} events, {injected} entries failed, {resent} resent, {duplicates} duplicated",
+        ids.len()
+    );
+    assert!(injected > 0);
+    assert_eq!(resent, injected, "exactly the failed entries were resent");
+    assert_eq!(
+        proxy.sent_twice_ok.load(Ordering::Relaxed),
+        0,
+        "no delivered entry was sent again"
+    );
+    assert_eq!(duplicates, 0);
+    let m = t.metrics().await;
+    assert!(
+        metric_sum(
+            &m,
+            "adtrack_kinesis_retries_total",
+            &["cause=\"throttled\""]
+        ) >= injected as f64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_spooling_loses_no_acknowledged_event() {
+    use rand::Rng;
+    let mut stack = Stack::start(1).expect("stack");
+    load_programs(&stack).await;
+    stack.kinesis.stop();
+    let spool = tempfile::tempdir().expect("spool");
+    let spool_dir = spool.path().display().to_string();
+    let mut acknowledged = Vec::new();
+    for round in 0..6 {
+        let t = Tracker::spawn(
+            &stack,
+            &[
+                ("TRACKER_SPOOL_DIR", spool_dir.as_str()),
+                ("TRACKER_SPOOL_SEGMENT_BYTES", "8192"),
+            ],
+        );
+        let http = Http::new();
+        wait_until("tracker serving", Duration::from_secs(20), || async {
+            http.get(&t.url("/health/live")).await.is_ok()
+        })
+        .await;
+        let load = Load::start(&t.base, 4, Duration::from_millis(1));
+        let ms = rand::rng().random_range(150..900);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        let mut t = t;
+        t.proc.kill(); // SIGKILL, mid-write
+        let ids = load.finish().await;
+        println!(
+            "round {round}: killed after {ms} ms, {} events acknowledged",
+            ids.len()
+        );
+        acknowledged.extend(ids);
+    }
+    stack.kinesis.restart().expect("kinesis back");
+    let t = Tracker::start(&stack, &[("TRACKER_SPOOL_DIR", spool_dir.as_str())]).await;
+    let counts = wait_all_in_stream(&stack, &acknowledged, Duration::from_secs(120)).await;
+    let duplicates: usize = acknowledged.iter().map(|id| counts[id] - 1).sum();
+    println!(
+        "spool crash test: {} acknowledged, all delivered, {duplicates} duplicated",
+        acknowledged.len()
+    );
+    assert!(acknowledged.len() > 100);
+    wait_until("spool emptied", Duration::from_secs(30), || async {
+        metric_sum(&t.metrics().await, "adtrack_spool_events", &[]) == 0.0
+    })
+    .await;
+}
