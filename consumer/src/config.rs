@@ -32,7 +32,29 @@ pub struct Config {
     )]
     pub events_table: String,
 
-    /// DynamoDB table holding per-shard checkpoints.
+    /// DynamoDB table for records and events that cannot be stored as events.
+    #[arg(
+        long,
+        env = "DEAD_LETTER_TABLE",
+        value_name = "DEAD_LETTER_TABLE",
+        default_value = "adtrack-dead-letters"
+    )]
+    pub dead_letter_table: String,
+
+    /// Days an event item is kept (its `expiresAt` time-to-live attribute).
+    #[arg(long, env = "CONSUMER_EVENT_TTL_DAYS", value_name = "CONSUMER_EVENT_TTL_DAYS", default_value_t = 90, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    pub event_ttl_days: u32,
+
+    /// BatchWriteItem calls in flight at once per batch.
+    #[arg(long, env = "CONSUMER_WRITE_CONCURRENCY", value_name = "CONSUMER_WRITE_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub write_concurrency: u32,
+
+    /// How long a shard lease lasts without renewal, in seconds; a crashed
+    /// poller's shards are taken over after this.
+    #[arg(long, env = "CONSUMER_LEASE_SECS", value_name = "CONSUMER_LEASE_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub lease_secs: u64,
+
+    /// DynamoDB table holding per-shard checkpoints and leases.
     #[arg(
         long,
         env = "CHECKPOINT_TABLE",
@@ -72,6 +94,9 @@ pub struct Config {
 impl Config {
     pub fn poll_interval(&self) -> Duration {
         Duration::from_millis(self.poll_interval_ms)
+    }
+    pub fn lease_duration(&self) -> Duration {
+        Duration::from_secs(self.lease_secs)
     }
 }
 

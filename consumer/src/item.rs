@@ -10,8 +10,27 @@
 //! `clientIp`, `referrer`, `pageUrl`, `extra` (map), and where it was read:
 //! `shardId`, `sequenceNumber`. Empty strings are left out.
 //!
+//! `expiresAt` (epoch seconds) is the table's time-to-live attribute: the
+//! event's time plus the configured retention.
+//!
+//! ## Querying one program's events in a time window
+//!
+//! Global secondary index `byProgramTime`: partition key `programBucket` =
+//! `{programId}#{n}`, sort key `ts`. `n` (0-15) comes from the event id's
+//! hash, so a busy program's writes spread over 16 index partitions instead
+//! of one hot partition (each DynamoDB partition takes about 1,000 writes per
+//! second). A window query runs the 16 `Query` calls
+//! (`programBucket = :p AND ts BETWEEN :from AND :to`) in parallel and merges
+//! them. Keying the table itself by program would make replays depend on the
+//! time as well as the id; keying by event id keeps writes idempotent.
+//!
 //! Checkpoint table: partition key `shardKey` = `{stream}/{shardId}`, with
-//! `sequenceNumber`, the last record whose events are all written.
+//! `sequenceNumber` (the last record whose events are all written, or
+//! `SHARD_END`), and the poller lease: `leaseOwner`, `leaseExpiresAt` (ms).
+//!
+//! Dead-letter table: partition key `deadLetterId` =
+//! `{shardId}/{sequenceNumber}/{n}`, with the raw record bytes (`data`),
+//! `shardId`, `sequenceNumber`, `reason`, `failedAt`.
 
 use std::collections::HashMap;
 
@@ -20,6 +39,10 @@ use aws_sdk_dynamodb::types::AttributeValue;
 
 /// Largest event accepted (bytes of protobuf); anything bigger is refused.
 pub const MAX_EVENT_BYTES: usize = 64 * 1024;
+/// Index partitions a program's events are spread over.
+pub const PROGRAM_BUCKETS: u32 = 16;
+/// Longest program id stored.
+const MAX_PROGRAM_ID: usize = 64;
 
 /// Why a record could not become an item.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +57,8 @@ pub enum RecordError {
     BadEventId(String),
     #[error("{0}")]
     Aggregate(#[from] adtrack_proto::kpl::BadAggregate),
+    #[error("event has no program id, or one longer than {MAX_PROGRAM_ID} bytes")]
+    BadProgramId,
 }
 
 impl RecordError {
@@ -44,6 +69,7 @@ impl RecordError {
             Self::Decode(_) => "decode",
             Self::NoEventId | Self::BadEventId(_) => "bad_event_id",
             Self::Aggregate(_) => "bad_aggregate",
+            Self::BadProgramId => "bad_program_id",
         }
     }
 }
@@ -71,6 +97,9 @@ pub fn decode(data: &[u8]) -> Result<TrackingEvent, RecordError> {
     if ev.message_id.len() > 64 {
         return Err(RecordError::BadEventId(ev.message_id));
     }
+    if ev.programid.is_empty() || ev.programid.len() > MAX_PROGRAM_ID {
+        return Err(RecordError::BadProgramId);
+    }
     Ok(ev)
 }
 
@@ -84,13 +113,28 @@ fn n(item: &mut HashMap<String, AttributeValue>, k: &str, v: impl ToString) {
     item.insert(k.to_owned(), AttributeValue::N(v.to_string()));
 }
 
-/// The item for one event.
+/// The index bucket of an event (stable for its id).
+pub fn program_bucket(program_id: &str, event_id: &str) -> String {
+    use md5::{Digest, Md5};
+    let h = Md5::digest(event_id.as_bytes());
+    let n = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) % PROGRAM_BUCKETS;
+    format!("{program_id}#{n}")
+}
+
+/// The item for one event; `ttl_days` sets `expiresAt`.
 pub fn to_item(
     ev: TrackingEvent,
     shard_id: &str,
     sequence: &str,
+    ttl_days: u32,
 ) -> HashMap<String, AttributeValue> {
-    let mut item = HashMap::with_capacity(24);
+    let mut item = HashMap::with_capacity(26);
+    item.insert(
+        "programBucket".into(),
+        AttributeValue::S(program_bucket(&ev.programid, &ev.message_id)),
+    );
+    let expires = ev.timestamp_ms.max(0) / 1000 + i64::from(ttl_days) * 86_400;
+    n(&mut item, "expiresAt", expires);
     let event_type = EventType::try_from(ev.event_type).unwrap_or(EventType::Unspecified);
     let validation =
         ValidationOutcome::try_from(ev.validation).unwrap_or(ValidationOutcome::Unspecified);
@@ -110,6 +154,13 @@ pub fn to_item(
     s(&mut item, "clientIp", ev.client_ip);
     s(&mut item, "referrer", ev.referrer);
     s(&mut item, "pageUrl", ev.page_url);
+    s(&mut item, "destinationUrl", ev.destination_url);
+    if ev.is_bot {
+        item.insert("isBot".into(), AttributeValue::Bool(true));
+    }
+    if ev.privacy_restricted {
+        item.insert("privacyRestricted".into(), AttributeValue::Bool(true));
+    }
     let extra: HashMap<String, AttributeValue> = ev
         .extra
         .into_iter()
@@ -138,7 +189,9 @@ mod tests {
         };
         let bytes = ev.encode_to_vec();
         let back = decode(&bytes).expect("decodes");
-        let item = to_item(back, "shard-0", "42");
+        let item = to_item(back, "shard-0", "42", 30);
+        assert!(item.contains_key("expiresAt"));
+        assert!(matches!(&item["programBucket"], AttributeValue::S(b) if b.starts_with("p#")));
         assert_eq!(item["eventId"], AttributeValue::S("id-1".into()));
         assert!(!item.contains_key("referrer"), "empty strings are left out");
         assert!(matches!(

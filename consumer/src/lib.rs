@@ -1,9 +1,18 @@
 //! adtrack consumer: Kinesis events stream to DynamoDB. Every event becomes
 //! one item keyed by its event id, so at-least-once delivery from Kinesis
 //! gives exactly one item per event. See [`item`] for the table layout.
+//!
+//! One core ([`batch::process`]), two front-ends: the Lambda handler
+//! ([`lambda`], behind an event source mapping, answering a partial batch
+//! response) and the poller ([`poller`], with leases and checkpoints in
+//! DynamoDB, for local runs and ECS).
 
+pub mod batch;
 pub mod config;
 pub mod item;
+pub mod lambda;
+pub mod lambda_config;
+pub mod lease;
 pub mod metric;
 pub mod poller;
 pub mod writer;
@@ -35,10 +44,25 @@ pub async fn run(
         )
         .load()
         .await;
+    let dynamodb = aws_sdk_dynamodb::Client::new(&aws);
+    let owner = format!(
+        "poller-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    tracing::info!(owner, "poller identity");
+    let leases = lease::Leases::new(
+        dynamodb.clone(),
+        config.checkpoint_table.clone(),
+        config.events_stream.clone(),
+        owner,
+        config.lease_duration(),
+    );
     let poller = Arc::new(poller::Poller {
         kinesis: aws_sdk_kinesis::Client::new(&aws),
-        dynamodb: aws_sdk_dynamodb::Client::new(&aws),
+        dynamodb,
         config,
+        leases,
     });
     let admin_task = tokio::spawn(adtrack_service::metrics_endpoint::serve(
         admin,

@@ -1,18 +1,20 @@
-//! The poller front-end: one task per shard reads records (GetShardIterator,
-//! GetRecords), writes their events, then stores the shard's checkpoint, so a
-//! restart resumes after the last record fully written.
+//! The poller front-end (local runs and ECS): leases shards, works each
+//! leased shard in its own task (GetShardIterator, GetRecords, the shared
+//! batch core), stores the checkpoint only after the records before it are
+//! durably written, follows a closed shard to its children once it is read
+//! to the end, and shares the shards with the other live pollers.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_dynamodb::types::AttributeValue;
-use aws_sdk_kinesis::types::ShardIteratorType;
-use tokio::task::JoinSet;
+use aws_sdk_kinesis::types::{Shard, ShardIteratorType};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::item::to_item;
-use crate::writer::{Interrupted, Item, backoff, write_all};
+use crate::batch::{InRecord, Tables, process};
+use crate::lease::{Leases, SHARD_END};
+use crate::writer::{Interrupted, backoff};
 use crate::{Config, metric};
 
 /// Clients and settings every shard task shares.
@@ -20,47 +22,137 @@ pub struct Poller {
     pub kinesis: aws_sdk_kinesis::Client,
     pub dynamodb: aws_sdk_dynamodb::Client,
     pub config: Config,
+    pub leases: Leases,
+}
+
+struct Worked {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
 }
 
 impl Poller {
-    /// Works every shard until `stop`; picks up new shards as they appear.
-    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
-        let mut started: HashSet<String> = HashSet::new();
-        let mut tasks = JoinSet::new();
-        let mut attempt = 0;
-        loop {
-            match self.list_shards().await {
-                Ok(shards) => {
-                    attempt = 0;
-                    for shard in shards {
-                        if started.insert(shard.clone()) {
-                            tracing::info!(shard, "working shard");
-                            let me = self.clone();
-                            let stop = stop.clone();
-                            tasks.spawn(async move { me.work_shard(shard, stop).await });
-                        }
-                    }
-                }
-                Err(e) => {
-                    metrics::counter!(metric::READ_ERRORS, "op" => "list_shards").increment(1);
-                    tracing::warn!(error = %e, "ListShards failed; retrying");
-                    attempt += 1;
-                }
-            }
-            let pause = if attempt == 0 {
-                Duration::from_secs(10)
-            } else {
-                Duration::from_millis(500)
-            };
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = tokio::time::sleep(pause) => {}
-            }
+    pub fn tables(&self) -> Tables {
+        Tables {
+            events: self.config.events_table.clone(),
+            dead_letters: self.config.dead_letter_table.clone(),
+            ttl_days: self.config.event_ttl_days,
+            write_concurrency: self.config.write_concurrency as usize,
+            // The poller waits out a DynamoDB outage rather than skip ahead.
+            max_attempts: 0,
         }
-        while tasks.join_next().await.is_some() {}
     }
 
-    async fn list_shards(&self) -> anyhow::Result<Vec<String>> {
+    /// Coordinates leases until `stop`, then stops every shard task (their
+    /// checkpoints stay where the data is durable) and gives the leases up.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut worked: HashMap<String, Worked> = HashMap::new();
+        let tick = (self.config.lease_duration() / 3).max(Duration::from_millis(200));
+        loop {
+            worked.retain(|_, w| !w.task.is_finished());
+            if let Err(e) = self.coordinate(&mut worked, &stop).await {
+                tracing::warn!(error = %e, "lease coordination failed; retrying");
+            }
+            metrics::gauge!(metric::LEASES_HELD).set(worked.len() as f64);
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(tick) => {}
+            }
+        }
+        for (shard, w) in worked.drain() {
+            w.stop.cancel();
+            let _ = w.task.await;
+            let _ = self.leases.release(&shard).await;
+        }
+        self.leases.leave().await;
+    }
+
+    async fn coordinate(
+        self: &Arc<Self>,
+        worked: &mut HashMap<String, Worked>,
+        stop: &CancellationToken,
+    ) -> Result<(), String> {
+        self.leases.heartbeat().await?;
+        let shards = self.list_shards().await?;
+        let (rows, workers) = self.leases.snapshot().await?;
+        let ids: HashSet<&str> = shards.iter().map(|s| s.shard_id()).collect();
+        let done = |id: &str| rows.get(id).and_then(|r| r.checkpoint.as_deref()) == Some(SHARD_END);
+        // Workable: not read to its end, and its parent (if still in the
+        // stream) is: children wait for their parent so order is kept.
+        let workable: Vec<&str> = shards
+            .iter()
+            .filter(|s| !done(s.shard_id()))
+            .filter(|s| {
+                s.parent_shard_id()
+                    .is_none_or(|p| !ids.contains(p) || done(p))
+            })
+            .map(|s| s.shard_id())
+            .collect();
+        let target = workable.len().div_ceil(workers.len().max(1));
+
+        // Renew ours; drop those we lost.
+        for shard in worked.keys().cloned().collect::<Vec<_>>() {
+            if !self.leases.renew(&shard).await? {
+                tracing::warn!(shard, "lease lost; stopping work on the shard");
+                metrics::counter!(metric::LEASE_CHANGES, "change" => "lost").increment(1);
+                if let Some(w) = worked.remove(&shard) {
+                    w.stop.cancel();
+                    let _ = w.task.await;
+                }
+            }
+        }
+        // Share: give one up when we hold more than our part and another
+        // live poller holds less.
+        let mut held: HashMap<&str, usize> = HashMap::new();
+        for r in rows.values() {
+            if let Some(o) = &r.owner
+                && r.expires_ms > 0
+                && r.held_by_other(&self.leases.owner)
+            {
+                *held.entry(o.as_str()).or_default() += 1;
+            }
+        }
+        let someone_short = workers
+            .iter()
+            .filter(|w| **w != self.leases.owner)
+            .any(|w| held.get(w.as_str()).copied().unwrap_or(0) < target);
+        if worked.len() > target
+            && someone_short
+            && let Some(shard) = worked.keys().next().cloned()
+            && let Some(w) = worked.remove(&shard)
+        {
+            w.stop.cancel();
+            let _ = w.task.await;
+            self.leases.release(&shard).await?;
+            metrics::counter!(metric::LEASE_CHANGES, "change" => "released").increment(1);
+            tracing::info!(shard, "lease released to share the stream");
+        }
+        // Take free or expired shards up to our part.
+        for shard in workable {
+            if worked.len() >= target {
+                break;
+            }
+            if worked.contains_key(shard)
+                || rows
+                    .get(shard)
+                    .is_some_and(|r| r.held_by_other(&self.leases.owner))
+            {
+                continue;
+            }
+            if self.leases.acquire(shard).await? {
+                metrics::counter!(metric::LEASE_CHANGES, "change" => "acquired").increment(1);
+                tracing::info!(shard, "lease acquired; working shard");
+                let me = self.clone();
+                let token = stop.child_token();
+                let t = token.clone();
+                let id = shard.to_owned();
+                let task = tokio::spawn(async move { me.work_shard(id, t).await });
+                worked.insert(shard.to_owned(), Worked { stop: token, task });
+            }
+        }
+        Ok(())
+    }
+
+    async fn list_shards(&self) -> Result<Vec<Shard>, String> {
         let mut shards = Vec::new();
         let mut token: Option<String> = None;
         loop {
@@ -70,79 +162,20 @@ impl Poller {
                 None => req.stream_name(&self.config.events_stream),
             };
             let out = req.send().await.map_err(|e| {
-                anyhow::anyhow!("{}", aws_sdk_kinesis::error::DisplayErrorContext(&e))
+                metrics::counter!(metric::READ_ERRORS, "op" => "list_shards").increment(1);
+                aws_sdk_kinesis::error::DisplayErrorContext(&e).to_string()
             })?;
-            shards.extend(out.shards().iter().map(|s| s.shard_id().to_owned()));
-            token = out.next_token().map(str::to_owned);
+            shards.extend(out.shards.unwrap_or_default());
+            token = out.next_token;
             if token.is_none() {
                 return Ok(shards);
             }
         }
     }
 
-    fn checkpoint_key(&self, shard: &str) -> String {
-        format!("{}/{}", self.config.events_stream, shard)
-    }
-
-    async fn read_checkpoint(
-        &self,
-        shard: &str,
-        stop: &CancellationToken,
-    ) -> Result<Option<String>, Interrupted> {
-        let mut attempt = 0;
-        loop {
-            let out = self
-                .dynamodb
-                .get_item()
-                .table_name(&self.config.checkpoint_table)
-                .key("shardKey", AttributeValue::S(self.checkpoint_key(shard)))
-                .consistent_read(true)
-                .send()
-                .await;
-            match out {
-                Ok(out) => {
-                    return Ok(out
-                        .item
-                        .and_then(|mut i| i.remove("sequenceNumber"))
-                        .and_then(|v| v.as_s().ok().cloned()));
-                }
-                Err(e) => {
-                    tracing::warn!(shard, error = %aws_sdk_dynamodb::error::DisplayErrorContext(&e), "reading checkpoint failed; retrying");
-                    attempt += 1;
-                    backoff(attempt, stop).await?;
-                }
-            }
-        }
-    }
-
-    async fn write_checkpoint(
-        &self,
-        shard: &str,
-        sequence: &str,
-        stop: &CancellationToken,
-    ) -> Result<(), Interrupted> {
-        let mut attempt = 0;
-        loop {
-            let out = self
-                .dynamodb
-                .put_item()
-                .table_name(&self.config.checkpoint_table)
-                .item("shardKey", AttributeValue::S(self.checkpoint_key(shard)))
-                .item("sequenceNumber", AttributeValue::S(sequence.to_owned()))
-                .send()
-                .await;
-            match out {
-                Ok(_) => {
-                    metrics::counter!(metric::CHECKPOINTS).increment(1);
-                    return Ok(());
-                }
-                Err(e) => {
-                    tracing::warn!(shard, error = %aws_sdk_dynamodb::error::DisplayErrorContext(&e), "writing checkpoint failed; retrying");
-                    attempt += 1;
-                    backoff(attempt, stop).await?;
-                }
-            }
-        }
+    async fn read_checkpoint(&self, shard: &str) -> Result<Option<String>, String> {
+        let (rows, _) = self.leases.snapshot().await?;
+        Ok(rows.get(shard).and_then(|r| r.checkpoint.clone()))
     }
 
     async fn iterator(
@@ -184,10 +217,15 @@ impl Poller {
         }
     }
 
-    /// Reads one shard until it ends (closed after a reshard) or `stop`.
+    /// Works one leased shard until it ends, the lease is lost, or `stop`.
     async fn work_shard(&self, shard: String, stop: CancellationToken) {
-        let _ = self.work_shard_inner(&shard, &stop).await;
-        tracing::info!(shard, "stopped working shard");
+        match self.work_shard_inner(&shard, &stop).await {
+            Ok(()) => {
+                let _ = self.leases.release(&shard).await;
+                tracing::info!(shard, "shard read to its end; children may start");
+            }
+            Err(Interrupted) => tracing::info!(shard, "stopped working shard"),
+        }
     }
 
     async fn work_shard_inner(
@@ -195,10 +233,24 @@ impl Poller {
         shard: &str,
         stop: &CancellationToken,
     ) -> Result<(), Interrupted> {
-        let mut checkpoint = self.read_checkpoint(shard, stop).await?;
+        let mut attempt = 0;
+        let mut checkpoint = loop {
+            match self.read_checkpoint(shard).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    tracing::warn!(shard, error = %e, "reading checkpoint failed; retrying");
+                    attempt += 1;
+                    backoff(attempt, stop).await?;
+                }
+            }
+        };
+        if checkpoint.as_deref() == Some(SHARD_END) {
+            return Ok(());
+        }
         if let Some(seq) = &checkpoint {
             tracing::info!(shard, sequence = %seq, "resuming after checkpoint");
         }
+        let tables = self.tables();
         let mut iterator = self.iterator(shard, checkpoint.as_deref(), stop).await?;
         let mut attempt = 0;
         loop {
@@ -222,58 +274,50 @@ impl Poller {
                     let expired = e
                         .as_service_error()
                         .is_some_and(|s| s.is_expired_iterator_exception());
-                    if expired {
-                        iterator = self.iterator(shard, checkpoint.as_deref(), stop).await?;
-                    } else {
+                    if !expired {
                         tracing::warn!(shard, error = %aws_sdk_kinesis::error::DisplayErrorContext(&e), "GetRecords failed; retrying");
                         attempt += 1;
                         backoff(attempt, stop).await?;
                     }
+                    iterator = self.iterator(shard, checkpoint.as_deref(), stop).await?;
                     continue;
                 }
             };
             if let Some(ms) = out.millis_behind_latest {
                 metrics::gauge!(metric::MILLIS_BEHIND).set(ms as f64);
             }
-            let records = out.records;
+            let records: Vec<InRecord> = out
+                .records
+                .into_iter()
+                .map(|r| InRecord {
+                    shard_id: shard.to_owned(),
+                    sequence_number: r.sequence_number,
+                    data: bytes::Bytes::from(r.data.into_inner()),
+                })
+                .collect();
             if !records.is_empty() {
-                metrics::counter!(metric::RECORDS_READ).increment(records.len() as u64);
-                let last = records
-                    .last()
-                    .map(|r| r.sequence_number().to_owned())
-                    .unwrap_or_default();
-                // Kinesis may deliver a record twice; one item per event id
-                // per call (BatchWriteItem refuses duplicate keys).
-                let mut items: HashMap<String, Item> = HashMap::with_capacity(records.len());
-                for r in &records {
-                    for ev in crate::item::decode_record(r.data().as_ref()) {
-                        match ev {
-                            Ok(ev) => {
-                                let id = ev.message_id.clone();
-                                items.insert(id, to_item(ev, shard, r.sequence_number()));
-                            }
-                            Err(e) => {
-                                metrics::counter!(metric::RECORDS_BAD, "reason" => e.reason())
-                                    .increment(1);
-                                tracing::warn!(shard, sequence = r.sequence_number(), error = %e, "skipping data that is not an event");
-                            }
-                        }
+                let outcome = process(&self.dynamodb, &tables, &records, stop).await;
+                let durable = match outcome.first_failed {
+                    None => records.len(),
+                    Some(i) => i,
+                };
+                if durable > 0 {
+                    let seq = &records[durable - 1].sequence_number;
+                    if !self.store_checkpoint(shard, seq, stop).await? {
+                        return Err(Interrupted);
                     }
+                    checkpoint = Some(seq.clone());
                 }
-                write_all(
-                    &self.dynamodb,
-                    &self.config.events_table,
-                    items.into_values().collect(),
-                    stop,
-                )
-                .await?;
-                self.write_checkpoint(shard, &last, stop).await?;
-                checkpoint = Some(last);
+                if outcome.first_failed.is_some() {
+                    // Stopped mid-batch (shutdown): the rest is read again later.
+                    return Err(Interrupted);
+                }
             }
             match out.next_shard_iterator {
                 Some(next) => iterator = next,
                 None => {
-                    tracing::info!(shard, "shard closed and fully read");
+                    // A closed shard, read to its end: its children may start.
+                    self.store_checkpoint(shard, SHARD_END, stop).await?;
                     return Ok(());
                 }
             }
@@ -281,6 +325,36 @@ impl Poller {
                 tokio::select! {
                     _ = stop.cancelled() => return Err(Interrupted),
                     _ = tokio::time::sleep(self.config.poll_interval()) => {}
+                }
+            }
+        }
+    }
+
+    /// Stores a checkpoint; `Ok(false)` when the lease is no longer ours.
+    async fn store_checkpoint(
+        &self,
+        shard: &str,
+        seq: &str,
+        stop: &CancellationToken,
+    ) -> Result<bool, Interrupted> {
+        let mut attempt = 0;
+        loop {
+            match self.leases.checkpoint(shard, seq).await {
+                Ok(true) => {
+                    metrics::counter!(metric::CHECKPOINTS).increment(1);
+                    return Ok(true);
+                }
+                Ok(false) => {
+                    tracing::warn!(
+                        shard,
+                        "lease lost before the checkpoint; another poller resumes"
+                    );
+                    return Ok(false);
+                }
+                Err(e) => {
+                    tracing::warn!(shard, error = %e, "writing checkpoint failed; retrying");
+                    attempt += 1;
+                    backoff(attempt, stop).await?;
                 }
             }
         }

@@ -1,5 +1,6 @@
-//! Writes items with BatchWriteItem: 25 per call, unprocessed items and
-//! failed calls retried with exponential backoff and full jitter.
+//! BatchWriteItem with retries: unprocessed items and failed calls (throttling
+//! included) retried with exponential backoff and full jitter, a bounded
+//! number of attempts.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -18,41 +19,46 @@ const RETRY_CAP: Duration = Duration::from_secs(10);
 
 pub type Item = HashMap<String, AttributeValue>;
 
-/// Writing stopped before every item was durable.
+/// Writing stopped (shutdown) before every item was durable.
 #[derive(Debug, thiserror::Error)]
 #[error("stopped before all items were written")]
 pub struct Interrupted;
 
-/// Writes all items (keys must be unique within `items`), retrying until
-/// done or `stop` fires.
-pub async fn write_all(
-    client: &Client,
-    table: &str,
-    items: Vec<Item>,
-    stop: &CancellationToken,
-) -> Result<(), Interrupted> {
-    let mut items = items.into_iter().peekable();
-    while items.peek().is_some() {
-        let chunk: Vec<WriteRequest> = items
-            .by_ref()
-            .take(MAX_ITEMS_PER_CALL)
-            .filter_map(|item| {
-                let put = PutRequest::builder().set_item(Some(item)).build().ok()?;
-                Some(WriteRequest::builder().put_request(put).build())
-            })
-            .collect();
-        write_chunk(client, table, chunk, stop).await?;
-    }
-    Ok(())
+/// Items still unwritten after every attempt (or when stopped).
+#[derive(Debug, thiserror::Error)]
+#[error("{} item(s) not written after {attempts} attempts: {last_error}", unwritten.len())]
+pub struct WriteFailed {
+    pub unwritten: Vec<Item>,
+    pub attempts: u32,
+    pub last_error: String,
 }
 
-async fn write_chunk(
+fn items_of(requests: Vec<WriteRequest>) -> Vec<Item> {
+    requests
+        .into_iter()
+        .filter_map(|r| r.put_request.map(|p| p.item))
+        .collect()
+}
+
+/// Writes up to 25 items (unique keys) to `table`; `label` names the table
+/// in metrics. `max_attempts` 0 retries until `stop`.
+pub async fn write_chunk(
     client: &Client,
     table: &str,
-    mut pending: Vec<WriteRequest>,
+    label: &'static str,
+    items: Vec<Item>,
+    max_attempts: u32,
     stop: &CancellationToken,
-) -> Result<(), Interrupted> {
+) -> Result<(), WriteFailed> {
+    let mut pending: Vec<WriteRequest> = items
+        .into_iter()
+        .filter_map(|item| {
+            let put = PutRequest::builder().set_item(Some(item)).build().ok()?;
+            Some(WriteRequest::builder().put_request(put).build())
+        })
+        .collect();
     let mut attempt: u32 = 0;
+    let mut last_error;
     loop {
         let n = pending.len();
         let result = client
@@ -66,30 +72,44 @@ async fn write_chunk(
                     .unprocessed_items
                     .and_then(|mut m| m.remove(table))
                     .unwrap_or_default();
-                metrics::counter!(metric::ITEMS_WRITTEN).increment((n - left.len()) as u64);
+                metrics::counter!(metric::ITEMS_WRITTEN, "table" => label)
+                    .increment((n - left.len()) as u64);
                 if left.is_empty() {
                     return Ok(());
                 }
                 metrics::counter!(metric::WRITE_RETRIES, "cause" => "unprocessed")
                     .increment(left.len() as u64);
+                last_error = format!("{} unprocessed item(s)", left.len());
                 pending = left;
             }
             Err(e) => {
-                metrics::counter!(metric::WRITE_RETRIES, "cause" => "call_failed")
-                    .increment(n as u64);
+                last_error = aws_sdk_dynamodb::error::DisplayErrorContext(&e).to_string();
+                let cause = if last_error.contains("Throughput") || last_error.contains("Throttl") {
+                    "throttled"
+                } else {
+                    "call_failed"
+                };
+                metrics::counter!(metric::WRITE_RETRIES, "cause" => cause).increment(n as u64);
                 if attempt == 0 || attempt.is_power_of_two() {
-                    tracing::warn!(
-                        table,
-                        items = n,
-                        attempt,
-                        error = %aws_sdk_dynamodb::error::DisplayErrorContext(&e),
-                        "BatchWriteItem failed; retrying"
-                    );
+                    tracing::warn!(table, items = n, attempt, error = %last_error, "BatchWriteItem failed; retrying");
                 }
             }
         }
         attempt = attempt.saturating_add(1);
-        backoff(attempt, stop).await?;
+        if max_attempts > 0 && attempt >= max_attempts {
+            return Err(WriteFailed {
+                unwritten: items_of(pending),
+                attempts: attempt,
+                last_error,
+            });
+        }
+        if backoff(attempt, stop).await.is_err() {
+            return Err(WriteFailed {
+                unwritten: items_of(pending),
+                attempts: attempt,
+                last_error: "stopped by shutdown".into(),
+            });
+        }
     }
 }
 

@@ -17,6 +17,8 @@ pub const EVENTS_STREAM: &str = "adtrack-events";
 pub const EVENTS_TABLE: &str = "adtrack-events";
 /// The checkpoint table the stand-in creates.
 pub const CHECKPOINT_TABLE: &str = "adtrack-checkpoints";
+/// The dead-letter table the stand-in creates.
+pub const DEAD_LETTER_TABLE: &str = "adtrack-dead-letters";
 
 /// The repository's `dev/` folder.
 pub fn dev_dir() -> PathBuf {
@@ -315,6 +317,7 @@ impl Stack {
             ("EVENTS_STREAM", EVENTS_STREAM.to_owned()),
             ("EVENTS_TABLE", EVENTS_TABLE.to_owned()),
             ("CHECKPOINT_TABLE", CHECKPOINT_TABLE.to_owned()),
+            ("DEAD_LETTER_TABLE", DEAD_LETTER_TABLE.to_owned()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -555,4 +558,50 @@ pub async fn read_stream_events(url: &str) -> Result<Vec<StreamEvent>> {
         }
     }
     Ok(out)
+}
+
+/// A DynamoDB client for the stand-in at `url`.
+pub fn dynamodb_client(url: &str) -> aws_sdk_dynamodb::Client {
+    use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
+    let conf = aws_sdk_dynamodb::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .endpoint_url(url)
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("local", "local", None, None, "test"))
+        .build();
+    aws_sdk_dynamodb::Client::from_conf(conf)
+}
+
+/// Every item of a table (consistent scan).
+pub async fn scan_table(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+) -> Result<Vec<std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>>> {
+    let mut items = Vec::new();
+    let mut start = None;
+    loop {
+        let out = client
+            .scan()
+            .table_name(table)
+            .consistent_read(true)
+            .set_exclusive_start_key(start)
+            .send()
+            .await?;
+        items.extend(out.items.unwrap_or_default());
+        start = out.last_evaluated_key;
+        if start.is_none() {
+            return Ok(items);
+        }
+    }
+}
+
+/// A string attribute of an item, or "".
+pub fn attr_s(
+    item: &std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>,
+    name: &str,
+) -> String {
+    item.get(name)
+        .and_then(|v| v.as_s().ok())
+        .cloned()
+        .unwrap_or_default()
 }

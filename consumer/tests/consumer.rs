@@ -1,0 +1,527 @@
+//! The consumer on the real Kinesis and DynamoDB stand-ins: poison records
+//! dead-lettered while the batch proceeds, a poller killed mid-batch, a
+//! DynamoDB outage, two pollers sharing and taking over shards, and the
+//! Lambda handler's partial batch response.
+
+use std::collections::{HashMap, HashSet};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use adtrack_consumer::batch::Tables;
+use adtrack_proto::kpl::{Aggregator, UserRecord};
+use adtrack_proto::v1::TrackingEvent;
+use adtrack_testkit::{
+    CHECKPOINT_TABLE, DEAD_LETTER_TABLE, EVENTS_STREAM, EVENTS_TABLE, Http, Proc, Stack, attr_s,
+    dynamodb_client, free_port, kinesis_client, scan_table,
+};
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+use bytes::Bytes;
+use prost::Message;
+
+fn event(id: &str) -> Vec<u8> {
+    TrackingEvent {
+        message_id: id.to_owned(),
+        programid: "212312".into(),
+        program_name: "program1".into(),
+        customer_id: 9123,
+        is_valid: true,
+        validation: 1,
+        event_type: 1,
+        timestamp_ms: 1_795_000_000_000,
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// Puts records (data, partition key) in order; returns their sequence numbers.
+async fn put(stack: &Stack, records: Vec<(Vec<u8>, String)>) -> Vec<String> {
+    let client = kinesis_client(&stack.kinesis.url());
+    let mut seqs = Vec::new();
+    for chunk in records.chunks(500) {
+        let entries: Vec<PutRecordsRequestEntry> = chunk
+            .iter()
+            .map(|(d, pk)| {
+                PutRecordsRequestEntry::builder()
+                    .data(Blob::new(d.clone()))
+                    .partition_key(pk)
+                    .build()
+                    .expect("entry")
+            })
+            .collect();
+        let out = client
+            .put_records()
+            .stream_name(EVENTS_STREAM)
+            .set_records(Some(entries))
+            .send()
+            .await
+            .expect("put");
+        assert_eq!(out.failed_record_count, Some(0));
+        seqs.extend(
+            out.records
+                .into_iter()
+                .map(|r| r.sequence_number.unwrap_or_default()),
+        );
+    }
+    seqs
+}
+
+/// `n` events as plain and aggregated records, ids `{prefix}-{i}`.
+fn mixed(prefix: &str, n: usize) -> Vec<(Vec<u8>, String)> {
+    let mut out = Vec::new();
+    let mut agg = Aggregator::new(4096);
+    for i in 0..n {
+        let id = format!("{prefix}-{i}");
+        if i % 3 == 0 {
+            out.push((event(&id), id));
+        } else {
+            let rec = UserRecord {
+                partition_key: id.clone(),
+                explicit_hash_key: None,
+                data: Bytes::from(event(&id)),
+            };
+            if let Err(rec) = agg.push(rec) {
+                out.push((agg.finish().to_vec(), id.clone()));
+                agg.push(rec).expect("fits");
+            }
+        }
+    }
+    if !agg.is_empty() {
+        out.push((agg.finish().to_vec(), format!("{prefix}-agg-last")));
+    }
+    out
+}
+
+struct Poller {
+    proc: Proc,
+    admin: String,
+}
+
+fn start_poller(stack: &Stack, extra: &[(&str, &str)]) -> Poller {
+    let port = free_port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_consumer"));
+    cmd.envs(stack.env())
+        .env("CONSUMER_ADMIN_ADDR", format!("127.0.0.1:{port}"))
+        .env("CONSUMER_POLL_INTERVAL_MS", "200")
+        .env("LOG_FORMAT", "text")
+        .env("RUST_LOG", "warn");
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    Poller {
+        proc: Proc::new(cmd.spawn().expect("spawn consumer")),
+        admin: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+async fn event_ids(stack: &Stack) -> Vec<String> {
+    let client = dynamodb_client(&stack.dynamodb.url());
+    scan_table(&client, EVENTS_TABLE)
+        .await
+        .unwrap_or_default()
+        .iter()
+        .map(|i| attr_s(i, "eventId"))
+        .collect()
+}
+
+async fn wait_for<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !f().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_record_is_dead_lettered_and_the_batch_proceeds() {
+    let stack = Stack::start(1).expect("stack");
+    let mut records = mixed("good-a", 40);
+    records.push((b"\xff\xff not a tracking event".to_vec(), "poison".into()));
+    records.push((event(""), "no-id".into()));
+    records.extend(mixed("good-b", 40));
+    let seqs = put(&stack, records).await;
+    let _poller = start_poller(&stack, &[]);
+    wait_for("good events written", Duration::from_secs(60), || async {
+        event_ids(&stack).await.len() >= 80
+    })
+    .await;
+    let ids: HashSet<String> = event_ids(&stack).await.into_iter().collect();
+    assert_eq!(ids.len(), 80);
+    let ddb = dynamodb_client(&stack.dynamodb.url());
+    wait_for(
+        "checkpoint past the poison record",
+        Duration::from_secs(30),
+        || async {
+            scan_table(&ddb, CHECKPOINT_TABLE)
+                .await
+                .unwrap_or_default()
+                .iter()
+                .any(|c| attr_s(c, "sequenceNumber") == *seqs.last().expect("seq"))
+        },
+    )
+    .await;
+    let dead = scan_table(&ddb, DEAD_LETTER_TABLE).await.expect("scan");
+    assert_eq!(
+        dead.len(),
+        2,
+        "the undecodable record and the event without id"
+    );
+    let poison = dead
+        .iter()
+        .find(|d| attr_s(d, "reason").starts_with("not a TrackingEvent"))
+        .expect("poison dead letter");
+    assert_eq!(
+        poison["data"].as_b().expect("raw bytes").as_ref(),
+        b"\xff\xff not a tracking event"
+    );
+    assert!(seqs.contains(&attr_s(poison, "sequenceNumber")));
+    assert!(attr_s(poison, "shardId").starts_with("shardId-"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_mid_batch_then_restarted_writes_each_event_once() {
+    let stack = Stack::start(2).expect("stack");
+    let records = mixed("k", 3000);
+    put(&stack, records).await;
+    let mut first = start_poller(&stack, &[("CONSUMER_MAX_RECORDS", "50")]);
+    wait_for("some events written", Duration::from_secs(60), || async {
+        event_ids(&stack).await.len() >= 300
+    })
+    .await;
+    first.proc.kill(); // SIGKILL mid-batch
+    let written_before = event_ids(&stack).await.len();
+    let _second = start_poller(&stack, &[("CONSUMER_LEASE_SECS", "2")]);
+    wait_for("every event written", Duration::from_secs(120), || async {
+        event_ids(&stack).await.len() >= 3000
+    })
+    .await;
+    let ids = event_ids(&stack).await;
+    let distinct: HashSet<&String> = ids.iter().collect();
+    println!(
+        "kill test: {written_before} items before SIGKILL, {} after restart, {} distinct ids sent",
+        ids.len(),
+        3000
+    );
+    assert_eq!(ids.len(), 3000);
+    assert_eq!(distinct.len(), 3000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_outage_is_waited_out() {
+    let mut stack = Stack::start(1).expect("stack");
+    put(&stack, mixed("before", 200)).await;
+    let _poller = start_poller(&stack, &[]);
+    wait_for("first events", Duration::from_secs(60), || async {
+        event_ids(&stack).await.len() >= 200
+    })
+    .await;
+    stack.dynamodb.stop();
+    put(&stack, mixed("during", 300)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stack.dynamodb.restart().expect("dynamodb back");
+    wait_for(
+        "events from the outage",
+        Duration::from_secs(90),
+        || async { event_ids(&stack).await.len() >= 500 },
+    )
+    .await;
+    assert_eq!(event_ids(&stack).await.len(), 500);
+}
+
+async fn lease_owners(stack: &Stack) -> HashMap<String, String> {
+    let ddb = dynamodb_client(&stack.dynamodb.url());
+    scan_table(&ddb, CHECKPOINT_TABLE)
+        .await
+        .unwrap_or_default()
+        .iter()
+        .filter(|r| !attr_s(r, "shardKey").contains("/worker/"))
+        .filter_map(|r| {
+            let owner = attr_s(r, "leaseOwner");
+            (!owner.is_empty()).then(|| (attr_s(r, "shardKey"), owner))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pollers_share_shards_and_take_over_from_a_dead_one() {
+    let stack = Stack::start(2).expect("stack");
+    let lease = [("CONSUMER_LEASE_SECS", "3")];
+    let mut a = start_poller(&stack, &lease);
+    let b = start_poller(&stack, &lease);
+    wait_for(
+        "each poller holds one shard",
+        Duration::from_secs(60),
+        || async {
+            let owners = lease_owners(&stack).await;
+            let distinct: HashSet<&String> = owners.values().collect();
+            owners.len() == 2 && distinct.len() == 2
+        },
+    )
+    .await;
+    put(&stack, mixed("shared", 400)).await;
+    wait_for("events written", Duration::from_secs(60), || async {
+        event_ids(&stack).await.len() >= 400
+    })
+    .await;
+    let http = Http::new();
+    let a_metrics = http
+        .get(&format!("{}/metrics", a.admin))
+        .await
+        .expect("metrics")
+        .text();
+    assert!(adtrack_testkit::metric_value(&a_metrics, "adtrack_consumer_leases_held") >= 1.0);
+
+    a.proc.kill();
+    wait_for(
+        "the survivor holds both shards",
+        Duration::from_secs(60),
+        || async {
+            let owners = lease_owners(&stack).await;
+            let distinct: HashSet<&String> = owners.values().collect();
+            owners.len() == 2 && distinct.len() == 1
+        },
+    )
+    .await;
+    put(&stack, mixed("after", 400)).await;
+    wait_for(
+        "events after the takeover",
+        Duration::from_secs(60),
+        || async { event_ids(&stack).await.len() >= 800 },
+    )
+    .await;
+    assert_eq!(event_ids(&stack).await.len(), 800);
+    drop(b);
+}
+
+/// A DynamoDB proxy that leaves items whose event id starts with
+/// `poison-write-` unprocessed, forever.
+async fn unprocessing_proxy(upstream: String, refused: Arc<AtomicU64>) -> u16 {
+    use http_body_util::{BodyExt, Full};
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        let http = Http::new();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (http, upstream, refused) = (http.clone(), upstream.clone(), refused.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (http, upstream, refused) =
+                        (http.clone(), upstream.clone(), refused.clone());
+                    async move {
+                        let target = req
+                            .headers()
+                            .get("x-amz-target")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        let headers: Vec<(String, String)> = req
+                            .headers()
+                            .iter()
+                            .filter(|(k, _)| *k != "host" && *k != "content-length")
+                            .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_owned())))
+                            .collect();
+                        let body = req.into_body().collect().await.expect("body").to_bytes();
+                        let mut held = serde_json::Map::new();
+                        let forward = if target.ends_with(".BatchWriteItem") {
+                            let mut j: serde_json::Value =
+                                serde_json::from_slice(&body).expect("json");
+                            let tables = j["RequestItems"].as_object().cloned().unwrap_or_default();
+                            let mut keep = serde_json::Map::new();
+                            for (table, reqs) in tables {
+                                let (bad, good): (Vec<_>, Vec<_>) = reqs
+                                    .as_array()
+                                    .cloned()
+                                    .unwrap_or_default()
+                                    .into_iter()
+                                    .partition(|r| {
+                                        r["PutRequest"]["Item"]["eventId"]["S"]
+                                            .as_str()
+                                            .is_some_and(|id| id.starts_with("poison-write-"))
+                                    });
+                                if !bad.is_empty() {
+                                    refused.fetch_add(bad.len() as u64, Ordering::Relaxed);
+                                    held.insert(table.clone(), serde_json::Value::Array(bad));
+                                }
+                                if !good.is_empty() {
+                                    keep.insert(table, serde_json::Value::Array(good));
+                                }
+                            }
+                            if keep.is_empty() {
+                                None
+                            } else {
+                                j["RequestItems"] = serde_json::Value::Object(keep);
+                                Some(serde_json::to_vec(&j).expect("json"))
+                            }
+                        } else {
+                            Some(body.to_vec())
+                        };
+                        let hs: Vec<(&str, &str)> = headers
+                            .iter()
+                            .map(|(k, v)| (k.as_str(), v.as_str()))
+                            .collect();
+                        let (status, resp) = match forward {
+                            Some(b) => {
+                                let r = http
+                                    .request("POST", &upstream, &hs, &b)
+                                    .await
+                                    .expect("upstream");
+                                (r.status, r.body.to_vec())
+                            }
+                            None => (200, br#"{"UnprocessedItems":{}}"#.to_vec()),
+                        };
+                        let resp = if held.is_empty() || status != 200 {
+                            resp
+                        } else {
+                            let mut j: serde_json::Value =
+                                serde_json::from_slice(&resp).expect("json");
+                            j["UnprocessedItems"] = serde_json::Value::Object(held);
+                            serde_json::to_vec(&j).expect("json")
+                        };
+                        let mut r = hyper::Response::new(Full::new(hyper::body::Bytes::from(resp)));
+                        *r.status_mut() = hyper::StatusCode::from_u16(status).expect("status");
+                        r.headers_mut().insert(
+                            "content-type",
+                            "application/x-amz-json-1.0".parse().expect("ct"),
+                        );
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+fn kinesis_event(records: &[(&str, Vec<u8>)]) -> aws_lambda_events::event::kinesis::KinesisEvent {
+    use base64_free::encode;
+    let recs: Vec<serde_json::Value> = records
+        .iter()
+        .map(|(seq, data)| {
+            serde_json::json!({
+                "kinesis": {
+                    "kinesisSchemaVersion": "1.0",
+                    "partitionKey": "pk",
+                    "sequenceNumber": seq,
+                    "data": encode(data),
+                    "approximateArrivalTimestamp": 1795000000.123
+                },
+                "eventSource": "aws:kinesis",
+                "eventVersion": "1.0",
+                "eventID": format!("shardId-000000000000:{seq}"),
+                "eventName": "aws:kinesis:record",
+                "invokeIdentityArn": "arn:aws:iam::123456789012:role/adtrack-consumer",
+                "awsRegion": "us-east-1",
+                "eventSourceARN": "arn:aws:kinesis:us-east-1:123456789012:stream/adtrack-events"
+            })
+        })
+        .collect();
+    serde_json::from_value(serde_json::json!({ "Records": recs })).expect("a Kinesis event")
+}
+
+/// Standard base64, enough for building test events.
+mod base64_free {
+    pub fn encode(data: &[u8]) -> String {
+        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for chunk in data.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+}
+
+fn lambda_tables() -> Tables {
+    Tables {
+        events: EVENTS_TABLE.into(),
+        dead_letters: DEAD_LETTER_TABLE.into(),
+        ttl_days: 30,
+        write_concurrency: 4,
+        max_attempts: 3,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lambda_reports_the_first_record_not_written() {
+    let stack = Stack::start(1).expect("stack");
+    let refused = Arc::new(AtomicU64::new(0));
+    let port = unprocessing_proxy(stack.dynamodb.url(), refused.clone()).await;
+    let client = dynamodb_client(&format!("http://127.0.0.1:{port}"));
+    let mut agg = Aggregator::new(51_200);
+    for i in 0..5 {
+        agg.push(UserRecord {
+            partition_key: format!("agg-{i}"),
+            explicit_hash_key: None,
+            data: Bytes::from(event(&format!("agg-{i}"))),
+        })
+        .expect("fits");
+    }
+    let batch = kinesis_event(&[
+        ("100", event("ok-1")),
+        ("101", agg.finish().to_vec()),
+        ("102", b"poison".to_vec()),
+        ("103", event("poison-write-1")),
+        ("104", event("ok-2")),
+    ]);
+    let response = adtrack_consumer::lambda::handle(&client, &lambda_tables(), batch).await;
+    let failures: Vec<Option<String>> = response
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.clone())
+        .collect();
+    assert_eq!(
+        failures,
+        vec![Some("103".to_owned())],
+        "retry from the record not written"
+    );
+    assert!(
+        refused.load(Ordering::Relaxed) >= 3,
+        "the write was retried"
+    );
+    let ids: HashSet<String> = event_ids(&stack).await.into_iter().collect();
+    for id in ["ok-1", "agg-0", "agg-4"] {
+        assert!(ids.contains(id), "{id} written before the failure");
+    }
+    assert!(!ids.contains("poison-write-1"));
+    let ddb = dynamodb_client(&stack.dynamodb.url());
+    let dead = scan_table(&ddb, DEAD_LETTER_TABLE).await.expect("scan");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(attr_s(&dead[0], "sequenceNumber"), "102");
+    assert_eq!(attr_s(&dead[0], "shardId"), "shardId-000000000000");
+
+    // All good: no failures reported.
+    let ok = kinesis_event(&[("200", event("ok-3")), ("201", event("ok-4"))]);
+    let response = adtrack_consumer::lambda::handle(&client, &lambda_tables(), ok).await;
+    assert!(response.batch_item_failures.is_empty());
+}
