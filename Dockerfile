@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # adtrack images, built from the workspace root.
 #
 #   docker build -t adtrack:dev .
@@ -89,12 +87,14 @@ RUN apt-get update \
  && groupadd --system --gid 10001 adtrack \
  && useradd --system --uid 10001 --gid adtrack --no-create-home \
       --home-dir /nonexistent --shell /usr/sbin/nologin adtrack \
- && install -d -o adtrack -g adtrack -m 0750 /var/lib/adtrack
+ && install -d -o adtrack -g adtrack -m 0750 /var/lib/adtrack /var/lib/adtrack/spool
 COPY --from=builder /out/ /usr/local/bin/
 LABEL org.opencontainers.image.title="adtrack" \
       org.opencontainers.image.description="adtrack tracker, consumer and updater" \
       org.opencontainers.image.licenses="Apache-2.0"
 USER 10001:10001
+# Writable state (the tracker's disk spool, TRACKER_SPOOL_DIR) goes here; in
+# ECS it is a task volume, as the root filesystem is mounted read-only.
 WORKDIR /var/lib/adtrack
 # 8080 public HTTP (tracker), 9090 tracker admin (/metrics), 9091 consumer admin.
 EXPOSE 8080 9090 9091

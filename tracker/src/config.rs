@@ -195,6 +195,11 @@ pub struct Config {
     #[arg(long, env = "TRACKER_KEEP_FULL_IP", value_name = "TRACKER_KEEP_FULL_IP", default_value_t = false, action = clap::ArgAction::Set)]
     pub keep_full_ip: bool,
 
+    /// Probe this host's tracker: exit 0 when its admin port answers
+    /// `/health/ready` with 200 (for container health checks), else 1.
+    #[arg(long)]
+    pub healthcheck: bool,
+
     /// Log format: `json` (one object per line) or `text`.
     #[arg(long, env = "LOG_FORMAT", value_name = "LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
     pub log_format: String,

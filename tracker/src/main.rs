@@ -11,6 +11,9 @@ async fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if config.healthcheck {
+        return healthcheck(config.admin_addr.port());
+    }
     adtrack_service::init_logging(&config.log_format);
     let listener = match TcpListener::bind(config.listen_addr).await {
         Ok(l) => l,
@@ -46,5 +49,24 @@ async fn main() -> ExitCode {
             tracing::error!("tracker failed: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// `tracker --healthcheck`: asks the local admin port for readiness.
+fn healthcheck(port: u16) -> ExitCode {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+    let probe = || -> std::io::Result<bool> {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(b"GET /health/ready HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head)?;
+        Ok(head.starts_with(b"HTTP/1.1 200"))
+    };
+    match probe() {
+        Ok(true) => ExitCode::SUCCESS,
+        _ => ExitCode::from(1),
     }
 }
