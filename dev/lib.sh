@@ -8,9 +8,11 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/adtrack/target}"
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
 apt_install() {
-  local sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  local sudo="$SUDO"
   if [ -z "${APT_UPDATED:-}" ]; then
     $sudo apt-get update -qq >/dev/null || die "apt-get update failed"
     APT_UPDATED=1
@@ -25,6 +27,15 @@ ensure_tools() {
   command -v node >/dev/null || { say "installing Node.js"; apt_install nodejs npm; }
   command -v npm >/dev/null || { say "installing npm"; apt_install npm; }
   command -v curl >/dev/null || { say "installing curl"; apt_install curl; }
+  command -v taskset >/dev/null || { say "installing util-linux (taskset)"; apt_install util-linux; }
+  if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+    # For the bench's nginx comparison; keep the package from starting a service.
+    say "installing nginx-light"
+    local guard=""
+    [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' | ${SUDO:-} tee /usr/sbin/policy-rc.d >/dev/null 2>&1 && ${SUDO:-} chmod +x /usr/sbin/policy-rc.d && guard=1; }
+    apt_install nginx-light
+    if [ -n "$guard" ]; then ${SUDO:-} rm -f /usr/sbin/policy-rc.d; fi
+  fi
   if [ ! -f "$ROOT/dev/node_modules/.package-lock.json" ] ||
      [ "$ROOT/dev/package-lock.json" -nt "$ROOT/dev/node_modules/.package-lock.json" ]; then
     say "installing the Kinesis and DynamoDB stand-ins (dev/package-lock.json)"

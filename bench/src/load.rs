@@ -110,23 +110,31 @@ pub async fn run(spec: &RunSpec, plan: Arc<Vec<Planned>>, keep_ids: bool) -> Run
         }));
     }
     drop(rx);
-    // The generator: release every request due by now, with its exact time.
-    let mut i: u64 = 0;
-    while i < total {
-        let now = Instant::now();
+    // The generator, on its own OS thread: tokio's timers tick in whole
+    // milliseconds, which would delay each release by up to a tick and
+    // count that against the server. This thread sleeps until a request is
+    // due (spinning on yields for the last 200 us) and releases it then.
+    let generator = std::thread::spawn(move || {
+        let mut i: u64 = 0;
         while i < total {
             let due = start + interval.mul_f64(i as f64);
+            let now = Instant::now();
             if due > now {
-                break;
+                let wait = due - now;
+                if wait > Duration::from_micros(200) {
+                    std::thread::sleep(wait - Duration::from_micros(150));
+                } else {
+                    std::thread::yield_now();
+                }
+                continue;
             }
-            if tx.send((i, due)).await.is_err() {
+            if tx.blocking_send((i, due)).is_err() {
                 break;
             }
             i += 1;
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    drop(tx);
+    });
+    let _ = tokio::task::spawn_blocking(move || generator.join()).await;
     for w in workers {
         let _ = w.await;
     }

@@ -53,6 +53,22 @@ enum Mode {
     Startup(SeedArgs),
     /// Core-data update to visible in the tracker, p50 and p99.
     UpdateLatency(UpdateArgs),
+    /// Consumer throughput next to the DynamoDB stand-in's own
+    /// BatchWriteItem ceiling, measured the same way.
+    Consumer(ConsumerArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct ConsumerArgs {
+    /// Events to write.
+    #[arg(long, default_value_t = 30_000)]
+    events: usize,
+    /// BatchWriteItem calls in flight (the consumer's CONSUMER_WRITE_CONCURRENCY).
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Consumer binary (default: next to this one).
+    #[arg(long)]
+    consumer_bin: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -234,6 +250,7 @@ async fn main() -> Result<()> {
         }
         Mode::Startup(a) => startup_mode(&cli, a).await,
         Mode::UpdateLatency(a) => update_latency_mode(&cli, a).await,
+        Mode::Consumer(a) => consumer_mode(&cli, a).await,
     }
 }
 
@@ -247,6 +264,7 @@ impl Mode {
             Mode::Seed(a) => Mode::Seed(a.clone()),
             Mode::Startup(a) => Mode::Startup(a.clone()),
             Mode::UpdateLatency(a) => Mode::UpdateLatency(a.clone()),
+            Mode::Consumer(a) => Mode::Consumer(a.clone()),
         }
     }
 }
@@ -877,18 +895,8 @@ async fn update_latency_mode(cli: &Cli, a: UpdateArgs) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))
     };
     store.put(&program(true)?).await?;
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let mut status = || {
-        let req = hyper::Request::get("/event/bench-latency")
-            .header("host", "bench")
-            .body(http_body_util::Full::new(bytes::Bytes::new()));
-        let fut = req.map(|r| sender.send_request(r));
-        async move { Ok::<u16, anyhow::Error>(fut?.await?.status().as_u16()) }
-    };
+    let probe = format!("http://{addr}/event/bench-latency");
+    let status = || http_get_status(&probe);
     // Wait for the initial state.
     let deadline = Instant::now() + Duration::from_secs(10);
     while status().await? != 200 {
@@ -929,5 +937,222 @@ async fn update_latency_mode(cli: &Cli, a: UpdateArgs) -> Result<()> {
             visible_us: p,
         },
     )?;
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct ConsumerReport {
+    events: usize,
+    ceiling_items_per_sec: f64,
+    consumer_events_per_sec: f64,
+    ratio: f64,
+}
+
+fn bench_event(id: &str) -> Vec<u8> {
+    use prost::Message;
+    adtrack_proto::v1::TrackingEvent {
+        message_id: id.to_owned(),
+        programid: "bench-1".into(),
+        program_name: "bench".into(),
+        customer_name: "Bench Inc.".into(),
+        customer_id: 7,
+        checksum: "c".into(),
+        user_agent: mix::USER_AGENTS[0].into(),
+        client_ip: "203.0.113.0".into(),
+        is_valid: true,
+        validation: 1,
+        event_type: 1,
+        source: "pixel".into(),
+        timestamp_ms: 1_795_000_000_000,
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// Ceiling: the same items written straight with BatchWriteItem (25 per
+/// call, `concurrency` in flight). Consumer: the same number of events put
+/// in the stream, then the consumer started and timed until all are items.
+async fn consumer_mode(cli: &Cli, a: ConsumerArgs) -> Result<()> {
+    use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
+    use futures_util::StreamExt;
+    let env = servers::read_stack_env(&cli.stack)?;
+    let ddb = dynamodb(&env)?;
+    let table = env
+        .get("EVENTS_TABLE")
+        .cloned()
+        .unwrap_or_else(|| "adtrack-events".into());
+    let run = uuid::Uuid::now_v7().simple().to_string();
+    // The ceiling, with items shaped like the consumer's.
+    let items: Vec<WriteRequest> = (0..a.events)
+        .map(|i| {
+            let mut item = HashMap::new();
+            item.insert(
+                "eventId".to_owned(),
+                AttributeValue::S(format!("ceiling-{run}-{i}")),
+            );
+            item.insert("programId".to_owned(), AttributeValue::S("bench-1".into()));
+            item.insert(
+                "programBucket".to_owned(),
+                AttributeValue::S(format!("bench-1#{}", i % 16)),
+            );
+            item.insert("ts".to_owned(), AttributeValue::N("1795000000000".into()));
+            item.insert(
+                "userAgent".to_owned(),
+                AttributeValue::S(mix::USER_AGENTS[0].into()),
+            );
+            item.insert(
+                "customerName".to_owned(),
+                AttributeValue::S("Bench Inc.".into()),
+            );
+            item.insert(
+                "expiresAt".to_owned(),
+                AttributeValue::N("1802776000".into()),
+            );
+            WriteRequest::builder()
+                .put_request(
+                    PutRequest::builder()
+                        .set_item(Some(item))
+                        .build()
+                        .expect("item"),
+                )
+                .build()
+        })
+        .collect();
+    let started = Instant::now();
+    let chunks: Vec<Vec<WriteRequest>> = items.chunks(25).map(<[WriteRequest]>::to_vec).collect();
+    futures_util::stream::iter(chunks.into_iter().map(|chunk| {
+        let (ddb, table) = (ddb.clone(), table.clone());
+        async move {
+            let mut pending = chunk;
+            while !pending.is_empty() {
+                match ddb
+                    .batch_write_item()
+                    .request_items(&table, pending.clone())
+                    .send()
+                    .await
+                {
+                    Ok(out) => {
+                        pending = out
+                            .unprocessed_items
+                            .and_then(|mut m| m.remove(&table))
+                            .unwrap_or_default();
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        }
+    }))
+    .buffer_unordered(a.concurrency)
+    .collect::<Vec<_>>()
+    .await;
+    let ceiling = a.events as f64 / started.elapsed().as_secs_f64();
+
+    // The consumer: fill the stream first, then time the consumer alone.
+    let (region, creds) = aws_parts(&env);
+    let kconf = aws_sdk_kinesis::Config::builder()
+        .behavior_version(aws_sdk_kinesis::config::BehaviorVersion::latest())
+        .endpoint_url(
+            env.get("AWS_ENDPOINT_URL_KINESIS")
+                .context("no AWS_ENDPOINT_URL_KINESIS")?,
+        )
+        .region(region)
+        .credentials_provider(creds)
+        .build();
+    let kinesis = aws_sdk_kinesis::Client::from_conf(kconf);
+    let stream = env
+        .get("EVENTS_STREAM")
+        .cloned()
+        .unwrap_or_else(|| "adtrack-events".into());
+    let ids: Vec<String> = (0..a.events)
+        .map(|i| format!("consumer-{run}-{i}"))
+        .collect();
+    let mut agg =
+        adtrack_proto::kpl::Aggregator::new(adtrack_proto::kpl::DEFAULT_MAX_AGGREGATE_BYTES);
+    let mut records: Vec<(Vec<u8>, String)> = Vec::new();
+    for id in &ids {
+        let rec = adtrack_proto::kpl::UserRecord {
+            partition_key: id.clone(),
+            explicit_hash_key: None,
+            data: bytes::Bytes::from(bench_event(id)),
+        };
+        if let Err(rec) = agg.push(rec) {
+            records.push((agg.finish().to_vec(), id.clone()));
+            agg.push(rec)
+                .map_err(|_| anyhow::anyhow!("event too big"))?;
+        }
+    }
+    if !agg.is_empty() {
+        records.push((agg.finish().to_vec(), "last".into()));
+    }
+    for chunk in records.chunks(100) {
+        let entries = chunk
+            .iter()
+            .map(|(d, pk)| {
+                aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()
+                    .data(aws_sdk_kinesis::primitives::Blob::new(d.clone()))
+                    .partition_key(pk)
+                    .build()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        kinesis
+            .put_records()
+            .stream_name(&stream)
+            .set_records(Some(entries))
+            .send()
+            .await?;
+    }
+    let bin = a
+        .consumer_bin
+        .clone()
+        .unwrap_or_else(|| servers::sibling_binary("consumer"));
+    let port = servers::free_port()?;
+    let mut cmd = std::process::Command::new(&bin);
+    for (k, v) in &env {
+        cmd.env(k, v);
+    }
+    cmd.env("CONSUMER_ADMIN_ADDR", format!("127.0.0.1:{port}"))
+        .env("CONSUMER_WRITE_CONCURRENCY", a.concurrency.to_string())
+        .env("CONSUMER_POLL_INTERVAL_MS", "200")
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null());
+    let started = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    // Watch the consumer's own counter (a table scan would load the stand-in).
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let metrics_url = format!("http://127.0.0.1:{port}/metrics");
+    loop {
+        let written = get_text(&metrics_url)
+            .await
+            .map(|m| metric(&m, "adtrack_consumer_items_written_total"))
+            .unwrap_or(0.0);
+        if written as usize >= a.events {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("the consumer did not write every event within 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let consumer = a.events as f64 / started.elapsed().as_secs_f64();
+    let _ = child.kill();
+    let _ = child.wait();
+    let found = scan_ids(&ddb, &table).await?;
+    let missing = ids.iter().filter(|id| !found.contains(*id)).count();
+    anyhow::ensure!(missing == 0, "{missing} events missing from the table");
+    let r = ConsumerReport {
+        events: a.events,
+        ceiling_items_per_sec: ceiling,
+        consumer_events_per_sec: consumer,
+        ratio: consumer / ceiling.max(1.0),
+    };
+    println!(
+        "consumer: {} events; stand-in BatchWriteItem ceiling {:.0} items/s ({} calls in flight); consumer {:.0} events/s from start (including its start-up and scans of the table); ratio {:.2}",
+        r.events, r.ceiling_items_per_sec, a.concurrency, r.consumer_events_per_sec, r.ratio
+    );
+    report::write_json(&cli.out, "consumer", &r)?;
     Ok(())
 }

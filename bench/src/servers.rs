@@ -132,6 +132,13 @@ pub async fn start_tracker(
         .env("TRACKER_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
         .env("TRACKER_SPOOL_DIR", dir.path().join("spool"))
         .env("TOKIO_WORKER_THREADS", workers.to_string())
+        // Measure the tracker, not a two-shard stream's write budget: the
+        // stand-in has no per-shard limits, and a deep memory queue keeps a
+        // burst off the disk spool while the stand-in catches up.
+        .env("TRACKER_SHARD_RECORDS_PER_SEC", "100000")
+        .env("TRACKER_SHARD_BYTES_PER_SEC", "1073741824")
+        .env("TRACKER_QUEUE_BYTES", "1073741824")
+        .env("TRACKER_QUEUE_EVENTS", "4000000")
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())

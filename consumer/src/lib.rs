@@ -64,6 +64,10 @@ pub async fn run(
         config,
         leases,
     });
+    let upkeep_task = tokio::spawn(adtrack_service::metrics_endpoint::upkeep(
+        prometheus.clone(),
+        shutdown.clone(),
+    ));
     let admin_task = tokio::spawn(adtrack_service::metrics_endpoint::serve(
         admin,
         prometheus,
@@ -71,5 +75,6 @@ pub async fn run(
     ));
     poller.run(shutdown).await;
     let _ = admin_task.await;
+    let _ = upkeep_task.await;
     Ok(())
 }

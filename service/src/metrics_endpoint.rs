@@ -36,6 +36,18 @@ pub fn install(buckets: &[(&str, &[f64])]) -> PrometheusHandle {
         .clone()
 }
 
+/// Drains histogram samples into their buckets every few seconds, so memory
+/// stays bounded even when nobody scrapes `/metrics`. Runs until `stop`.
+pub async fn upkeep(handle: PrometheusHandle, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => handle.run_upkeep(),
+        }
+    }
+}
+
 /// The text exposition of every metric.
 pub fn render(handle: &PrometheusHandle) -> Response<Full<Bytes>> {
     handle.run_upkeep();

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use adtrack_proto::program::Program;
@@ -94,6 +95,9 @@ pub struct CacheSettings {
 /// The program cache shared by all requests.
 pub struct ProgramCache {
     cache: Cache<String, Cached>,
+    /// Set after the first full load (before it, loads insert without
+    /// version checks; pushes during it are applied again shortly after).
+    warmed: AtomicBool,
     redis: OnceCell<ConnectionManager>,
     timeout: Duration,
 }
@@ -128,6 +132,7 @@ impl ProgramCache {
             .build();
         Self {
             cache,
+            warmed: AtomicBool::new(false),
             redis: OnceCell::new(),
             timeout: settings.redis_timeout,
         }
@@ -248,7 +253,7 @@ impl ProgramCache {
                 .arg("MATCH")
                 .arg(PROGRAM_KEY_PATTERN)
                 .arg("COUNT")
-                .arg(1000)
+                .arg(5000)
                 .query_async(&mut conn)
                 .await?;
             if !keys.is_empty() {
@@ -266,7 +271,12 @@ impl ProgramCache {
                         loaded += 1;
                     }
                     if loaded as u64 <= self.cache.policy().max_capacity().unwrap_or(u64::MAX) {
-                        self.put_if_newer(id.to_owned(), cached).await;
+                        if !self.warmed.load(Ordering::Acquire) {
+                            // First load into an empty cache: nothing newer to keep.
+                            self.cache.insert(id.to_owned(), cached).await;
+                        } else {
+                            self.put_if_newer(id.to_owned(), cached).await;
+                        }
                     }
                 }
             }
@@ -275,6 +285,7 @@ impl ProgramCache {
                 break;
             }
         }
+        self.warmed.store(true, Ordering::Release);
         metrics::counter!(metric::PROGRAMS_LOADED).increment(loaded as u64);
         metrics::gauge!(metric::CACHE_ENTRIES).set(self.cache.entry_count() as f64);
         Ok(loaded)

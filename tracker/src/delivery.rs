@@ -287,6 +287,7 @@ impl Engine {
         };
         run.shards = (0..run.map.len()).map(|_| run.new_shard(now)).collect();
         let mut closed = false;
+        let mut next_gauges = Instant::now();
         loop {
             let now = Instant::now();
             // Intake from memory, then (when Kinesis answers) from the spool.
@@ -310,9 +311,12 @@ impl Engine {
             }
             run.seal_due(closed, now);
             run.dispatch(closed, now);
-            metrics::gauge!(metric::QUEUE_EVENTS).set(self.rx.len() as f64);
-            metrics::gauge!(metric::QUEUE_BYTES)
-                .set(self.shared.mem_bytes.load(Ordering::Acquire) as f64);
+            if now >= next_gauges {
+                next_gauges = now + Duration::from_millis(250);
+                metrics::gauge!(metric::QUEUE_EVENTS).set(self.rx.len() as f64);
+                metrics::gauge!(metric::QUEUE_BYTES)
+                    .set(self.shared.mem_bytes.load(Ordering::Acquire) as f64);
+            }
             if closed && run.is_empty() {
                 break;
             }

@@ -105,6 +105,10 @@ pub async fn run(
         health.clone(),
         background.clone(),
     ));
+    let upkeep_task = tokio::spawn(adtrack_service::metrics_endpoint::upkeep(
+        prometheus.clone(),
+        background.clone(),
+    ));
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,
         Arc::new(admin::AdminState {
@@ -192,7 +196,7 @@ pub async fn run(
         );
     }
     background.cancel();
-    let _ = tokio::join!(sync_task, stream_task, admin_task);
+    let _ = tokio::join!(sync_task, stream_task, admin_task, upkeep_task);
     if let Some(t) = spool_task {
         let _ = t.await;
     }
