@@ -1150,7 +1150,7 @@ async fn consumer_mode(cli: &Cli, a: ConsumerArgs) -> Result<()> {
         ratio: consumer / ceiling.max(1.0),
     };
     println!(
-        "consumer: {} events; stand-in BatchWriteItem ceiling {:.0} items/s ({} calls in flight); consumer {:.0} events/s from start (including its start-up and scans of the table); ratio {:.2}",
+        "consumer: {} events; stand-in BatchWriteItem ceiling {:.0} items/s ({} calls in flight); consumer {:.0} events/s from its start (start-up and lease taking included); ratio {:.2}",
         r.events, r.ceiling_items_per_sec, a.concurrency, r.consumer_events_per_sec, r.ratio
     );
     report::write_json(&cli.out, "consumer", &r)?;
