@@ -544,9 +544,8 @@ async fn scan_ids(ddb: &aws_sdk_dynamodb::Client, table: &str) -> Result<HashSet
     }
 }
 
-async fn stream_duplicates(env: &HashMap<String, String>, ids: &HashSet<&String>) -> Result<usize> {
-    use adtrack_proto::kpl::{Deaggregated, deaggregate};
-    use aws_sdk_kinesis::types::ShardIteratorType;
+/// A Kinesis client for the stack's stand-in, and the events stream's name.
+fn kinesis(env: &HashMap<String, String>) -> Result<(aws_sdk_kinesis::Client, String)> {
     let (region, creds) = aws_parts(env);
     let conf = aws_sdk_kinesis::Config::builder()
         .behavior_version(aws_sdk_kinesis::config::BehaviorVersion::latest())
@@ -557,11 +556,17 @@ async fn stream_duplicates(env: &HashMap<String, String>, ids: &HashSet<&String>
         .region(region)
         .credentials_provider(creds)
         .build();
-    let client = aws_sdk_kinesis::Client::from_conf(conf);
     let stream = env
         .get("EVENTS_STREAM")
         .cloned()
         .unwrap_or_else(|| "adtrack-events".into());
+    Ok((aws_sdk_kinesis::Client::from_conf(conf), stream))
+}
+
+async fn stream_duplicates(env: &HashMap<String, String>, ids: &HashSet<&String>) -> Result<usize> {
+    use adtrack_proto::kpl::{Deaggregated, deaggregate};
+    use aws_sdk_kinesis::types::ShardIteratorType;
+    let (client, stream) = kinesis(env)?;
     let mut seen: HashMap<String, usize> = HashMap::new();
     for shard in client
         .list_shards()
@@ -1048,21 +1053,7 @@ async fn consumer_mode(cli: &Cli, a: ConsumerArgs) -> Result<()> {
     let ceiling = a.events as f64 / started.elapsed().as_secs_f64();
 
     // The consumer: fill the stream first, then time the consumer alone.
-    let (region, creds) = aws_parts(&env);
-    let kconf = aws_sdk_kinesis::Config::builder()
-        .behavior_version(aws_sdk_kinesis::config::BehaviorVersion::latest())
-        .endpoint_url(
-            env.get("AWS_ENDPOINT_URL_KINESIS")
-                .context("no AWS_ENDPOINT_URL_KINESIS")?,
-        )
-        .region(region)
-        .credentials_provider(creds)
-        .build();
-    let kinesis = aws_sdk_kinesis::Client::from_conf(kconf);
-    let stream = env
-        .get("EVENTS_STREAM")
-        .cloned()
-        .unwrap_or_else(|| "adtrack-events".into());
+    let (kinesis, stream) = kinesis(&env)?;
     let ids: Vec<String> = (0..a.events)
         .map(|i| format!("consumer-{run}-{i}"))
         .collect();

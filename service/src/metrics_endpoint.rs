@@ -2,7 +2,7 @@
 //! (`/metrics`, `/health/live`) for binaries without an admin port of their own.
 
 use std::convert::Infallible;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -59,8 +59,29 @@ pub fn render(handle: &PrometheusHandle) -> Response<Full<Bytes>> {
     resp
 }
 
+/// An admin route table: a request in, a response out.
+pub type AdminRoutes =
+    Arc<dyn Fn(&Request<hyper::body::Incoming>) -> Response<Full<Bytes>> + Send + Sync>;
+
 /// Serves `/metrics` and `/health/live` until `stop`.
 pub async fn serve(listener: TcpListener, handle: PrometheusHandle, stop: CancellationToken) {
+    let routes: AdminRoutes = Arc::new(move |req| match req.uri().path() {
+        "/metrics" => render(&handle),
+        "/health/live" => Response::new(Full::new(Bytes::from_static(b"{\"status\":\"live\"}"))),
+        _ => not_found(),
+    });
+    serve_routes(listener, routes, stop).await;
+}
+
+/// 404 with a JSON body.
+pub fn not_found() -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(b"{\"error\":\"not_found\"}")));
+    *r.status_mut() = StatusCode::NOT_FOUND;
+    r
+}
+
+/// Serves an admin route table until `stop` (HTTP/1, header timeout 10 s).
+pub async fn serve_routes(listener: TcpListener, routes: AdminRoutes, stop: CancellationToken) {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -73,26 +94,12 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, stop: Cancel
                 Err(_) => continue,
             },
         };
-        let handle = handle.clone();
+        let routes = routes.clone();
         let conn = builder.serve_connection(
             TokioIo::new(stream),
             service_fn(move |req: Request<hyper::body::Incoming>| {
-                let handle = handle.clone();
-                async move {
-                    Ok::<_, Infallible>(match req.uri().path() {
-                        "/metrics" => render(&handle),
-                        "/health/live" => {
-                            Response::new(Full::new(Bytes::from_static(b"{\"status\":\"live\"}")))
-                        }
-                        _ => {
-                            let mut r = Response::new(Full::new(Bytes::from_static(
-                                b"{\"error\":\"not_found\"}",
-                            )));
-                            *r.status_mut() = StatusCode::NOT_FOUND;
-                            r
-                        }
-                    })
-                }
+                let resp = routes(&req);
+                async move { Ok::<_, Infallible>(resp) }
             }),
         );
         let stop = stop.clone();
