@@ -233,15 +233,6 @@ impl Config {
     pub fn reconcile_every(&self) -> Duration {
         Duration::from_secs(self.reconcile_secs)
     }
-
-    /// Defaults with the given Redis URL and stream, for tests.
-    pub fn for_tests(redis_url: &str) -> Self {
-        let mut c = Self::parse_from(["tracker"]);
-        c.redis_url = redis_url.to_owned();
-        c.listen_addr = ([127, 0, 0, 1], 0).into();
-        c.admin_addr = ([127, 0, 0, 1], 0).into();
-        c
-    }
 }
 
 #[cfg(test)]
