@@ -162,25 +162,8 @@ struct UpdateArgs {
     target: Option<String>,
 }
 
-/// Status of a GET (used while waiting for servers).
-pub async fn http_get_status(url: &str) -> Result<u16> {
-    let uri: hyper::Uri = url.parse()?;
-    let addr = format!(
-        "{}:{}",
-        uri.host().unwrap_or("127.0.0.1"),
-        uri.port_u16().unwrap_or(80)
-    );
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let req = hyper::Request::get(uri.path())
-        .header("host", "bench")
-        .body(http_body_util::Full::new(bytes::Bytes::new()))?;
-    Ok(sender.send_request(req).await?.status().as_u16())
-}
-
-async fn get_text(url: &str) -> Result<String> {
+/// One GET on a fresh connection: status and body.
+async fn get(url: &str) -> Result<(u16, String)> {
     use http_body_util::BodyExt;
     let uri: hyper::Uri = url.parse()?;
     let addr = format!(
@@ -195,14 +178,19 @@ async fn get_text(url: &str) -> Result<String> {
     let req = hyper::Request::get(uri.path())
         .header("host", "bench")
         .body(http_body_util::Full::new(bytes::Bytes::new()))?;
-    let body = sender
-        .send_request(req)
-        .await?
-        .into_body()
-        .collect()
-        .await?
-        .to_bytes();
-    Ok(String::from_utf8_lossy(&body).into_owned())
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Status of a GET (used while waiting for servers).
+pub async fn http_get_status(url: &str) -> Result<u16> {
+    Ok(get(url).await?.0)
+}
+
+async fn get_text(url: &str) -> Result<String> {
+    Ok(get(url).await?.1)
 }
 
 fn metric(exposition: &str, name: &str) -> f64 {

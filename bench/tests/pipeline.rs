@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use adtrack_testkit::{
     CHECKPOINT_TABLE, EVENTS_TABLE, Http, Proc, Stack, binary, dev_dir, free_port, metric_sum,
+    wait_until,
 };
 use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_dynamodb::types::AttributeValue;
@@ -86,21 +87,6 @@ fn start(stack: &Stack, bin: &str, env: &[(&str, String)]) -> Service {
     }
 }
 
-async fn wait_for<F, Fut>(what: &str, limit: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    while !f().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn metrics(http: &Http, admin: &str) -> String {
     http.get(&format!("{admin}/metrics"))
         .await
@@ -164,7 +150,7 @@ async fn every_valid_hit_lands_exactly_once_and_replay_does_not_duplicate() {
         &[("CONSUMER_POLL_INTERVAL_MS", "200".into())],
     );
     let http = Http::new();
-    wait_for("tracker ready", Duration::from_secs(30), || async {
+    wait_until("tracker ready", Duration::from_secs(30), || async {
         http.get(&format!("{}/health/ready", tracker.admin))
             .await
             .is_ok_and(|r| r.status == 200)
@@ -241,7 +227,7 @@ async fn every_valid_hit_lands_exactly_once_and_replay_does_not_duplicate() {
 
     // Every valid hit lands in DynamoDB, once.
     let ddb = dynamodb(&stack);
-    wait_for(
+    wait_until(
         "all events in DynamoDB",
         Duration::from_secs(120),
         || async { scan(&ddb, EVENTS_TABLE).await.len() >= valid },
@@ -275,7 +261,7 @@ async fn every_valid_hit_lands_exactly_once_and_replay_does_not_duplicate() {
     );
 
     // The tracker's counters agree with what the client saw.
-    wait_for(
+    wait_until(
         "tracker delivered everything",
         Duration::from_secs(30),
         || async {
@@ -344,7 +330,7 @@ async fn every_valid_hit_lands_exactly_once_and_replay_does_not_duplicate() {
         "consumer",
         &[("CONSUMER_POLL_INTERVAL_MS", "200".into())],
     );
-    wait_for(
+    wait_until(
         "replayed consumer rewrote every event",
         Duration::from_secs(120),
         || async {

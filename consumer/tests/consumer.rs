@@ -13,8 +13,9 @@ use adtrack_consumer::batch::Tables;
 use adtrack_proto::kpl::{Aggregator, UserRecord};
 use adtrack_proto::v1::TrackingEvent;
 use adtrack_testkit::{
-    CHECKPOINT_TABLE, DEAD_LETTER_TABLE, EVENTS_STREAM, EVENTS_TABLE, Http, Proc, Stack, attr_s,
-    dynamodb_client, free_port, kinesis_client, scan_table,
+    CHECKPOINT_TABLE, DEAD_LETTER_TABLE, EVENTS_STREAM, EVENTS_TABLE, Http, Intercept, Patch, Proc,
+    Stack, attr_s, dynamodb_client, free_port, intercepting_proxy, kinesis_client, scan_table,
+    wait_until,
 };
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
@@ -126,21 +127,6 @@ async fn event_ids(stack: &Stack) -> Vec<String> {
         .collect()
 }
 
-async fn wait_for<F, Fut>(what: &str, limit: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    while !f().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_record_is_dead_lettered_and_the_batch_proceeds() {
     let stack = Stack::start(1).expect("stack");
@@ -150,14 +136,14 @@ async fn poison_record_is_dead_lettered_and_the_batch_proceeds() {
     records.extend(mixed("good-b", 40));
     let seqs = put(&stack, records).await;
     let _poller = start_poller(&stack, &[]);
-    wait_for("good events written", Duration::from_secs(60), || async {
+    wait_until("good events written", Duration::from_secs(60), || async {
         event_ids(&stack).await.len() >= 80
     })
     .await;
     let ids: HashSet<String> = event_ids(&stack).await.into_iter().collect();
     assert_eq!(ids.len(), 80);
     let ddb = dynamodb_client(&stack.dynamodb.url());
-    wait_for(
+    wait_until(
         "checkpoint past the poison record",
         Duration::from_secs(30),
         || async {
@@ -193,14 +179,14 @@ async fn killed_mid_batch_then_restarted_writes_each_event_once() {
     let records = mixed("k", 3000);
     put(&stack, records).await;
     let mut first = start_poller(&stack, &[("CONSUMER_MAX_RECORDS", "50")]);
-    wait_for("some events written", Duration::from_secs(60), || async {
+    wait_until("some events written", Duration::from_secs(60), || async {
         event_ids(&stack).await.len() >= 300
     })
     .await;
     first.proc.kill(); // SIGKILL mid-batch
     let written_before = event_ids(&stack).await.len();
     let _second = start_poller(&stack, &[("CONSUMER_LEASE_SECS", "2")]);
-    wait_for("every event written", Duration::from_secs(120), || async {
+    wait_until("every event written", Duration::from_secs(120), || async {
         event_ids(&stack).await.len() >= 3000
     })
     .await;
@@ -220,7 +206,7 @@ async fn dynamodb_outage_is_waited_out() {
     let mut stack = Stack::start(1).expect("stack");
     put(&stack, mixed("before", 200)).await;
     let _poller = start_poller(&stack, &[]);
-    wait_for("first events", Duration::from_secs(60), || async {
+    wait_until("first events", Duration::from_secs(60), || async {
         event_ids(&stack).await.len() >= 200
     })
     .await;
@@ -228,7 +214,7 @@ async fn dynamodb_outage_is_waited_out() {
     put(&stack, mixed("during", 300)).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     stack.dynamodb.restart().expect("dynamodb back");
-    wait_for(
+    wait_until(
         "events from the outage",
         Duration::from_secs(90),
         || async { event_ids(&stack).await.len() >= 500 },
@@ -257,7 +243,7 @@ async fn two_pollers_share_shards_and_take_over_from_a_dead_one() {
     let lease = [("CONSUMER_LEASE_SECS", "3")];
     let mut a = start_poller(&stack, &lease);
     let b = start_poller(&stack, &lease);
-    wait_for(
+    wait_until(
         "each poller holds one shard",
         Duration::from_secs(60),
         || async {
@@ -268,7 +254,7 @@ async fn two_pollers_share_shards_and_take_over_from_a_dead_one() {
     )
     .await;
     put(&stack, mixed("shared", 400)).await;
-    wait_for("events written", Duration::from_secs(60), || async {
+    wait_until("events written", Duration::from_secs(60), || async {
         event_ids(&stack).await.len() >= 400
     })
     .await;
@@ -281,7 +267,7 @@ async fn two_pollers_share_shards_and_take_over_from_a_dead_one() {
     assert!(adtrack_testkit::metric_value(&a_metrics, "adtrack_consumer_leases_held") >= 1.0);
 
     a.proc.kill();
-    wait_for(
+    wait_until(
         "the survivor holds both shards",
         Duration::from_secs(60),
         || async {
@@ -292,7 +278,7 @@ async fn two_pollers_share_shards_and_take_over_from_a_dead_one() {
     )
     .await;
     put(&stack, mixed("after", 400)).await;
-    wait_for(
+    wait_until(
         "events after the takeover",
         Duration::from_secs(60),
         || async { event_ids(&stack).await.len() >= 800 },
@@ -305,111 +291,52 @@ async fn two_pollers_share_shards_and_take_over_from_a_dead_one() {
 /// A DynamoDB proxy that leaves items whose event id starts with
 /// `poison-write-` unprocessed, forever.
 async fn unprocessing_proxy(upstream: String, refused: Arc<AtomicU64>) -> u16 {
-    use http_body_util::{BodyExt, Full};
-    use hyper::service::service_fn;
-    use hyper_util::rt::TokioIo;
-
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    tokio::spawn(async move {
-        let http = Http::new();
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let (http, upstream, refused) = (http.clone(), upstream.clone(), refused.clone());
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let (http, upstream, refused) =
-                        (http.clone(), upstream.clone(), refused.clone());
-                    async move {
-                        let target = req
-                            .headers()
-                            .get("x-amz-target")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_owned();
-                        let headers: Vec<(String, String)> = req
-                            .headers()
-                            .iter()
-                            .filter(|(k, _)| *k != "host" && *k != "content-length")
-                            .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_owned())))
-                            .collect();
-                        let body = req.into_body().collect().await.expect("body").to_bytes();
-                        let mut held = serde_json::Map::new();
-                        let forward = if target.ends_with(".BatchWriteItem") {
-                            let mut j: serde_json::Value =
-                                serde_json::from_slice(&body).expect("json");
-                            let tables = j["RequestItems"].as_object().cloned().unwrap_or_default();
-                            let mut keep = serde_json::Map::new();
-                            for (table, reqs) in tables {
-                                let (bad, good): (Vec<_>, Vec<_>) = reqs
-                                    .as_array()
-                                    .cloned()
-                                    .unwrap_or_default()
-                                    .into_iter()
-                                    .partition(|r| {
-                                        r["PutRequest"]["Item"]["eventId"]["S"]
-                                            .as_str()
-                                            .is_some_and(|id| id.starts_with("poison-write-"))
-                                    });
-                                if !bad.is_empty() {
-                                    refused.fetch_add(bad.len() as u64, Ordering::Relaxed);
-                                    held.insert(table.clone(), serde_json::Value::Array(bad));
-                                }
-                                if !good.is_empty() {
-                                    keep.insert(table, serde_json::Value::Array(good));
-                                }
-                            }
-                            if keep.is_empty() {
-                                None
-                            } else {
-                                j["RequestItems"] = serde_json::Value::Object(keep);
-                                Some(serde_json::to_vec(&j).expect("json"))
-                            }
-                        } else {
-                            Some(body.to_vec())
-                        };
-                        let hs: Vec<(&str, &str)> = headers
-                            .iter()
-                            .map(|(k, v)| (k.as_str(), v.as_str()))
-                            .collect();
-                        let (status, resp) = match forward {
-                            Some(b) => {
-                                let r = http
-                                    .request("POST", &upstream, &hs, &b)
-                                    .await
-                                    .expect("upstream");
-                                (r.status, r.body.to_vec())
-                            }
-                            None => (200, br#"{"UnprocessedItems":{}}"#.to_vec()),
-                        };
-                        let resp = if held.is_empty() || status != 200 {
-                            resp
-                        } else {
-                            let mut j: serde_json::Value =
-                                serde_json::from_slice(&resp).expect("json");
-                            j["UnprocessedItems"] = serde_json::Value::Object(held);
-                            serde_json::to_vec(&j).expect("json")
-                        };
-                        let mut r = hyper::Response::new(Full::new(hyper::body::Bytes::from(resp)));
-                        *r.status_mut() = hyper::StatusCode::from_u16(status).expect("status");
-                        r.headers_mut().insert(
-                            "content-type",
-                            "application/x-amz-json-1.0".parse().expect("ct"),
-                        );
-                        Ok::<_, std::convert::Infallible>(r)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
+    intercepting_proxy(upstream, move |target, body| {
+        if !target.ends_with(".BatchWriteItem") {
+            return Intercept::pass(body);
         }
-    });
-    port
+        let mut j: serde_json::Value = serde_json::from_slice(body).expect("json");
+        let tables = j["RequestItems"].as_object().cloned().unwrap_or_default();
+        let mut keep = serde_json::Map::new();
+        let mut held = serde_json::Map::new();
+        for (table, reqs) in tables {
+            let (bad, good): (Vec<_>, Vec<_>) = reqs
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .partition(|r| {
+                    r["PutRequest"]["Item"]["eventId"]["S"]
+                        .as_str()
+                        .is_some_and(|id| id.starts_with("poison-write-"))
+                });
+            if !bad.is_empty() {
+                refused.fetch_add(bad.len() as u64, Ordering::Relaxed);
+                held.insert(table.clone(), serde_json::Value::Array(bad));
+            }
+            if !good.is_empty() {
+                keep.insert(table, serde_json::Value::Array(good));
+            }
+        }
+        let forward = (!keep.is_empty()).then(|| {
+            j["RequestItems"] = serde_json::Value::Object(keep);
+            serde_json::to_vec(&j).expect("json")
+        });
+        // The held items come back as unprocessed, every time.
+        let patch = (!held.is_empty()).then(|| {
+            Box::new(move |resp: Vec<u8>| {
+                let mut j: serde_json::Value = serde_json::from_slice(&resp).expect("json");
+                j["UnprocessedItems"] = serde_json::Value::Object(held);
+                serde_json::to_vec(&j).expect("json")
+            }) as Patch
+        });
+        Intercept {
+            forward,
+            answer: br#"{"UnprocessedItems":{}}"#.to_vec(),
+            patch,
+        }
+    })
+    .await
 }
 
 fn kinesis_event(records: &[(&str, Vec<u8>)]) -> aws_lambda_events::event::kinesis::KinesisEvent {

@@ -97,10 +97,6 @@ impl Proc {
         }
         None
     }
-
-    pub fn child_mut(&mut self) -> Option<&mut Child> {
-        self.child.as_mut()
-    }
 }
 
 impl Drop for Proc {
@@ -325,15 +321,16 @@ impl Stack {
     }
 }
 
-/// Polls `f` until it returns `Some`, up to `limit`; panics with `what` otherwise.
-pub fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+/// Polls `f` every 50 ms until it is true; panics naming `what` after `limit`.
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
     let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
+    while !f().await {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -604,4 +601,110 @@ pub fn attr_s(
         .and_then(|v| v.as_s().ok())
         .cloned()
         .unwrap_or_default()
+}
+
+/// Rewrites an answer's body.
+pub type Patch = Box<dyn FnOnce(Vec<u8>) -> Vec<u8> + Send>;
+
+/// What an [`intercepting_proxy`] does with one request.
+pub struct Intercept {
+    /// The body to forward upstream; `None` answers without forwarding.
+    pub forward: Option<Vec<u8>>,
+    /// The body answered (status 200) when nothing is forwarded.
+    pub answer: Vec<u8>,
+    /// Rewrites the body of a 200 answer, forwarded or not.
+    pub patch: Option<Patch>,
+}
+
+impl Intercept {
+    /// Forward the request unchanged.
+    pub fn pass(body: &[u8]) -> Self {
+        Self {
+            forward: Some(body.to_vec()),
+            answer: Vec::new(),
+            patch: None,
+        }
+    }
+}
+
+/// An HTTP proxy on a free loopback port in front of an AWS stand-in. `f`
+/// sees each request's `X-Amz-Target` and body and decides what is
+/// forwarded and how the answer is rewritten. Returns the port.
+pub async fn intercepting_proxy<F>(upstream: String, f: F) -> u16
+where
+    F: Fn(&str, &[u8]) -> Intercept + Send + Sync + 'static,
+{
+    use http_body_util::{BodyExt, Full};
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let f = std::sync::Arc::new(f);
+    tokio::spawn(async move {
+        let http = Http::new();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (http, upstream, f) = (http.clone(), upstream.clone(), f.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (http, upstream, f) = (http.clone(), upstream.clone(), f.clone());
+                    async move {
+                        let target = req
+                            .headers()
+                            .get("x-amz-target")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        let headers: Vec<(String, String)> = req
+                            .headers()
+                            .iter()
+                            .filter(|(k, _)| *k != "host" && *k != "content-length")
+                            .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_owned())))
+                            .collect();
+                        let body = req.into_body().collect().await.expect("body").to_bytes();
+                        let intercept = f(&target, &body);
+                        let hs: Vec<(&str, &str)> = headers
+                            .iter()
+                            .map(|(k, v)| (k.as_str(), v.as_str()))
+                            .collect();
+                        let content_type = headers
+                            .iter()
+                            .find(|(k, _)| k == "content-type")
+                            .map(|(_, v)| v.clone())
+                            .unwrap_or_else(|| "application/json".into());
+                        let (status, mut resp_body) = match intercept.forward {
+                            Some(b) => {
+                                let r = http
+                                    .request("POST", &upstream, &hs, &b)
+                                    .await
+                                    .expect("upstream");
+                                (r.status, r.body.to_vec())
+                            }
+                            None => (200, intercept.answer),
+                        };
+                        if status == 200
+                            && let Some(patch) = intercept.patch
+                        {
+                            resp_body = patch(resp_body);
+                        }
+                        let mut resp =
+                            hyper::Response::new(Full::new(bytes::Bytes::from(resp_body)));
+                        *resp.status_mut() = hyper::StatusCode::from_u16(status).expect("status");
+                        resp.headers_mut()
+                            .insert("content-type", content_type.parse().expect("content type"));
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    port
 }

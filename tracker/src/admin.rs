@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::ProgramCache;
 use crate::health::Health;
-use crate::routes::{Body, health_ready, live};
+use crate::routes::{Body, health_live, health_ready};
 
 pub struct AdminState {
     pub health: Arc<Health>,
@@ -30,7 +30,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
 fn route<B>(req: &Request<B>, state: &AdminState) -> Response<Body> {
     match req.uri().path() {
         "/metrics" => adtrack_service::metrics_endpoint::render(&state.prometheus),
-        "/health/live" => live(),
+        "/health/live" => health_live(),
         "/health/ready" => health_ready(&state.health),
         "/cache/stats" => {
             let body = serde_json::json!({

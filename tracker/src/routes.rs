@@ -389,12 +389,11 @@ async fn event<B>(
         Err(NotShipped::OptedOut) => String::new(),
         Err(NotShipped::Queue(_)) => return Err(ApiError::Overloaded),
     };
-    let user_agent = header_text(req.headers(), USER_AGENT);
     let (status, body) = match &lookup {
         Lookup::Active(p) => (
             StatusCode::OK,
             serde_json::to_vec(&EventReply {
-                user_agent: &user_agent,
+                user_agent: &client.user_agent,
                 program_id: p.program_id.as_str(),
                 program_name: &p.program_name,
                 checksum: &p.checksum,
@@ -482,7 +481,8 @@ async fn click<B>(
     Ok(resp)
 }
 
-fn health_live() -> Response<Body> {
+/// Liveness (public and admin ports).
+pub fn health_live() -> Response<Body> {
     json_response(StatusCode::OK, br#"{"status":"live"}"#.to_vec())
 }
 
@@ -497,9 +497,4 @@ pub fn health_ready(health: &Health) -> Response<Body> {
             serde_json::to_vec(&body).unwrap_or_default(),
         )
     }
-}
-
-/// Liveness for the admin port.
-pub fn live() -> Response<Body> {
-    health_live()
 }

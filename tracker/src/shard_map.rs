@@ -46,10 +46,6 @@ impl ShardMap {
         &self.shards[index]
     }
 
-    pub fn index_of_id(&self, id: &str) -> Option<usize> {
-        self.shards.iter().position(|s| s.id == id)
-    }
-
     /// Index of the shard a partition key hashes to.
     pub fn index_for(&self, partition_key: &str) -> usize {
         let h = partition_hash(partition_key);

@@ -7,22 +7,14 @@ mod support;
 
 use std::time::Duration;
 
-use adtrack_proto::program::parse_program_file;
 use adtrack_testkit::{Http, Stack, metric_sum};
-use adtrack_updater::ProgramStore;
-use support::{PROGRAMS, Tracker, wait_until};
+use support::{Tracker, load_programs, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 async fn setup(extra: &[(&str, &str)]) -> (Stack, Tracker) {
     let stack = Stack::start(1).expect("stack");
-    let mut store = ProgramStore::connect(&stack.redis.url())
-        .await
-        .expect("redis");
-    store
-        .load(&parse_program_file(PROGRAMS).expect("programs"))
-        .await
-        .expect("load");
+    load_programs(&stack).await;
     let t = Tracker::start(&stack, extra).await;
     (stack, t)
 }

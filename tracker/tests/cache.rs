@@ -12,18 +12,7 @@ use adtrack_proto::v1::TrackingEvent;
 use adtrack_testkit::{Http, Stack, metric_sum, read_stream_events};
 use adtrack_updater::ProgramStore;
 use prost::Message;
-use support::{PROGRAMS, Tracker, wait_status, wait_until};
-
-async fn load_reference(stack: &Stack) -> ProgramStore {
-    let mut store = ProgramStore::connect(&stack.redis.url())
-        .await
-        .expect("redis");
-    store
-        .load(&parse_program_file(PROGRAMS).expect("programs"))
-        .await
-        .expect("load");
-    store
-}
+use support::{PROGRAMS, Tracker, load_programs, wait_status, wait_until};
 
 fn program(json: serde_json::Value) -> Program {
     Program::from_json(&json).expect("program")
@@ -45,7 +34,7 @@ async fn redis_cmd(url: &str, args: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_pushes_are_ignored() {
     let stack = Stack::start(1).expect("stack");
-    let _store = load_reference(&stack).await;
+    let _store = load_programs(&stack).await;
     let t = Tracker::start(&stack, &[]).await;
     let http = Http::new();
     assert_eq!(
@@ -81,7 +70,7 @@ async fn stale_pushes_are_ignored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resynchronises_after_redis_restart() {
     let mut stack = Stack::start(1).expect("stack");
-    let _ = load_reference(&stack).await;
+    let _ = load_programs(&stack).await;
     let t = Tracker::start(&stack, &[]).await;
     let http = Http::new();
     assert_eq!(
@@ -113,7 +102,7 @@ async fn resynchronises_after_redis_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_ids_are_cached_negatively_then_expire() {
     let stack = Stack::start(1).expect("stack");
-    let _ = load_reference(&stack).await;
+    let _ = load_programs(&stack).await;
     let t = Tracker::start(&stack, &[("TRACKER_NEGATIVE_TTL_SECS", "2")]).await;
     let http = Http::new();
     assert_eq!(
@@ -165,7 +154,7 @@ async fn unknown_ids_are_cached_negatively_then_expire() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_ships_unverified_and_keeps_cached_programs_valid() {
     let mut stack = Stack::start(1).expect("stack");
-    let _ = load_reference(&stack).await;
+    let _ = load_programs(&stack).await;
     let t = Tracker::start(&stack, &[("TRACKER_REDIS_TIMEOUT_MS", "50")]).await;
     let http = Http::new();
     stack.redis.stop();
@@ -240,7 +229,7 @@ async fn not_ready_until_warm_and_stream_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_ready_while_draining() {
     let mut stack = Stack::start(1).expect("stack");
-    let _ = load_reference(&stack).await;
+    let _ = load_programs(&stack).await;
     let mut t = Tracker::start(&stack, &[("TRACKER_DRAIN_DEADLINE_SECS", "4")]).await;
     let http = Http::new();
     // With Kinesis gone, the queued event keeps the drain busy.

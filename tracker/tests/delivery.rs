@@ -10,22 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use adtrack_proto::program::parse_program_file;
 use adtrack_proto::v1::TrackingEvent;
-use adtrack_testkit::{Http, Stack, metric_sum, read_stream_events};
-use adtrack_updater::ProgramStore;
+use adtrack_testkit::{Http, Intercept, Stack, intercepting_proxy, metric_sum, read_stream_events};
 use prost::Message;
-use support::{PROGRAMS, Tracker, wait_until};
-
-async fn load_programs(stack: &Stack) {
-    let mut store = ProgramStore::connect(&stack.redis.url())
-        .await
-        .expect("redis");
-    store
-        .load(&parse_program_file(PROGRAMS).expect("programs"))
-        .await
-        .expect("load");
-}
+use support::{Tracker, load_programs, wait_until};
 
 /// Steady load: `workers` clients each sending a hit every `pause`, keeping
 /// the event ids the tracker answered for.
@@ -176,134 +164,62 @@ struct FailingProxy {
 }
 
 async fn failing_proxy(upstream: String) -> FailingProxy {
-    use http_body_util::{BodyExt, Full};
-    use hyper::body::Bytes;
-    use hyper::service::service_fn;
-    use hyper_util::rt::TokioIo;
-
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = listener.local_addr().expect("addr").port();
     let injected = Arc::new(AtomicU64::new(0));
     let resent = Arc::new(AtomicU64::new(0));
     let sent_twice_ok = Arc::new(AtomicU64::new(0));
-    let failed_once: Arc<std::sync::Mutex<HashSet<String>>> = Arc::default();
-    let delivered: Arc<std::sync::Mutex<HashSet<String>>> = Arc::default();
+    let failed_once: std::sync::Mutex<HashSet<String>> = Default::default();
+    let delivered: std::sync::Mutex<HashSet<String>> = Default::default();
     let (inj, res, twice) = (injected.clone(), resent.clone(), sent_twice_ok.clone());
-    tokio::spawn(async move {
-        let http = Http::new();
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let (http, upstream) = (http.clone(), upstream.clone());
-            let (failed_once, delivered) = (failed_once.clone(), delivered.clone());
-            let (inj, res, twice) = (inj.clone(), res.clone(), twice.clone());
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let (http, upstream) = (http.clone(), upstream.clone());
-                    let (failed_once, delivered) = (failed_once.clone(), delivered.clone());
-                    let (inj, res, twice) = (inj.clone(), res.clone(), twice.clone());
-                    async move {
-                        let target = req
-                            .headers()
-                            .get("x-amz-target")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_owned();
-                        let headers: Vec<(String, String)> = req
-                            .headers()
-                            .iter()
-                            .filter(|(k, _)| *k != "host" && *k != "content-length")
-                            .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_owned())))
-                            .collect();
-                        let body = req.into_body().collect().await.expect("body").to_bytes();
-                        let mut failed_at = Vec::new();
-                        let forward = if target.ends_with(".PutRecords") {
-                            let mut j: serde_json::Value =
-                                serde_json::from_slice(&body).expect("json");
-                            let records = j["Records"].as_array().cloned().unwrap_or_default();
-                            let mut keep = Vec::new();
-                            for (i, r) in records.into_iter().enumerate() {
-                                let key = r["Data"].as_str().unwrap_or("").to_owned();
-                                let mut seen = failed_once.lock().expect("lock");
-                                if seen.contains(&key) {
-                                    res.fetch_add(1, Ordering::Relaxed);
-                                }
-                                if i % 2 == 0 && seen.insert(key.clone()) {
-                                    inj.fetch_add(1, Ordering::Relaxed);
-                                    failed_at.push(i);
-                                } else {
-                                    if !delivered.lock().expect("lock").insert(key) {
-                                        twice.fetch_add(1, Ordering::Relaxed);
-                                    }
-                                    keep.push(r);
-                                }
-                            }
-                            if keep.is_empty() {
-                                None
-                            } else {
-                                j["Records"] = serde_json::Value::Array(keep);
-                                Some(serde_json::to_vec(&j).expect("json"))
-                            }
-                        } else {
-                            Some(body.to_vec())
-                        };
-                        let hs: Vec<(&str, &str)> = headers
-                            .iter()
-                            .map(|(k, v)| (k.as_str(), v.as_str()))
-                            .collect();
-                        let (status, content_type, resp_body) = match forward {
-                            Some(b) => {
-                                let r = http
-                                    .request("POST", &upstream, &hs, &b)
-                                    .await
-                                    .expect("upstream");
-                                (
-                                    r.status,
-                                    r.header("content-type").unwrap_or_default(),
-                                    r.body.to_vec(),
-                                )
-                            }
-                            None => (
-                                200,
-                                "application/x-amz-json-1.1".to_owned(),
-                                br#"{"FailedRecordCount":0,"Records":[]}"#.to_vec(),
-                            ),
-                        };
-                        let resp_body = if failed_at.is_empty() || status != 200 {
-                            resp_body
-                        } else {
-                            let mut j: serde_json::Value =
-                                serde_json::from_slice(&resp_body).expect("json");
-                            let mut results: Vec<serde_json::Value> =
-                                j["Records"].as_array().cloned().unwrap_or_default();
-                            for i in &failed_at {
-                                results.insert(
-                                    *i,
-                                    serde_json::json!({"ErrorCode": "ProvisionedThroughputExceededException", "ErrorMessage": "injected by the test proxy"}),
-                                );
-                            }
-                            let failed = j["FailedRecordCount"].as_u64().unwrap_or(0)
-                                + failed_at.len() as u64;
-                            j["FailedRecordCount"] = failed.into();
-                            j["Records"] = serde_json::Value::Array(results);
-                            serde_json::to_vec(&j).expect("json")
-                        };
-                        let mut resp = hyper::Response::new(Full::new(Bytes::from(resp_body)));
-                        *resp.status_mut() = hyper::StatusCode::from_u16(status).expect("status");
-                        resp.headers_mut()
-                            .insert("content-type", content_type.parse().expect("content type"));
-                        Ok::<_, std::convert::Infallible>(resp)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
+    let port = intercepting_proxy(upstream, move |target, body| {
+        if !target.ends_with(".PutRecords") {
+            return Intercept::pass(body);
         }
-    });
+        let mut j: serde_json::Value = serde_json::from_slice(body).expect("json");
+        let records = j["Records"].as_array().cloned().unwrap_or_default();
+        let mut keep = Vec::new();
+        let mut failed_at = Vec::new();
+        for (i, r) in records.into_iter().enumerate() {
+            let key = r["Data"].as_str().unwrap_or("").to_owned();
+            let mut seen = failed_once.lock().expect("lock");
+            if seen.contains(&key) {
+                res.fetch_add(1, Ordering::Relaxed);
+            }
+            if i % 2 == 0 && seen.insert(key.clone()) {
+                inj.fetch_add(1, Ordering::Relaxed);
+                failed_at.push(i);
+            } else {
+                if !delivered.lock().expect("lock").insert(key) {
+                    twice.fetch_add(1, Ordering::Relaxed);
+                }
+                keep.push(r);
+            }
+        }
+        let forward = (!keep.is_empty()).then(|| {
+            j["Records"] = serde_json::Value::Array(keep);
+            serde_json::to_vec(&j).expect("json")
+        });
+        // Put the injected failures back at their positions in the answer.
+        let patch = move |resp: Vec<u8>| {
+            let mut j: serde_json::Value = serde_json::from_slice(&resp).expect("json");
+            let mut results: Vec<serde_json::Value> = j["Records"].as_array().cloned().unwrap_or_default();
+            for i in &failed_at {
+                results.insert(
+                    *i,
+                    serde_json::json!({"ErrorCode": "ProvisionedThroughputExceededException", "ErrorMessage": "injected by the test proxy"}),
+                );
+            }
+            let failed = j["FailedRecordCount"].as_u64().unwrap_or(0) + failed_at.len() as u64;
+            j["FailedRecordCount"] = failed.into();
+            j["Records"] = serde_json::Value::Array(results);
+            serde_json::to_vec(&j).expect("json")
+        };
+        Intercept {
+            forward,
+            answer: br#"{"FailedRecordCount":0,"Records":[]}"#.to_vec(),
+            patch: Some(Box::new(patch)),
+        }
+    })
+    .await;
     FailingProxy {
         port,
         injected,

@@ -1,24 +1,17 @@
 //! The tracker process against real Redis and the Kinesis stand-in: routes,
 //! replies, bad input, and core-data pushes seen without a restart.
 
-use adtrack_proto::program::{Program, ProgramId, parse_program_file};
+use adtrack_proto::program::{Program, ProgramId};
 use adtrack_testkit::{Http, Stack, metric_sum};
-use adtrack_updater::ProgramStore;
 
 mod support;
 
-use support::{PROGRAMS, Tracker, wait_status};
+use support::{Tracker, load_programs, wait_status};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_replies_and_pushed_updates() {
     let stack = Stack::start(1).expect("stack");
-    let mut store = ProgramStore::connect(&stack.redis.url())
-        .await
-        .expect("redis");
-    store
-        .load(&parse_program_file(PROGRAMS).expect("programs"))
-        .await
-        .expect("load");
+    let mut store = load_programs(&stack).await;
     let t = Tracker::start(&stack, &[]).await;
     let http = Http::new();
 

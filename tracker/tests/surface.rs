@@ -7,22 +7,14 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use adtrack_proto::program::parse_program_file;
 use adtrack_proto::v1::TrackingEvent;
 use adtrack_testkit::{Http, Stack, read_stream_events};
-use adtrack_updater::ProgramStore;
 use prost::Message;
-use support::{PROGRAMS, Tracker};
+use support::{Tracker, load_programs};
 
 async fn setup(extra: &[(&str, &str)]) -> (Stack, Tracker) {
     let stack = Stack::start(1).expect("stack");
-    let mut store = ProgramStore::connect(&stack.redis.url())
-        .await
-        .expect("redis");
-    store
-        .load(&parse_program_file(PROGRAMS).expect("programs"))
-        .await
-        .expect("load");
+    load_programs(&stack).await;
     let t = Tracker::start(&stack, extra).await;
     (stack, t)
 }

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+pub use adtrack_testkit::wait_until;
 use adtrack_testkit::{Http, Proc, Stack, free_port};
 
 pub const PROGRAMS: &str = include_str!("../../../dev/programs.json");
@@ -72,20 +73,16 @@ impl Tracker {
     }
 }
 
-/// Polls `f` every 20 ms until it is true; panics after `limit`.
-pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    while !f().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Loads `dev/programs.json` (the reference format) with the updater's store.
+pub async fn load_programs(stack: &Stack) -> adtrack_updater::ProgramStore {
+    let mut store = adtrack_updater::ProgramStore::connect(&stack.redis.url())
+        .await
+        .expect("redis");
+    store
+        .load(&adtrack_proto::program::parse_program_file(PROGRAMS).expect("programs"))
+        .await
+        .expect("load");
+    store
 }
 
 /// Waits until `url` answers `want`.
