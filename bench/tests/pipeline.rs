@@ -3,63 +3,17 @@
 //! Every valid hit must land in DynamoDB exactly once, nothing else may, the
 //! tracker's counters must agree, and a replay must not duplicate.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::process::Command;
 use std::time::Duration;
 
 use adtrack_testkit::{
-    CHECKPOINT_TABLE, EVENTS_TABLE, Http, Proc, Stack, binary, dev_dir, free_port, metric_sum,
-    wait_until,
+    CHECKPOINT_TABLE, EVENTS_TABLE, Http, Proc, Stack, attr_s, binary, dev_dir, dynamodb_client,
+    free_port, metric_sum, scan_table, wait_until,
 };
-use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
-use aws_sdk_dynamodb::types::AttributeValue;
 
 const HITS: usize = 5_000;
 const VALID_IDS: [&str; 4] = ["212312", "212313", "212314", "summer-sale"];
-
-fn dynamodb(stack: &Stack) -> aws_sdk_dynamodb::Client {
-    let conf = aws_sdk_dynamodb::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .endpoint_url(stack.dynamodb.url())
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("local", "local", None, None, "test"))
-        .build();
-    aws_sdk_dynamodb::Client::from_conf(conf)
-}
-
-async fn scan(
-    client: &aws_sdk_dynamodb::Client,
-    table: &str,
-) -> Vec<BTreeMap<String, AttributeValue>> {
-    let mut items = Vec::new();
-    let mut start = None;
-    loop {
-        let out = client
-            .scan()
-            .table_name(table)
-            .set_exclusive_start_key(start)
-            .send()
-            .await
-            .expect("scan");
-        items.extend(
-            out.items
-                .unwrap_or_default()
-                .into_iter()
-                .map(|i| i.into_iter().collect()),
-        );
-        start = out.last_evaluated_key;
-        if start.is_none() {
-            return items;
-        }
-    }
-}
-
-fn s(item: &BTreeMap<String, AttributeValue>, k: &str) -> String {
-    item.get(k)
-        .and_then(|v| v.as_s().ok())
-        .cloned()
-        .unwrap_or_default()
-}
 
 struct Service {
     proc: Proc,
@@ -226,15 +180,15 @@ async fn every_valid_hit_lands_exactly_once_and_replay_does_not_duplicate() {
     assert_eq!(valid + sent.unknown + sent.inactive + sent.malformed, HITS);
 
     // Every valid hit lands in DynamoDB, once.
-    let ddb = dynamodb(&stack);
+    let ddb = dynamodb_client(&stack.dynamodb.url());
     wait_until(
         "all events in DynamoDB",
         Duration::from_secs(120),
-        || async { scan(&ddb, EVENTS_TABLE).await.len() >= valid },
+        || async { scan_table(&ddb, EVENTS_TABLE).await.expect("scan").len() >= valid },
     )
     .await;
-    let items = scan(&ddb, EVENTS_TABLE).await;
-    let landed: HashSet<String> = items.iter().map(|i| s(i, "eventId")).collect();
+    let items = scan_table(&ddb, EVENTS_TABLE).await.expect("scan");
+    let landed: HashSet<String> = items.iter().map(|i| attr_s(i, "eventId")).collect();
     assert_eq!(items.len(), valid, "one item per valid hit");
     assert_eq!(landed.len(), valid);
     assert!(
@@ -244,16 +198,19 @@ async fn every_valid_hit_lands_exactly_once_and_replay_does_not_duplicate() {
     assert!(
         items
             .iter()
-            .all(|i| VALID_IDS.contains(&s(i, "programId").as_str())
-                && s(i, "validation") == "valid"),
+            .all(|i| VALID_IDS.contains(&attr_s(i, "programId").as_str())
+                && attr_s(i, "validation") == "valid"),
         "only valid programs' events land"
     );
-    let clicks = items.iter().filter(|i| s(i, "source") == "pixel").count();
+    let clicks = items
+        .iter()
+        .filter(|i| attr_s(i, "source") == "pixel")
+        .count();
     assert!(
         items
             .iter()
-            .filter(|i| s(i, "source") == "pixel")
-            .all(|i| s(i, "eventType") == "click")
+            .filter(|i| attr_s(i, "source") == "pixel")
+            .all(|i| attr_s(i, "eventType") == "click")
     );
     assert_eq!(
         clicks,
@@ -311,8 +268,9 @@ async fn every_valid_hit_lands_exactly_once_and_replay_does_not_duplicate() {
         consumer.proc.wait_exit(Duration::from_secs(20)).is_some(),
         "consumer stops on SIGTERM"
     );
-    let checkpoints: Vec<_> = scan(&ddb, CHECKPOINT_TABLE)
+    let checkpoints: Vec<_> = scan_table(&ddb, CHECKPOINT_TABLE)
         .await
+        .expect("scan")
         .into_iter()
         .filter(|c| c.contains_key("sequenceNumber"))
         .collect();
@@ -343,7 +301,7 @@ async fn every_valid_hit_lands_exactly_once_and_replay_does_not_duplicate() {
         },
     )
     .await;
-    let after = scan(&ddb, EVENTS_TABLE).await;
+    let after = scan_table(&ddb, EVENTS_TABLE).await.expect("scan");
     assert_eq!(after.len(), valid, "a replay overwrites, never duplicates");
     drop(tracker);
 }
