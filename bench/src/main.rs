@@ -142,6 +142,9 @@ struct CompareArgs {
     /// Tracker binary (default: next to this one).
     #[arg(long)]
     tracker_bin: Option<PathBuf>,
+    /// Shards of the stream the tracker writes to (1 MiB/s each, as in AWS).
+    #[arg(long, default_value_t = 40)]
+    shards: i32,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -551,6 +554,53 @@ fn kinesis(env: &HashMap<String, String>) -> Result<(aws_sdk_kinesis::Client, St
     Ok((aws_sdk_kinesis::Client::from_conf(conf), stream))
 }
 
+/// The stream `bench compare` provisions for the tracker.
+const COMPARE_STREAM: &str = "adtrack-bench-compare";
+
+/// Creates `name` with `shards` shards unless it exists; waits until active.
+async fn provision_stream(
+    env: &HashMap<String, String>,
+    name: &str,
+    shards: i32,
+) -> Result<String> {
+    let (client, _) = kinesis(env)?;
+    if client
+        .describe_stream_summary()
+        .stream_name(name)
+        .send()
+        .await
+        .is_err()
+    {
+        client
+            .create_stream()
+            .stream_name(name)
+            .shard_count(shards)
+            .send()
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "creating stream {name}: {}",
+                    aws_sdk_kinesis::error::DisplayErrorContext(&e)
+                )
+            })?;
+    }
+    for _ in 0..100 {
+        let active = client
+            .describe_stream_summary()
+            .stream_name(name)
+            .send()
+            .await
+            .ok()
+            .and_then(|o| o.stream_description_summary)
+            .is_some_and(|d| d.stream_status == aws_sdk_kinesis::types::StreamStatus::Active);
+        if active {
+            return Ok(name.to_owned());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("stream {name} did not become active")
+}
+
 async fn stream_duplicates(env: &HashMap<String, String>, ids: &HashSet<&String>) -> Result<usize> {
     use adtrack_proto::kpl::{Deaggregated, deaggregate};
     use aws_sdk_kinesis::types::ShardIteratorType;
@@ -743,7 +793,16 @@ async fn compare_mode(cli: &Cli, a: CompareArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| servers::sibling_binary("tracker"));
     let server_core = pin.map(|p| p.1);
-    let tracker = servers::start_tracker(&bin, &env, server_core, 1).await?;
+    // As a user starts it: defaults, one core, a stream provisioned for the
+    // load (each shard takes 1 MiB/s, as in AWS).
+    let stream = provision_stream(&env, COMPARE_STREAM, a.shards).await?;
+    let tracker = servers::start_tracker(
+        &bin,
+        &env,
+        server_core,
+        &[("EVENTS_STREAM", stream.as_str())],
+    )
+    .await?;
     let nginx = servers::start_nginx(server_core).await?;
     let plan = Arc::new(mix::plan(&MixSpec::pixels_only(a.programs), 100_000));
     let mut rounds = Vec::new();
@@ -844,7 +903,7 @@ async fn startup_mode(cli: &Cli, a: SeedArgs) -> Result<()> {
         .tracker_bin
         .clone()
         .unwrap_or_else(|| servers::sibling_binary("tracker"));
-    let tracker = servers::start_tracker(&bin, &env, None, 2).await?;
+    let tracker = servers::start_tracker(&bin, &env, None, servers::UNLIMITED_STREAM).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let admin = tracker.admin.clone().unwrap_or_default();
     let stats = get_text(&format!("{admin}/cache/stats"))

@@ -106,12 +106,23 @@ async fn wait_http(url: &str, limit: Duration) -> Result<()> {
     }
 }
 
-/// Starts the tracker against the stack in `env`, waits until it is ready.
+/// Settings that measure the tracker rather than the two-shard local
+/// stream's write budget: the stand-in has no per-shard limits, and a deep
+/// memory queue keeps a burst off the disk spool while it catches up.
+pub const UNLIMITED_STREAM: &[(&str, &str)] = &[
+    ("TRACKER_SHARD_RECORDS_PER_SEC", "100000"),
+    ("TRACKER_SHARD_BYTES_PER_SEC", "1073741824"),
+    ("TRACKER_QUEUE_BYTES", "1073741824"),
+    ("TRACKER_QUEUE_EVENTS", "4000000"),
+];
+
+/// Starts the tracker against the stack in `env` with its defaults but for
+/// `settings`, waits until it is ready.
 pub async fn start_tracker(
     bin: &Path,
     env: &HashMap<String, String>,
     core: Option<usize>,
-    workers: usize,
+    settings: &[(&str, &str)],
 ) -> Result<Server> {
     let dir = tempfile::tempdir()?;
     let (port, admin) = (free_port()?, free_port()?);
@@ -131,18 +142,13 @@ pub async fn start_tracker(
     cmd.env("TRACKER_LISTEN_ADDR", format!("127.0.0.1:{port}"))
         .env("TRACKER_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
         .env("TRACKER_SPOOL_DIR", dir.path().join("spool"))
-        .env("TOKIO_WORKER_THREADS", workers.to_string())
-        // Measure the tracker, not a two-shard stream's write budget: the
-        // stand-in has no per-shard limits, and a deep memory queue keeps a
-        // burst off the disk spool while the stand-in catches up.
-        .env("TRACKER_SHARD_RECORDS_PER_SEC", "100000")
-        .env("TRACKER_SHARD_BYTES_PER_SEC", "1073741824")
-        .env("TRACKER_QUEUE_BYTES", "1073741824")
-        .env("TRACKER_QUEUE_EVENTS", "4000000")
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
+    for (k, v) in settings {
+        cmd.env(k, v);
+    }
     let started = Instant::now();
     let child = cmd
         .spawn()

@@ -157,6 +157,109 @@ impl Aggregator {
     }
 }
 
+/// Longest explicit hash key text (2^128 - 1 in decimal has 39 digits).
+const MAX_EHK_LEN: usize = 39;
+
+/// Builds an aggregate in one pass, straight into its final bytes, for
+/// records that all go to one shard: every user record gets its own entry in
+/// the partition-key table, and all of them share one explicit hash key,
+/// chosen when the aggregate is finished (protobuf lets the repeated fields
+/// come in any order, so the table entry may follow the records). A KCL
+/// consumer filtering user records by its shard's hash range reads that
+/// explicit hash key, so every user record lands where the aggregate does.
+#[derive(Debug)]
+pub struct ShardAggregate {
+    max_bytes: usize,
+    buf: BytesMut,
+    records: u64,
+}
+
+impl ShardAggregate {
+    /// `max_bytes` bounds the finished record (magic, digest and explicit
+    /// hash key included); it is capped at Kinesis's 1 MiB.
+    pub fn new(max_bytes: usize) -> Self {
+        let max_bytes = max_bytes.min(MAX_KINESIS_RECORD_BYTES - 256);
+        let mut buf = BytesMut::with_capacity(max_bytes);
+        buf.put_slice(&MAGIC);
+        Self {
+            max_bytes,
+            buf,
+            records: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.records as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records == 0
+    }
+
+    /// Size of the finished record if it were finished now, at most.
+    pub fn size(&self) -> usize {
+        self.buf.len() + 2 + MAX_EHK_LEN + DIGEST_LEN
+    }
+
+    fn added_len(&self, partition_key: &str, data: &[u8]) -> usize {
+        let inner = record_inner_len(self.records, data.len());
+        1 + prost::encoding::encoded_len_varint(partition_key.len() as u64)
+            + partition_key.len()
+            + 1
+            + prost::encoding::encoded_len_varint(inner as u64)
+            + inner
+    }
+
+    /// Appends one user record if the aggregate stays within its bound; a
+    /// record too big to share an aggregate is accepted alone into an empty
+    /// one. Returns false when it does not fit.
+    pub fn push(&mut self, partition_key: &str, data: &[u8]) -> bool {
+        let added = self.added_len(partition_key, data);
+        if !self.is_empty() && self.size() + added > self.max_bytes {
+            return false;
+        }
+        // partition_key_table entry (field 1).
+        put_bytes_field(1, partition_key.as_bytes(), &mut self.buf);
+        // records entry (field 3): partition_key_index, explicit_hash_key_index = 0, data.
+        let inner = record_inner_len(self.records, data.len());
+        prost::encoding::encode_key(3, prost::encoding::WireType::LengthDelimited, &mut self.buf);
+        prost::encoding::encode_varint(inner as u64, &mut self.buf);
+        prost::encoding::uint64::encode(1, &self.records, &mut self.buf);
+        prost::encoding::uint64::encode(2, &0, &mut self.buf);
+        put_bytes_field(3, data, &mut self.buf);
+        self.records += 1;
+        true
+    }
+
+    /// The finished record, its user records all under `explicit_hash_key`;
+    /// the aggregate starts over empty.
+    pub fn finish(&mut self, explicit_hash_key: &str) -> Bytes {
+        put_bytes_field(2, explicit_hash_key.as_bytes(), &mut self.buf);
+        let digest = Md5::digest(&self.buf[MAGIC.len()..]);
+        self.buf.put_slice(&digest);
+        let mut next = BytesMut::with_capacity(self.max_bytes);
+        next.put_slice(&MAGIC);
+        self.records = 0;
+        std::mem::replace(&mut self.buf, next).freeze()
+    }
+}
+
+/// A length-delimited field: key, length, bytes.
+fn put_bytes_field(tag: u32, bytes: &[u8], buf: &mut BytesMut) {
+    prost::encoding::encode_key(tag, prost::encoding::WireType::LengthDelimited, buf);
+    prost::encoding::encode_varint(bytes.len() as u64, buf);
+    buf.put_slice(bytes);
+}
+
+/// Encoded length of a `Record` with both indexes set and `data_len` bytes.
+fn record_inner_len(index: u64, data_len: usize) -> usize {
+    1 + prost::encoding::encoded_len_varint(index)
+        + 2
+        + 1
+        + prost::encoding::encoded_len_varint(data_len as u64)
+        + data_len
+}
+
 /// Frames an `AggregatedRecord`: magic, protobuf, MD5 of the protobuf.
 pub fn encode(message: &wire::AggregatedRecord) -> Bytes {
     let body = message.encode_to_vec();
@@ -281,6 +384,42 @@ mod tests {
                 output.extend(rs);
             }
             prop_assert_eq!(output, input);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn shard_aggregates_read_back_whole(
+            records in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..900), 1..150),
+            max in 200usize..60_000,
+        ) {
+            let ehk = "170141183460469231731687303715884105728";
+            let mut agg = ShardAggregate::new(max);
+            let mut finished = Vec::new();
+            for (i, d) in records.iter().enumerate() {
+                let pk = format!("0190-event-{i}");
+                if !agg.push(&pk, d) {
+                    finished.push(agg.finish(ehk));
+                    prop_assert!(agg.push(&pk, d), "fits an empty aggregate");
+                }
+            }
+            if !agg.is_empty() {
+                finished.push(agg.finish(ehk));
+            }
+            let mut out = Vec::new();
+            for a in &finished {
+                let Deaggregated::Records(rs) = deaggregate(a).expect("consistent") else {
+                    panic!("not read as an aggregate");
+                };
+                prop_assert!(a.len() <= max || rs.len() == 1, "{} > {max} with {} records", a.len(), rs.len());
+                out.extend(rs);
+            }
+            prop_assert_eq!(out.len(), records.len());
+            for (i, (u, d)) in out.iter().zip(&records).enumerate() {
+                prop_assert_eq!(&u.partition_key, &format!("0190-event-{i}"));
+                prop_assert_eq!(u.explicit_hash_key.as_deref(), Some(ehk));
+                prop_assert_eq!(&u.data[..], &d[..]);
+            }
         }
     }
 

@@ -24,8 +24,8 @@ use crate::api_error::{ApiError, Body, json_response};
 use crate::cache::Lookup;
 use crate::hit::{MAX_HEADER_COPY, MAX_PARAM_NAME, MAX_PARAM_VALUE, MAX_PARAMS, Params};
 use crate::metric;
+use crate::outgoing::Outgoing;
 use crate::routes::{AppState, ClientInfo, EventParts, build_event, check_id, lookup, now};
-use crate::shipper::Outgoing;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

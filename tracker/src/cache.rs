@@ -13,6 +13,7 @@ use adtrack_proto::program::Program;
 use adtrack_proto::redis_layout::{
     PROGRAM_KEY_PATTERN, PROGRAM_KEY_PREFIX, ProgramChange, StoredProgram,
 };
+use metrics::Counter;
 use moka::Expiry;
 use moka::future::Cache;
 use moka::ops::compute::{CompResult, Op};
@@ -100,6 +101,14 @@ pub struct ProgramCache {
     warmed: AtomicBool,
     redis: OnceCell<ConnectionManager>,
     timeout: Duration,
+    lookups: LookupMeters,
+}
+
+/// Handles for the per-lookup counters, registered once.
+struct LookupMeters {
+    hit: Counter,
+    negative_hit: Counter,
+    miss: Counter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +144,11 @@ impl ProgramCache {
             warmed: AtomicBool::new(false),
             redis: OnceCell::new(),
             timeout: settings.redis_timeout,
+            lookups: LookupMeters {
+                hit: metrics::counter!(metric::CACHE_LOOKUPS, "result" => "hit"),
+                negative_hit: metrics::counter!(metric::CACHE_LOOKUPS, "result" => "negative_hit"),
+                miss: metrics::counter!(metric::CACHE_LOOKUPS, "result" => "miss"),
+            },
         }
     }
 
@@ -156,16 +170,15 @@ impl ProgramCache {
     pub async fn lookup(&self, id: &str, now: OffsetDateTime) -> Lookup {
         let cached = match self.cache.get(id).await {
             Some(c) => {
-                let result = if matches!(c, Cached::Known(_)) {
-                    "hit"
+                if matches!(c, Cached::Known(_)) {
+                    self.lookups.hit.increment(1);
                 } else {
-                    "negative_hit"
-                };
-                metrics::counter!(metric::CACHE_LOOKUPS, "result" => result).increment(1);
+                    self.lookups.negative_hit.increment(1);
+                }
                 c
             }
             None => {
-                metrics::counter!(metric::CACHE_LOOKUPS, "result" => "miss").increment(1);
+                self.lookups.miss.increment(1);
                 match self.cache.try_get_with(id.to_owned(), self.fetch(id)).await {
                     Ok(c) => c,
                     Err(e) => {

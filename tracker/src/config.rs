@@ -81,8 +81,9 @@ pub struct Config {
     #[arg(long, env = "TRACKER_QUEUE_BYTES", value_name = "TRACKER_QUEUE_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..=4 * 1024 * 1024 * 1024))]
     pub queue_bytes: u64,
 
-    /// How long the batcher waits to fill a PutRecords call, in milliseconds.
-    #[arg(long, env = "TRACKER_BATCH_LINGER_MS", value_name = "TRACKER_BATCH_LINGER_MS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    /// Longest an event waits for its KPL aggregate to fill, in milliseconds
+    /// (a full aggregate leaves at once; the reply never waits for this).
+    #[arg(long, env = "TRACKER_BATCH_LINGER_MS", value_name = "TRACKER_BATCH_LINGER_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub batch_linger_ms: u64,
 
     /// Pack events into KPL aggregated records (many events per Kinesis record).

@@ -16,6 +16,7 @@ pub mod delivery;
 pub mod health;
 pub mod hit;
 pub mod metric;
+pub mod outgoing;
 pub mod routes;
 pub mod server;
 pub mod shard_map;
@@ -63,7 +64,6 @@ pub async fn run(
         )
         .load()
         .await;
-    let kinesis = aws_sdk_kinesis::Client::new(&aws);
 
     let cache = Arc::new(ProgramCache::new(&CacheSettings {
         capacity: config.cache_capacity,
@@ -89,7 +89,14 @@ pub async fn run(
 
     let give_up = CancellationToken::new();
     let background = CancellationToken::new();
-    let batcher_task = tokio::spawn(engine.run(kinesis.clone(), give_up.clone()));
+    let delivery = delivery::start(
+        engine,
+        aws,
+        health.clone(),
+        give_up.clone(),
+        background.clone(),
+    )
+    .context("starting the delivery thread")?;
     let spool_task = spool.map(|spool| tokio::spawn(sync_spool(spool, background.clone())));
     let sync_task = tokio::spawn(sync::run(
         redis,
@@ -97,12 +104,6 @@ pub async fn run(
         health.clone(),
         config.redis_timeout(),
         config.reconcile_every(),
-        background.clone(),
-    ));
-    let stream_task = tokio::spawn(check_stream(
-        kinesis,
-        config.events_stream.clone(),
-        health.clone(),
         background.clone(),
     ));
     let upkeep_task = tokio::spawn(adtrack_service::metrics_endpoint::upkeep(
@@ -121,7 +122,7 @@ pub async fn run(
 
     let state = Arc::new(AppState {
         cache,
-        sink,
+        sink: sink.clone(),
         health: health.clone(),
         ip_policy: IpPolicy {
             trusted_proxy_hops: config.trusted_proxy_hops,
@@ -135,6 +136,7 @@ pub async fn run(
             max_batch_events: config.max_batch_events,
             body_timeout: config.body_timeout(),
         },
+        meters: metric::RequestMeters::default(),
     });
     let deadline = config.drain_deadline();
     let stop_accepting = CancellationToken::new();
@@ -159,22 +161,28 @@ pub async fn run(
         "draining: not ready, closing the listener"
     );
     stop_accepting.cancel();
-    // The server task owns the last request-side handle on the queue; once it
-    // ends, the batcher sees the queue close and flushes what is left.
+    // Once the server is done, the inbox closes and the engine flushes what
+    // is left; anything a late handler offers now is refused and counted.
     let _ = server_task.await;
+    sink.close();
     let remaining = deadline.saturating_sub(drain_started.elapsed());
     let giver = give_up.clone();
     let timer = tokio::spawn(async move {
         tokio::time::sleep(remaining).await;
         giver.cancel();
     });
-    let report = batcher_task.await.unwrap_or_default();
+    let report = delivery.finish().await;
     timer.abort();
     if report.lost > 0 {
         metrics::counter!(metric::EVENTS_DROPPED, "cause" => "drain_deadline")
             .increment(report.lost);
     }
-    if report.undelivered() > 0 {
+    if report.engine_failed {
+        tracing::error!(
+            delivered = report.delivered,
+            "the delivery engine died: events it held are not accounted for"
+        );
+    } else if report.undelivered() > 0 {
         tracing::error!(
             delivered = report.delivered,
             spooled = report.spooled,
@@ -196,7 +204,7 @@ pub async fn run(
         );
     }
     background.cancel();
-    let _ = tokio::join!(sync_task, stream_task, admin_task, upkeep_task);
+    let _ = tokio::join!(sync_task, admin_task, upkeep_task);
     if let Some(t) = spool_task {
         let _ = t.await;
     }
@@ -241,45 +249,4 @@ async fn sync_spool(spool: Arc<Spool>, stop: CancellationToken) {
         }
     }
     let _ = spool.sync();
-}
-
-/// Asks Kinesis about the stream until it answers; readiness waits for it.
-async fn check_stream(
-    client: aws_sdk_kinesis::Client,
-    stream: String,
-    health: Arc<Health>,
-    stop: CancellationToken,
-) {
-    let mut pause = Duration::from_millis(200);
-    let mut attempts = 0u32;
-    loop {
-        match client
-            .describe_stream_summary()
-            .stream_name(&stream)
-            .send()
-            .await
-        {
-            Ok(_) => {
-                health.set_stream_ok();
-                tracing::info!(stream, "Kinesis stream answered");
-                return;
-            }
-            Err(e) => {
-                // One line at first, then one every ~30 s while it lasts.
-                if attempts.is_multiple_of(8) {
-                    tracing::warn!(
-                        stream,
-                        error = %aws_sdk_kinesis::error::DisplayErrorContext(&e),
-                        "Kinesis stream not available; not ready"
-                    );
-                }
-                attempts += 1;
-            }
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
-        }
-        pause = (pause * 2).min(Duration::from_secs(5));
-    }
 }

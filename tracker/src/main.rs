@@ -43,7 +43,7 @@ async fn main() -> ExitCode {
     );
     let shutdown = adtrack_service::shutdown_on_signals();
     match run(config, listener, admin, shutdown).await {
-        Ok(report) if report.undelivered() == 0 => ExitCode::SUCCESS,
+        Ok(report) if report.is_clean() => ExitCode::SUCCESS,
         Ok(_) => ExitCode::from(3),
         Err(e) => {
             tracing::error!("tracker failed: {e:#}");

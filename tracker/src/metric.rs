@@ -1,6 +1,9 @@
 //! Every metric the tracker emits, by name, in one place. Labels are
 //! low-cardinality only: never a program id or a user agent.
 
+use std::sync::OnceLock;
+
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 /// Requests answered, labels `route`, `status`.
@@ -80,4 +83,72 @@ pub fn install() -> PrometheusHandle {
         (KINESIS_CALL_DURATION, CALL_BUCKETS),
         (EVENTS_PER_RECORD, PER_RECORD_BUCKETS),
     ])
+}
+
+/// Routes, as the `route` label names them.
+pub const ROUTES: [&str; 7] = [
+    "pixel", "click", "event", "batch", "health", "unknown", "none",
+];
+/// Statuses, as the `status` label names them.
+pub const STATUSES: [&str; 14] = [
+    "200", "202", "204", "302", "400", "403", "404", "405", "408", "413", "414", "431", "503",
+    "other",
+];
+/// Hit outcomes, as the `outcome` label names them.
+pub const OUTCOMES: [&str; 5] = ["valid", "invalid", "unknown", "unverified", "malformed"];
+
+/// Handles for what every request records, each registered on its first
+/// use and reused after: no key building or registry lookup per request.
+#[derive(Default)]
+pub struct RequestMeters {
+    requests: [[OnceLock<Counter>; STATUSES.len()]; ROUTES.len()],
+    durations: [OnceLock<Histogram>; ROUTES.len()],
+    hits: [OnceLock<Counter>; OUTCOMES.len()],
+    dropped: std::sync::Mutex<Vec<(&'static str, Counter)>>,
+}
+
+fn index_of(names: &[&str], name: &str) -> usize {
+    names
+        .iter()
+        .position(|n| *n == name)
+        .unwrap_or(names.len() - 1)
+}
+
+impl RequestMeters {
+    /// One answered request and how long it took.
+    pub fn request(&self, route: &'static str, status: &'static str, seconds: f64) {
+        let r = index_of(&ROUTES, route);
+        let s = index_of(&STATUSES, status);
+        self.requests[r][s]
+            .get_or_init(
+                || metrics::counter!(REQUESTS, "route" => ROUTES[r], "status" => STATUSES[s]),
+            )
+            .increment(1);
+        self.durations[r]
+            .get_or_init(|| metrics::histogram!(REQUEST_DURATION, "route" => ROUTES[r]))
+            .record(seconds);
+    }
+
+    /// One hit with its validation outcome.
+    pub fn hit(&self, outcome: &'static str) {
+        let o = index_of(&OUTCOMES, outcome);
+        self.hits[o]
+            .get_or_init(|| metrics::counter!(HITS, "outcome" => OUTCOMES[o]))
+            .increment(1);
+    }
+
+    /// Events dropped with a cause (rare: a short list is enough).
+    pub fn dropped(&self, cause: &'static str, n: u64) {
+        let mut list = self
+            .dropped
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, c)) = list.iter().find(|(name, _)| *name == cause) {
+            c.increment(n);
+            return;
+        }
+        let c = metrics::counter!(EVENTS_DROPPED, "cause" => cause);
+        c.increment(n);
+        list.push((cause, c));
+    }
 }

@@ -24,7 +24,8 @@ use crate::cors::CorsPolicy;
 use crate::health::Health;
 use crate::hit::{Hit, IpPolicy, Params, Privacy, header_text};
 use crate::metric;
-use crate::shipper::{EventSink, Outgoing, QueueError};
+use crate::outgoing::Outgoing;
+use crate::shipper::{EventSink, QueueError};
 
 /// The 43-byte transparent 1x1 GIF.
 pub const PIXEL_GIF: &[u8; 43] = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff\x21\xf9\x04\x01\x00\x00\x00\x00\x2c\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02\x44\x01\x00\x3b";
@@ -50,6 +51,7 @@ pub struct AppState {
     pub privacy: Privacy,
     pub cors: CorsPolicy,
     pub limits: Limits,
+    pub meters: metric::RequestMeters,
 }
 
 /// Entry point for every public request.
@@ -67,10 +69,11 @@ where
     let started = Instant::now();
     let (route, result) = dispatch(req, &state, peer).await;
     let resp = result.unwrap_or_else(ApiError::into_response);
-    metrics::counter!(metric::REQUESTS, "route" => route, "status" => status_label(resp.status()))
-        .increment(1);
-    metrics::histogram!(metric::REQUEST_DURATION, "route" => route)
-        .record(started.elapsed().as_secs_f64());
+    state.meters.request(
+        route,
+        status_label(resp.status()),
+        started.elapsed().as_secs_f64(),
+    );
     phase.idle();
     Ok(resp)
 }
@@ -158,7 +161,7 @@ pub async fn lookup(state: &AppState, id: &ProgramId, now: OffsetDateTime) -> Lo
         Lookup::Unknown => "unknown",
         Lookup::Unverified => "unverified",
     };
-    metrics::counter!(metric::HITS, "outcome" => outcome).increment(1);
+    state.meters.hit(outcome);
     lookup
 }
 
@@ -256,9 +259,7 @@ pub fn ship_one(event: TrackingEvent, state: &AppState) -> Result<String, QueueE
             partition_key: event_id.clone(),
             data,
         })
-        .inspect_err(|e| {
-            metrics::counter!(metric::EVENTS_DROPPED, "cause" => e.cause()).increment(1);
-        })?;
+        .inspect_err(|e| state.meters.dropped(e.cause(), 1))?;
     Ok(event_id)
 }
 
@@ -269,7 +270,7 @@ fn ship(
 ) -> Result<String, NotShipped> {
     match build_event(parts, client, state) {
         None => {
-            metrics::counter!(metric::EVENTS_DROPPED, "cause" => "privacy_opt_out").increment(1);
+            state.meters.dropped("privacy_opt_out", 1);
             Err(NotShipped::OptedOut)
         }
         Some(ev) => ship_one(ev, state).map_err(NotShipped::Queue),

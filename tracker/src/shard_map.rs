@@ -48,8 +48,12 @@ impl ShardMap {
 
     /// Index of the shard a partition key hashes to.
     pub fn index_for(&self, partition_key: &str) -> usize {
-        let h = partition_hash(partition_key);
-        let i = self.shards.partition_point(|s| s.end < h);
+        self.index_for_hash(partition_hash(partition_key))
+    }
+
+    /// Index of the shard owning a 128-bit hash key.
+    pub fn index_for_hash(&self, hash: u128) -> usize {
+        let i = self.shards.partition_point(|s| s.end < hash);
         i.min(self.shards.len().saturating_sub(1))
     }
 

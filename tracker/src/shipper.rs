@@ -1,5 +1,5 @@
 //! The request side of delivery: where a handler puts an event. Never waits:
-//! the event goes to the bounded in-memory queue, or, past its byte bound or
+//! the event goes to the bounded in-memory inbox, or, past its bounds or
 //! while Kinesis is unreachable (or older events are still spooled), to the
 //! disk spool; past the spool's bound it is refused and the caller counts
 //! the drop with its cause.
@@ -7,26 +7,12 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use bytes::Bytes;
-use tokio::sync::mpsc;
+use metrics::Counter;
 
+use crate::delivery::{Inbox, Refused};
 use crate::metric;
+use crate::outgoing::Outgoing;
 use crate::spool::{Spool, SpoolError};
-
-/// One event on its way to Kinesis.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outgoing {
-    /// The event id: spreads events over shards and lets the consumer dedup.
-    pub partition_key: String,
-    /// The encoded `TrackingEvent`.
-    pub data: Bytes,
-}
-
-impl Outgoing {
-    pub fn size(&self) -> u64 {
-        (self.data.len() + self.partition_key.len()) as u64
-    }
-}
 
 /// Why an event was not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -54,7 +40,7 @@ impl QueueError {
 
 /// State shared by the request side and the delivery engine.
 pub struct Shared {
-    /// Bytes of events held in memory (queue and engine), released on delivery.
+    /// Bytes of events held in memory (inbox and engine), released on delivery.
     pub mem_bytes: AtomicU64,
     pub max_mem_bytes: u64,
     /// True until the engine has reached Kinesis, and again after
@@ -87,18 +73,26 @@ impl Shared {
 /// The request side of the queue; cheap to clone.
 #[derive(Clone)]
 pub struct EventSink {
-    tx: mpsc::Sender<Outgoing>,
+    inbox: Arc<Inbox>,
     shared: Arc<Shared>,
+    accepted: Counter,
+    spooled: Counter,
 }
 
 impl EventSink {
-    pub fn new(tx: mpsc::Sender<Outgoing>, shared: Arc<Shared>) -> Self {
-        Self { tx, shared }
+    pub fn new(inbox: Arc<Inbox>, shared: Arc<Shared>) -> Self {
+        Self {
+            inbox,
+            shared,
+            accepted: metrics::counter!(metric::EVENTS_ACCEPTED),
+            spooled: metrics::counter!(metric::EVENTS_SPOOLED),
+        }
     }
 
     /// Queues an event without waiting.
     pub fn try_send(&self, ev: Outgoing) -> Result<(), QueueError> {
-        self.try_send_all(vec![ev])
+        let size = ev.size();
+        self.offer(std::iter::once(ev), size)
     }
 
     /// Queues all events or none (a batch request's events go together).
@@ -106,33 +100,46 @@ impl EventSink {
         if events.is_empty() {
             return Ok(());
         }
+        let size = events.iter().map(Outgoing::size).sum();
+        self.offer(events.into_iter(), size)
+    }
+
+    /// Refuses new events from now on (shutdown); the engine drains the rest.
+    pub fn close(&self) {
+        self.inbox.close();
+    }
+
+    fn offer<I>(&self, events: I, size: u64) -> Result<(), QueueError>
+    where
+        I: ExactSizeIterator<Item = Outgoing>,
+    {
         let n = events.len() as u64;
-        if !self.shared.spool_first() || self.shared.spool.is_none() {
-            let size: u64 = events.iter().map(Outgoing::size).sum();
-            if self.shared.try_reserve(size) {
-                match self.tx.try_reserve_many(events.len()) {
-                    Ok(permits) => {
-                        for (permit, ev) in permits.zip(events) {
-                            permit.send(ev);
-                        }
-                        metrics::counter!(metric::EVENTS_ACCEPTED).increment(n);
-                        return Ok(());
-                    }
-                    Err(mpsc::error::TrySendError::Closed(())) => {
-                        self.shared.release(size);
+        let mut events = events;
+        if (!self.shared.spool_first() || self.shared.spool.is_none())
+            && self.shared.try_reserve(size)
+        {
+            match self.inbox.push_all(events) {
+                Ok(()) => {
+                    self.accepted.increment(n);
+                    return Ok(());
+                }
+                Err((refused, back)) => {
+                    self.shared.release(size);
+                    if refused == Refused::Closed {
                         return Err(QueueError::Closed);
                     }
-                    Err(mpsc::error::TrySendError::Full(())) => self.shared.release(size),
+                    events = back;
                 }
             }
         }
         let Some(spool) = &self.shared.spool else {
             return Err(QueueError::Full);
         };
+        let events: Vec<Outgoing> = events.collect();
         match spool.append_all(&events) {
             Ok(()) => {
-                metrics::counter!(metric::EVENTS_ACCEPTED).increment(n);
-                metrics::counter!(metric::EVENTS_SPOOLED).increment(n);
+                self.accepted.increment(n);
+                self.spooled.increment(n);
                 Ok(())
             }
             Err(SpoolError::Full) => Err(QueueError::SpoolFull),

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 
-use crate::shipper::Outgoing;
+use crate::outgoing::Outgoing;
 
 const HEADER: usize = 8;
 /// Largest payload accepted (Kinesis's own record bound).

@@ -73,6 +73,7 @@ async fn state(redis: &Redis) -> (Arc<AppState>, delivery::Engine) {
             max_batch_events: 50,
             body_timeout: Duration::from_secs(5),
         },
+        meters: Default::default(),
     };
     (Arc::new(state), batcher)
 }

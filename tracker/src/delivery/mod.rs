@@ -1,0 +1,191 @@
+//! Delivery: everything between a handler's queued event and Kinesis.
+//!
+//! Handlers append encoded events to the [`inbox`]; the engine, on a thread
+//! and runtime of its own so its work (aggregation, MD5, the SDK's JSON,
+//! base64 and signing) never sits in front of a request, packs them into
+//! KPL aggregates ([`batcher`]), holds every shard to its write budget
+//! ([`budget`]), sends PutRecords calls ([`put`]) and resends only failed
+//! entries after a backoff ([`retry`]). While Kinesis is unreachable new
+//! events go to the disk spool; on shutdown the engine sends what it holds
+//! until everything is delivered or the deadline passes, then spools the
+//! rest (or, without a spool, reports it lost).
+
+mod batcher;
+mod budget;
+mod engine;
+mod inbox;
+mod put;
+mod retry;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::Duration;
+
+use aws_config::SdkConfig;
+use tokio_util::sync::CancellationToken;
+
+pub use batcher::MAX_RECORDS_PER_CALL;
+pub use engine::{Engine, MAX_BYTES_PER_CALL};
+pub use inbox::{Inbox, Refused};
+pub use put::{CallError, Entry, EntryResult, KinesisStream, RecordStream};
+pub use retry::CallFailure;
+
+use crate::health::Health;
+use crate::shipper::{EventSink, Shared};
+use crate::spool::Spool;
+
+/// The inbox wakes the engine once it holds this many events (about an
+/// aggregate's worth), so full aggregates leave without waiting.
+const WAKE_AT_EVENTS: usize = 128;
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct DeliverySettings {
+    pub stream: String,
+    pub queue_events: usize,
+    pub queue_bytes: u64,
+    /// Longest an event waits for its aggregate to fill.
+    pub linger: Duration,
+    pub max_inflight: usize,
+    /// Pack events into KPL aggregated records.
+    pub aggregate: bool,
+    pub max_aggregate_bytes: usize,
+    pub shard_records_per_sec: u32,
+    pub shard_bytes_per_sec: u32,
+}
+
+/// What the engine did by the time it stopped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeliveryReport {
+    /// Events acknowledged by Kinesis.
+    pub delivered: u64,
+    /// Events not delivered by the deadline, left in the spool for the next start.
+    pub spooled: u64,
+    /// Events not delivered and not spooled: lost.
+    pub lost: u64,
+    /// The engine died (panicked) before it could account for what it held.
+    pub engine_failed: bool,
+}
+
+impl DeliveryReport {
+    pub fn undelivered(&self) -> u64 {
+        self.spooled + self.lost
+    }
+
+    /// Every event accepted was delivered and the engine ran to its end.
+    pub fn is_clean(&self) -> bool {
+        self.undelivered() == 0 && !self.engine_failed
+    }
+}
+
+/// Creates the request side and the engine that drains it.
+pub fn channel(settings: DeliverySettings, spool: Option<Arc<Spool>>) -> (EventSink, Engine) {
+    let inbox = Arc::new(Inbox::new(settings.queue_events, WAKE_AT_EVENTS));
+    let shared = Arc::new(Shared {
+        mem_bytes: AtomicU64::new(0),
+        max_mem_bytes: settings.queue_bytes,
+        // Until the engine has reached Kinesis, events go to the spool.
+        kinesis_down: AtomicBool::new(true),
+        spool,
+    });
+    (
+        EventSink::new(inbox.clone(), shared.clone()),
+        Engine {
+            inbox,
+            shared,
+            settings,
+        },
+    )
+}
+
+/// The engine running on its own thread.
+pub struct DeliveryThread {
+    done: tokio::sync::oneshot::Receiver<DeliveryReport>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// Starts the engine, and the readiness check of the stream, on a thread
+/// with its own single-threaded runtime and its own Kinesis client.
+/// `stop_check` ends the readiness check early.
+pub fn start(
+    engine: Engine,
+    aws: SdkConfig,
+    health: Arc<Health>,
+    give_up: CancellationToken,
+    stop_check: CancellationToken,
+) -> std::io::Result<DeliveryThread> {
+    let (tx, done) = tokio::sync::oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("delivery")
+        .build()?;
+    let thread = std::thread::Builder::new()
+        .name("delivery".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let stream = KinesisStream {
+                    client: aws_sdk_kinesis::Client::new(&aws),
+                    stream: engine.settings.stream.clone(),
+                };
+                let check = tokio::spawn(check_stream(stream.clone(), health, stop_check));
+                let report = engine.run(stream, give_up).await;
+                check.abort();
+                let _ = check.await;
+                let _ = tx.send(report);
+            });
+        })?;
+    Ok(DeliveryThread { done, thread })
+}
+
+impl DeliveryThread {
+    /// Waits for the engine to end; a dead engine is reported as such.
+    pub async fn finish(self) -> DeliveryReport {
+        let report = self.done.await.unwrap_or(DeliveryReport {
+            engine_failed: true,
+            ..DeliveryReport::default()
+        });
+        let thread = self.thread;
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        report
+    }
+}
+
+/// Asks Kinesis about the stream until it answers; readiness waits for it.
+async fn check_stream(stream: KinesisStream, health: Arc<Health>, stop: CancellationToken) {
+    let mut pause = Duration::from_millis(200);
+    let mut attempts = 0u32;
+    loop {
+        match stream
+            .client
+            .describe_stream_summary()
+            .stream_name(&stream.stream)
+            .send()
+            .await
+        {
+            Ok(_) => {
+                health.set_stream_ok();
+                tracing::info!(stream = stream.stream, "Kinesis stream answered");
+                return;
+            }
+            Err(e) => {
+                // One line at first, then one every ~30 s while it lasts.
+                if attempts.is_multiple_of(8) {
+                    tracing::warn!(
+                        stream = stream.stream,
+                        error = %aws_sdk_kinesis::error::DisplayErrorContext(&e),
+                        "Kinesis stream not available; not ready"
+                    );
+                }
+                attempts += 1;
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests;
