@@ -253,18 +253,17 @@ impl Poller {
         let tables = self.tables();
         let mut iterator = self.iterator(shard, checkpoint.as_deref(), stop).await?;
         let mut attempt = 0;
+        // The next page, read while the previous one was being written.
+        let mut prefetched = None;
         loop {
             if stop.is_cancelled() {
                 return Err(Interrupted);
             }
-            let out = match self
-                .kinesis
-                .get_records()
-                .shard_iterator(&iterator)
-                .limit(self.config.max_records)
-                .send()
-                .await
-            {
+            let page = match prefetched.take() {
+                Some(page) => page,
+                None => self.read_page(&iterator).await,
+            };
+            let out = match page {
                 Ok(out) => {
                     attempt = 0;
                     out
@@ -286,6 +285,7 @@ impl Poller {
             if let Some(ms) = out.millis_behind_latest {
                 metrics::gauge!(metric::MILLIS_BEHIND).set(ms as f64);
             }
+            let next = out.next_shard_iterator;
             let records: Vec<InRecord> = out
                 .records
                 .into_iter()
@@ -296,24 +296,34 @@ impl Poller {
                 })
                 .collect();
             if !records.is_empty() {
-                let outcome = process(&self.dynamodb, &tables, &records, stop).await;
-                let durable = match outcome.first_failed {
-                    None => records.len(),
-                    Some(i) => i,
-                };
-                if durable > 0 {
-                    let seq = &records[durable - 1].sequence_number;
-                    if !self.store_checkpoint(shard, seq, stop).await? {
+                // Write this page and read the next one at the same time.
+                let write = async {
+                    let outcome = process(&self.dynamodb, &tables, &records, stop).await;
+                    let durable = outcome.first_failed.unwrap_or(records.len());
+                    if durable > 0 {
+                        let seq = &records[durable - 1].sequence_number;
+                        if !self.store_checkpoint(shard, seq, stop).await? {
+                            return Err(Interrupted);
+                        }
+                        checkpoint = Some(seq.clone());
+                    }
+                    if outcome.first_failed.is_some() {
+                        // Stopped mid-batch (shutdown): the rest is read again later.
                         return Err(Interrupted);
                     }
-                    checkpoint = Some(seq.clone());
-                }
-                if outcome.first_failed.is_some() {
-                    // Stopped mid-batch (shutdown): the rest is read again later.
-                    return Err(Interrupted);
-                }
+                    Ok(())
+                };
+                let read_next = async {
+                    match &next {
+                        Some(it) => Some(self.read_page(it).await),
+                        None => None,
+                    }
+                };
+                let (written, page) = tokio::join!(write, read_next);
+                written?;
+                prefetched = page;
             }
-            match out.next_shard_iterator {
+            match next {
                 Some(next) => iterator = next,
                 None => {
                     // A closed shard, read to its end: its children may start.
@@ -328,6 +338,25 @@ impl Poller {
                 }
             }
         }
+    }
+
+    /// One GetRecords page.
+    async fn read_page(
+        &self,
+        iterator: &str,
+    ) -> Result<
+        aws_sdk_kinesis::operation::get_records::GetRecordsOutput,
+        aws_sdk_kinesis::error::SdkError<
+            aws_sdk_kinesis::operation::get_records::GetRecordsError,
+            aws_sdk_kinesis::config::http::HttpResponse,
+        >,
+    > {
+        self.kinesis
+            .get_records()
+            .shard_iterator(iterator)
+            .limit(self.config.max_records)
+            .send()
+            .await
     }
 
     /// Stores a checkpoint; `Ok(false)` when the lease is no longer ours.

@@ -54,6 +54,157 @@ impl TrackingEvent {
     }
 }
 
+/// A tracking event by reference: what the tracker encodes on the request
+/// path, straight from the request and the cached program, without building
+/// a [`TrackingEvent`] of owned strings first. Encodes exactly as prost
+/// encodes the same [`TrackingEvent`] (proto3: default values are left out).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EventRef<'a> {
+    pub programid: &'a str,
+    pub checksum: &'a str,
+    pub customer_id: i32,
+    pub user_agent: &'a str,
+    pub program_name: &'a str,
+    pub customer_name: &'a str,
+    pub is_valid: bool,
+    pub message_id: &'a str,
+    pub event_type: EventType,
+    pub timestamp_ms: i64,
+    pub client_ip: &'a str,
+    pub referrer: &'a str,
+    pub page_url: &'a str,
+    /// Extra parameters, in key order; keys `skip` names are left out.
+    pub extra: Option<&'a std::collections::BTreeMap<String, String>>,
+    pub skip: &'a [&'a str],
+    pub validation: ValidationOutcome,
+    pub source: &'a str,
+    pub program_version: u64,
+    pub privacy_restricted: bool,
+    pub is_bot: bool,
+    pub destination_url: &'a str,
+}
+
+mod wire {
+    use bytes::BufMut;
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+
+    pub fn str_len(tag: u32, s: &str) -> usize {
+        if s.is_empty() {
+            0
+        } else {
+            key_len(tag) + encoded_len_varint(s.len() as u64) + s.len()
+        }
+    }
+
+    pub fn put_str(tag: u32, s: &str, buf: &mut impl BufMut) {
+        if !s.is_empty() {
+            encode_key(tag, WireType::LengthDelimited, buf);
+            encode_varint(s.len() as u64, buf);
+            buf.put_slice(s.as_bytes());
+        }
+    }
+
+    pub fn varint_len(tag: u32, v: u64) -> usize {
+        if v == 0 {
+            0
+        } else {
+            key_len(tag) + encoded_len_varint(v)
+        }
+    }
+
+    pub fn put_varint(tag: u32, v: u64, buf: &mut impl BufMut) {
+        if v != 0 {
+            encode_key(tag, WireType::Varint, buf);
+            encode_varint(v, buf);
+        }
+    }
+
+    /// A map entry's body: key (1) and value (2), defaults left out.
+    pub fn entry_len(k: &str, v: &str) -> usize {
+        str_len(1, k) + str_len(2, v)
+    }
+}
+
+impl EventRef<'_> {
+    fn extras(&self) -> impl Iterator<Item = (&str, &str)> {
+        let skip = self.skip;
+        self.extra
+            .into_iter()
+            .flat_map(|m| m.iter())
+            .filter(move |(k, _)| !skip.contains(&k.as_str()))
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// Bytes [`Self::encode`] writes.
+    pub fn encoded_len(&self) -> usize {
+        use prost::encoding::{encoded_len_varint, key_len};
+        let extra: usize = self
+            .extras()
+            .map(|(k, v)| {
+                let body = wire::entry_len(k, v);
+                key_len(14) + encoded_len_varint(body as u64) + body
+            })
+            .sum();
+        wire::str_len(1, self.programid)
+            + wire::str_len(2, self.checksum)
+            + wire::varint_len(3, self.customer_id as i64 as u64)
+            + wire::str_len(4, self.user_agent)
+            + wire::str_len(5, self.program_name)
+            + wire::str_len(6, self.customer_name)
+            + wire::varint_len(7, self.is_valid as u64)
+            + wire::str_len(8, self.message_id)
+            + wire::varint_len(9, self.event_type as i32 as i64 as u64)
+            + wire::varint_len(10, self.timestamp_ms as u64)
+            + wire::str_len(11, self.client_ip)
+            + wire::str_len(12, self.referrer)
+            + wire::str_len(13, self.page_url)
+            + extra
+            + wire::varint_len(15, self.validation as i32 as i64 as u64)
+            + wire::str_len(16, self.source)
+            + wire::varint_len(17, self.program_version)
+            + wire::varint_len(18, self.privacy_restricted as u64)
+            + wire::varint_len(19, self.is_bot as u64)
+            + wire::str_len(20, self.destination_url)
+    }
+
+    /// Writes the event's protobuf encoding.
+    pub fn encode(&self, buf: &mut impl bytes::BufMut) {
+        use prost::encoding::{WireType, encode_key, encode_varint};
+        wire::put_str(1, self.programid, buf);
+        wire::put_str(2, self.checksum, buf);
+        wire::put_varint(3, self.customer_id as i64 as u64, buf);
+        wire::put_str(4, self.user_agent, buf);
+        wire::put_str(5, self.program_name, buf);
+        wire::put_str(6, self.customer_name, buf);
+        wire::put_varint(7, self.is_valid as u64, buf);
+        wire::put_str(8, self.message_id, buf);
+        wire::put_varint(9, self.event_type as i32 as i64 as u64, buf);
+        wire::put_varint(10, self.timestamp_ms as u64, buf);
+        wire::put_str(11, self.client_ip, buf);
+        wire::put_str(12, self.referrer, buf);
+        wire::put_str(13, self.page_url, buf);
+        for (k, v) in self.extras() {
+            encode_key(14, WireType::LengthDelimited, buf);
+            encode_varint(wire::entry_len(k, v) as u64, buf);
+            wire::put_str(1, k, buf);
+            wire::put_str(2, v, buf);
+        }
+        wire::put_varint(15, self.validation as i32 as i64 as u64, buf);
+        wire::put_str(16, self.source, buf);
+        wire::put_varint(17, self.program_version, buf);
+        wire::put_varint(18, self.privacy_restricted as u64, buf);
+        wire::put_varint(19, self.is_bot as u64, buf);
+        wire::put_str(20, self.destination_url, buf);
+    }
+
+    /// The encoding in one exactly-sized buffer.
+    pub fn to_bytes(&self) -> bytes::Bytes {
+        let mut buf = bytes::BytesMut::with_capacity(self.encoded_len());
+        self.encode(&mut buf);
+        buf.freeze()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,5 +229,69 @@ mod tests {
         let ua = uuid::Uuid::parse_str(&a).expect("uuid");
         assert_eq!(ua.get_version_num(), 7);
         assert!(a < b);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn event_ref_encodes_as_prost_does(
+            text in proptest::collection::vec(".{0,40}", 12),
+            customer_id in proptest::prelude::any::<i32>(),
+            timestamp_ms in proptest::prelude::any::<i64>(),
+            version in proptest::prelude::any::<u64>(),
+            flags in proptest::prelude::any::<[bool; 3]>(),
+            kind in 0i32..6,
+            outcome in 0i32..4,
+            extra in proptest::collection::btree_map("[a-z]{0,8}", ".{0,20}", 0..6),
+        ) {
+            let skip = ["page", "type"];
+            let r = EventRef {
+                programid: &text[0],
+                checksum: &text[1],
+                customer_id,
+                user_agent: &text[2],
+                program_name: &text[3],
+                customer_name: &text[4],
+                is_valid: flags[0],
+                message_id: &text[5],
+                event_type: EventType::try_from(kind).expect("kind"),
+                timestamp_ms,
+                client_ip: &text[6],
+                referrer: &text[7],
+                page_url: &text[8],
+                extra: Some(&extra),
+                skip: &skip,
+                validation: ValidationOutcome::try_from(outcome).expect("outcome"),
+                source: &text[9],
+                program_version: version,
+                privacy_restricted: flags[1],
+                is_bot: flags[2],
+                destination_url: &text[10],
+            };
+            let owned = TrackingEvent {
+                programid: text[0].clone(),
+                checksum: text[1].clone(),
+                customer_id,
+                user_agent: text[2].clone(),
+                program_name: text[3].clone(),
+                customer_name: text[4].clone(),
+                is_valid: flags[0],
+                message_id: text[5].clone(),
+                event_type: kind,
+                timestamp_ms,
+                client_ip: text[6].clone(),
+                referrer: text[7].clone(),
+                page_url: text[8].clone(),
+                extra: extra.iter().filter(|(k, _)| !skip.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect(),
+                validation: outcome,
+                source: text[9].clone(),
+                program_version: version,
+                privacy_restricted: flags[1],
+                is_bot: flags[2],
+                destination_url: text[10].clone(),
+            };
+            let bytes = r.to_bytes();
+            proptest::prop_assert_eq!(bytes.len(), r.encoded_len());
+            proptest::prop_assert_eq!(TrackingEvent::decode(&bytes[..]).expect("decodes"), owned);
+        }
     }
 }

@@ -24,7 +24,6 @@ use crate::api_error::{ApiError, Body, json_response};
 use crate::cache::Lookup;
 use crate::hit::{MAX_HEADER_COPY, MAX_PARAM_NAME, MAX_PARAM_VALUE, MAX_PARAMS, Params};
 use crate::metric;
-use crate::outgoing::Outgoing;
 use crate::routes::{AppState, ClientInfo, EventParts, build_event, check_id, lookup, now};
 
 #[derive(Debug, Deserialize)]
@@ -296,7 +295,7 @@ where
                 results.push(ItemResult {
                     index,
                     status,
-                    event_id: Some(ev.message_id.clone()),
+                    event_id: Some(ev.partition_key.clone()),
                     error: None,
                     reason: None,
                 });
@@ -316,17 +315,7 @@ where
         }
     }
     let accepted = outgoing.len();
-    let batch: Vec<Outgoing> = outgoing
-        .into_iter()
-        .map(|ev| {
-            use prost::Message;
-            Outgoing {
-                partition_key: ev.message_id.clone(),
-                data: Bytes::from(ev.encode_to_vec()),
-            }
-        })
-        .collect();
-    if let Err(e) = state.sink.try_send_all(batch) {
+    if let Err(e) = state.sink.try_send_all(outgoing) {
         metrics::counter!(metric::EVENTS_DROPPED, "cause" => e.cause()).increment(accepted as u64);
         return Err(ApiError::Overloaded);
     }

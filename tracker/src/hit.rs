@@ -4,9 +4,14 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use adtrack_proto::event::EventRef;
 use adtrack_proto::program::Program;
-use adtrack_proto::v1::{EventType, TrackingEvent, ValidationOutcome};
+#[cfg(test)]
+use adtrack_proto::v1::TrackingEvent;
+use adtrack_proto::v1::{EventType, ValidationOutcome};
 use http::HeaderMap;
+
+use crate::outgoing::Outgoing;
 
 /// Most query parameters on one hit.
 pub const MAX_PARAMS: usize = 32;
@@ -167,6 +172,7 @@ pub fn header_text(headers: &HeaderMap, name: http::header::HeaderName) -> Strin
 }
 
 /// Everything an event is built from.
+#[derive(Clone)]
 pub struct Hit<'a> {
     pub event_id: String,
     pub timestamp_ms: i64,
@@ -250,7 +256,51 @@ impl Privacy {
     }
 }
 
+/// Parameters that become fields of their own, not extras.
+const NOT_EXTRA: [&str; 2] = ["page", "type"];
+
 impl Hit<'_> {
+    /// The event, encoded once, straight from the hit and the cached
+    /// program, ready to ship.
+    pub fn into_outgoing(self) -> Outgoing {
+        let is_bot =
+            self.is_bot || (!self.privacy_restricted && crate::bots::is_bot(&self.user_agent));
+        let page_url = self.params.0.get("page").map_or("", String::as_str);
+        let mut ev = EventRef {
+            programid: self.program_id,
+            is_valid: self.outcome == ValidationOutcome::Valid,
+            message_id: &self.event_id,
+            event_type: self.event_type,
+            timestamp_ms: self.timestamp_ms,
+            user_agent: &self.user_agent,
+            client_ip: &self.client_ip,
+            referrer: &self.referrer,
+            page_url,
+            extra: Some(&self.params.0),
+            skip: &NOT_EXTRA,
+            validation: self.outcome,
+            source: self.source,
+            privacy_restricted: self.privacy_restricted,
+            is_bot,
+            destination_url: &self.destination_url,
+            ..EventRef::default()
+        };
+        if let Some(p) = self.program {
+            ev.checksum = &p.checksum;
+            ev.customer_id = p.customer_id;
+            ev.program_name = &p.program_name;
+            ev.customer_name = &p.customer_name;
+            ev.program_version = p.version;
+        }
+        let data = ev.to_bytes();
+        Outgoing {
+            partition_key: self.event_id,
+            data,
+        }
+    }
+
+    /// The same event as an owned message (what [`Self::into_outgoing`] encodes).
+    #[cfg(test)]
     pub fn into_event(self) -> TrackingEvent {
         let is_bot =
             self.is_bot || (!self.privacy_restricted && crate::bots::is_bot(&self.user_agent));
@@ -303,6 +353,43 @@ mod tests {
                 proptest::prop_assert!(p.0.len() <= MAX_PARAMS);
             }
         }
+    }
+
+    #[test]
+    fn the_encoded_event_is_the_event() {
+        use prost::Message;
+        let program = Program::from_json(&serde_json::json!({
+            "programId": "p1", "programName": "Summer", "checksum": "c9",
+            "customerId": 77, "customerName": "Acme", "version": 5
+        }))
+        .expect("program");
+        let mut params = Params::parse(Some(
+            "page=https%3A%2F%2Fa.example%2F&type=click&campaign=x&z=1",
+        ))
+        .expect("params");
+        params.0.insert("empty".into(), String::new());
+        let hit = Hit {
+            event_id: "0190-id".into(),
+            timestamp_ms: 1_700_000_000_123,
+            program_id: "p1",
+            program: Some(&program),
+            outcome: ValidationOutcome::Valid,
+            event_type: EventType::Click,
+            source: "pixel",
+            user_agent: "Mozilla/5.0 (compatible; Googlebot/2.1)".into(),
+            referrer: "https://ref.example/".into(),
+            client_ip: "203.0.113.0".into(),
+            params,
+            destination_url: "https://shop.example/".into(),
+            privacy_restricted: false,
+            is_bot: false,
+        };
+        let out = hit.clone().into_outgoing();
+        assert_eq!(out.partition_key, "0190-id");
+        let decoded = TrackingEvent::decode(&out.data[..]).expect("decodes");
+        let expected = hit.into_event();
+        assert!(expected.is_bot && expected.extra.contains_key("campaign"));
+        assert_eq!(decoded, expected);
     }
 
     #[test]

@@ -7,12 +7,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use adtrack_proto::program::ProgramId;
-use adtrack_proto::v1::{EventType, TrackingEvent, ValidationOutcome};
+use adtrack_proto::v1::{EventType, ValidationOutcome};
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, LOCATION, REFERER, USER_AGENT};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use prost::Message;
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -215,13 +214,13 @@ pub enum NotShipped {
     Queue(QueueError),
 }
 
-/// Builds the event for a hit; `None` when the client opted out and the
-/// privacy policy says to skip it.
+/// Builds and encodes the event for a hit; `None` when the client opted
+/// out and the privacy policy says to skip it.
 pub fn build_event(
     parts: EventParts<'_>,
     client: &ClientInfo,
     state: &AppState,
-) -> Option<TrackingEvent> {
+) -> Option<Outgoing> {
     let (program, outcome) = match parts.lookup {
         Lookup::Active(p) => (Some(p.as_ref()), ValidationOutcome::Valid),
         Lookup::Unverified => (None, ValidationOutcome::Unverified),
@@ -246,19 +245,15 @@ pub fn build_event(
     state
         .privacy
         .apply(hit, client.opted_out)
-        .map(Hit::into_event)
+        .map(Hit::into_outgoing)
 }
 
-/// Queues one event; counts a drop with its cause.
-pub fn ship_one(event: TrackingEvent, state: &AppState) -> Result<String, QueueError> {
-    let event_id = event.message_id.clone();
-    let data = Bytes::from(event.encode_to_vec());
+/// Queues one event; counts a drop with its cause. Returns the event id.
+pub fn ship_one(event: Outgoing, state: &AppState) -> Result<String, QueueError> {
+    let event_id = event.partition_key.clone();
     state
         .sink
-        .try_send(Outgoing {
-            partition_key: event_id.clone(),
-            data,
-        })
+        .try_send(event)
         .inspect_err(|e| state.meters.dropped(e.cause(), 1))?;
     Ok(event_id)
 }
