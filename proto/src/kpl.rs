@@ -359,6 +359,25 @@ mod tests {
         out
     }
 
+    /// Every user record of `aggregates`, checking that none is above
+    /// `max` unless a single record needed more.
+    fn read_all(aggregates: &[Bytes], max: usize) -> Result<Vec<UserRecord>, TestCaseError> {
+        let mut out = Vec::new();
+        for a in aggregates {
+            let Deaggregated::Records(rs) = deaggregate(a).expect("consistent") else {
+                panic!("not read as an aggregate");
+            };
+            prop_assert!(
+                a.len() <= max || rs.len() == 1,
+                "{} > {max} with {} records",
+                a.len(),
+                rs.len()
+            );
+            out.extend(rs);
+        }
+        Ok(out)
+    }
+
     proptest! {
         #[test]
         fn aggregate_then_deaggregate_is_identity(
@@ -373,16 +392,7 @@ mod tests {
             max in 200usize..60_000,
         ) {
             let input: Vec<UserRecord> = records.iter().map(|(pk, ehk, d)| user(pk, *ehk, d)).collect();
-            let aggregates = aggregate_all(&input, max);
-            let mut output = Vec::new();
-            for a in &aggregates {
-                // Never above the bound unless a single record needed more.
-                let Deaggregated::Records(rs) = deaggregate(a).expect("consistent") else {
-                    panic!("not read as an aggregate");
-                };
-                prop_assert!(a.len() <= max || rs.len() == 1, "{} > {max} with {} records", a.len(), rs.len());
-                output.extend(rs);
-            }
+            let output = read_all(&aggregate_all(&input, max), max)?;
             prop_assert_eq!(output, input);
         }
     }
@@ -406,14 +416,7 @@ mod tests {
             if !agg.is_empty() {
                 finished.push(agg.finish(ehk));
             }
-            let mut out = Vec::new();
-            for a in &finished {
-                let Deaggregated::Records(rs) = deaggregate(a).expect("consistent") else {
-                    panic!("not read as an aggregate");
-                };
-                prop_assert!(a.len() <= max || rs.len() == 1, "{} > {max} with {} records", a.len(), rs.len());
-                out.extend(rs);
-            }
+            let out = read_all(&finished, max)?;
             prop_assert_eq!(out.len(), records.len());
             for (i, (u, d)) in out.iter().zip(&records).enumerate() {
                 prop_assert_eq!(&u.partition_key, &format!("0190-event-{i}"));

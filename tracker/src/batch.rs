@@ -23,7 +23,7 @@ use serde_json::Value;
 use crate::api_error::{ApiError, Body, json_response};
 use crate::cache::Lookup;
 use crate::hit::{MAX_HEADER_COPY, MAX_PARAM_NAME, MAX_PARAM_VALUE, MAX_PARAMS, Params};
-use crate::metric;
+use crate::metric::{self, Outcome};
 use crate::routes::{AppState, ClientInfo, EventParts, build_event, check_id, lookup, now};
 
 #[derive(Debug, Deserialize)]
@@ -211,7 +211,7 @@ where
         let item: BatchEvent = match serde_json::from_value(value) {
             Ok(i) => i,
             Err(e) => {
-                metrics::counter!(metric::HITS, "outcome" => "malformed").increment(1);
+                state.meters.hit(Outcome::Malformed);
                 results.push(ItemResult::rejected(
                     index,
                     &ApiError::BadBody(e.to_string()),
@@ -219,11 +219,11 @@ where
                 continue;
             }
         };
-        let id = match check_id(&item.program_id) {
+        let id = match check_id(&item.program_id, state) {
             Ok(id) => id,
             Err(e) => {
                 let e = if matches!(e, ApiError::NotFound) {
-                    metrics::counter!(metric::HITS, "outcome" => "malformed").increment(1);
+                    state.meters.hit(Outcome::Malformed);
                     ApiError::MalformedId("program id may not contain '/'".into())
                 } else {
                     e
@@ -235,7 +235,7 @@ where
         let mut params = match check_params(item.params.unwrap_or_default()) {
             Ok(p) => p,
             Err(reason) => {
-                metrics::counter!(metric::HITS, "outcome" => "malformed").increment(1);
+                state.meters.hit(Outcome::Malformed);
                 results.push(ItemResult::rejected(index, &ApiError::BadBody(reason)));
                 continue;
             }
@@ -245,7 +245,7 @@ where
             Some(t) => match EventType::from_param(t) {
                 Some(t) => t,
                 None => {
-                    metrics::counter!(metric::HITS, "outcome" => "malformed").increment(1);
+                    state.meters.hit(Outcome::Malformed);
                     let e = ApiError::BadQuery(crate::hit::QueryError::BadType(t.to_owned()));
                     results.push(ItemResult::rejected(index, &e));
                     continue;
@@ -302,8 +302,7 @@ where
                 outgoing.push(ev);
             }
             None => {
-                metrics::counter!(metric::EVENTS_DROPPED, "cause" => "privacy_opt_out")
-                    .increment(1);
+                state.meters.dropped("privacy_opt_out", 1);
                 results.push(ItemResult {
                     index,
                     status: "skipped",
@@ -316,7 +315,7 @@ where
     }
     let accepted = outgoing.len();
     if let Err(e) = state.sink.try_send_all(outgoing) {
-        metrics::counter!(metric::EVENTS_DROPPED, "cause" => e.cause()).increment(accepted as u64);
+        state.meters.dropped(e.cause(), accepted as u64);
         return Err(ApiError::Overloaded);
     }
     #[derive(Serialize)]

@@ -6,8 +6,6 @@ use std::net::IpAddr;
 
 use adtrack_proto::event::EventRef;
 use adtrack_proto::program::Program;
-#[cfg(test)]
-use adtrack_proto::v1::TrackingEvent;
 use adtrack_proto::v1::{EventType, ValidationOutcome};
 use http::HeaderMap;
 
@@ -172,7 +170,6 @@ pub fn header_text(headers: &HeaderMap, name: http::header::HeaderName) -> Strin
 }
 
 /// Everything an event is built from.
-#[derive(Clone)]
 pub struct Hit<'a> {
     pub event_id: String,
     pub timestamp_ms: i64,
@@ -298,48 +295,6 @@ impl Hit<'_> {
             data,
         }
     }
-
-    /// The same event as an owned message (what [`Self::into_outgoing`] encodes).
-    #[cfg(test)]
-    pub fn into_event(self) -> TrackingEvent {
-        let is_bot =
-            self.is_bot || (!self.privacy_restricted && crate::bots::is_bot(&self.user_agent));
-        let mut extra = self.params.0;
-        let page_url = extra.remove("page").unwrap_or_default();
-        extra.remove("type");
-        let (checksum, customer_id, program_name, customer_name, version) = match self.program {
-            Some(p) => (
-                p.checksum.clone(),
-                p.customer_id,
-                p.program_name.clone(),
-                p.customer_name.clone(),
-                p.version,
-            ),
-            None => (String::new(), 0, String::new(), String::new(), 0),
-        };
-        TrackingEvent {
-            programid: self.program_id.to_owned(),
-            checksum,
-            customer_id,
-            user_agent: self.user_agent,
-            program_name,
-            customer_name,
-            is_valid: self.outcome == ValidationOutcome::Valid,
-            message_id: self.event_id,
-            event_type: self.event_type as i32,
-            timestamp_ms: self.timestamp_ms,
-            client_ip: self.client_ip,
-            referrer: self.referrer,
-            page_url,
-            extra,
-            validation: self.outcome as i32,
-            source: self.source.to_owned(),
-            program_version: version,
-            privacy_restricted: self.privacy_restricted,
-            is_bot,
-            destination_url: self.destination_url,
-        }
-    }
 }
 
 #[cfg(test)]
@@ -357,6 +312,7 @@ mod tests {
 
     #[test]
     fn the_encoded_event_is_the_event() {
+        use adtrack_proto::v1::TrackingEvent;
         use prost::Message;
         let program = Program::from_json(&serde_json::json!({
             "programId": "p1", "programName": "Summer", "checksum": "c9",
@@ -384,11 +340,35 @@ mod tests {
             privacy_restricted: false,
             is_bot: false,
         };
-        let out = hit.clone().into_outgoing();
+        let out = hit.into_outgoing();
         assert_eq!(out.partition_key, "0190-id");
         let decoded = TrackingEvent::decode(&out.data[..]).expect("decodes");
-        let expected = hit.into_event();
-        assert!(expected.is_bot && expected.extra.contains_key("campaign"));
+        let expected = TrackingEvent {
+            programid: "p1".into(),
+            checksum: "c9".into(),
+            customer_id: 77,
+            user_agent: "Mozilla/5.0 (compatible; Googlebot/2.1)".into(),
+            program_name: "Summer".into(),
+            customer_name: "Acme".into(),
+            is_valid: true,
+            message_id: "0190-id".into(),
+            event_type: EventType::Click as i32,
+            timestamp_ms: 1_700_000_000_123,
+            client_ip: "203.0.113.0".into(),
+            referrer: "https://ref.example/".into(),
+            page_url: "https://a.example/".into(),
+            // `page` and `type` have fields of their own.
+            extra: [("campaign", "x"), ("z", "1"), ("empty", "")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            validation: ValidationOutcome::Valid as i32,
+            source: "pixel".into(),
+            program_version: 5,
+            privacy_restricted: false,
+            is_bot: true,
+            destination_url: "https://shop.example/".into(),
+        };
         assert_eq!(decoded, expected);
     }
 

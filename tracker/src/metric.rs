@@ -85,17 +85,69 @@ pub fn install() -> PrometheusHandle {
     ])
 }
 
-/// Routes, as the `route` label names them.
-pub const ROUTES: [&str; 7] = [
+/// The route a request took, as the `route` label names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Pixel,
+    Click,
+    Event,
+    Batch,
+    Health,
+    Unknown,
+    /// Refused before routing (bounds).
+    None,
+}
+
+const ROUTES: [&str; 7] = [
     "pixel", "click", "event", "batch", "health", "unknown", "none",
 ];
+
 /// Statuses, as the `status` label names them.
-pub const STATUSES: [&str; 14] = [
+const STATUSES: [&str; 14] = [
     "200", "202", "204", "302", "400", "403", "404", "405", "408", "413", "414", "431", "503",
     "other",
 ];
-/// Hit outcomes, as the `outcome` label names them.
-pub const OUTCOMES: [&str; 5] = ["valid", "invalid", "unknown", "unverified", "malformed"];
+
+/// Index of a status in [`STATUSES`].
+fn status_index(status: http::StatusCode) -> usize {
+    match status.as_u16() {
+        200 => 0,
+        202 => 1,
+        204 => 2,
+        302 => 3,
+        400 => 4,
+        403 => 5,
+        404 => 6,
+        405 => 7,
+        408 => 8,
+        413 => 9,
+        414 => 10,
+        431 => 11,
+        503 => 12,
+        _ => 13,
+    }
+}
+
+/// How a hit was judged, as the `outcome` label names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Valid,
+    Invalid,
+    Unknown,
+    Unverified,
+    Malformed,
+}
+
+const OUTCOMES: [&str; 5] = ["valid", "invalid", "unknown", "unverified", "malformed"];
+
+/// Causes of dropped events, as the `cause` label names them.
+const DROP_CAUSES: [&str; 5] = [
+    "queue_full",
+    "spool_full",
+    "spool_io",
+    "shutting_down",
+    "privacy_opt_out",
+];
 
 /// Handles for what every request records, each registered on its first
 /// use and reused after: no key building or registry lookup per request.
@@ -104,21 +156,14 @@ pub struct RequestMeters {
     requests: [[OnceLock<Counter>; STATUSES.len()]; ROUTES.len()],
     durations: [OnceLock<Histogram>; ROUTES.len()],
     hits: [OnceLock<Counter>; OUTCOMES.len()],
-    dropped: std::sync::Mutex<Vec<(&'static str, Counter)>>,
-}
-
-fn index_of(names: &[&str], name: &str) -> usize {
-    names
-        .iter()
-        .position(|n| *n == name)
-        .unwrap_or(names.len() - 1)
+    dropped: [OnceLock<Counter>; DROP_CAUSES.len()],
 }
 
 impl RequestMeters {
     /// One answered request and how long it took.
-    pub fn request(&self, route: &'static str, status: &'static str, seconds: f64) {
-        let r = index_of(&ROUTES, route);
-        let s = index_of(&STATUSES, status);
+    pub fn request(&self, route: Route, status: http::StatusCode, seconds: f64) {
+        let r = route as usize;
+        let s = status_index(status);
         self.requests[r][s]
             .get_or_init(
                 || metrics::counter!(REQUESTS, "route" => ROUTES[r], "status" => STATUSES[s]),
@@ -130,25 +175,20 @@ impl RequestMeters {
     }
 
     /// One hit with its validation outcome.
-    pub fn hit(&self, outcome: &'static str) {
-        let o = index_of(&OUTCOMES, outcome);
+    pub fn hit(&self, outcome: Outcome) {
+        let o = outcome as usize;
         self.hits[o]
             .get_or_init(|| metrics::counter!(HITS, "outcome" => OUTCOMES[o]))
             .increment(1);
     }
 
-    /// Events dropped with a cause (rare: a short list is enough).
+    /// Events dropped, with their cause.
     pub fn dropped(&self, cause: &'static str, n: u64) {
-        let mut list = self
-            .dropped
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((_, c)) = list.iter().find(|(name, _)| *name == cause) {
-            c.increment(n);
-            return;
+        match DROP_CAUSES.iter().position(|c| *c == cause) {
+            Some(i) => self.dropped[i]
+                .get_or_init(|| metrics::counter!(EVENTS_DROPPED, "cause" => DROP_CAUSES[i]))
+                .increment(n),
+            None => metrics::counter!(EVENTS_DROPPED, "cause" => cause).increment(n),
         }
-        let c = metrics::counter!(EVENTS_DROPPED, "cause" => cause);
-        c.increment(n);
-        list.push((cause, c));
     }
 }

@@ -22,7 +22,7 @@ use crate::conn_timeouts::ConnPhase;
 use crate::cors::CorsPolicy;
 use crate::health::Health;
 use crate::hit::{Hit, IpPolicy, Params, Privacy, header_text};
-use crate::metric;
+use crate::metric::{self, Outcome, Route};
 use crate::outgoing::Outgoing;
 use crate::shipper::{EventSink, QueueError};
 
@@ -68,40 +68,18 @@ where
     let started = Instant::now();
     let (route, result) = dispatch(req, &state, peer).await;
     let resp = result.unwrap_or_else(ApiError::into_response);
-    state.meters.request(
-        route,
-        status_label(resp.status()),
-        started.elapsed().as_secs_f64(),
-    );
+    state
+        .meters
+        .request(route, resp.status(), started.elapsed().as_secs_f64());
     phase.idle();
     Ok(resp)
-}
-
-/// Status labels without an allocation per request.
-fn status_label(s: StatusCode) -> &'static str {
-    match s.as_u16() {
-        200 => "200",
-        202 => "202",
-        204 => "204",
-        302 => "302",
-        400 => "400",
-        403 => "403",
-        404 => "404",
-        405 => "405",
-        408 => "408",
-        413 => "413",
-        414 => "414",
-        431 => "431",
-        503 => "503",
-        _ => "other",
-    }
 }
 
 async fn dispatch<B>(
     req: Request<B>,
     state: &AppState,
     peer: SocketAddr,
-) -> (&'static str, Result<Response<Body>, ApiError>)
+) -> (Route, Result<Response<Body>, ApiError>)
 where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -110,37 +88,37 @@ where
     if target_len as u64 > state.limits.max_uri_bytes {
         metrics::counter!(metric::BOUNDS_BREACHED, "bound" => "uri_bytes").increment(1);
         return (
-            "none",
+            Route::None,
             Err(ApiError::UriTooLong(state.limits.max_uri_bytes)),
         );
     }
     let path = req.uri().path();
     if let Some(id) = path.strip_prefix("/v1/pixel/") {
         let id = id.to_owned();
-        ("pixel", pixel(&req, &id, state, peer).await)
+        (Route::Pixel, pixel(&req, &id, state, peer).await)
     } else if let Some(id) = path.strip_prefix("/v1/click/") {
         let id = id.to_owned();
-        ("click", click(&req, &id, state, peer).await)
+        (Route::Click, click(&req, &id, state, peer).await)
     } else if let Some(id) = path.strip_prefix("/event/") {
         let id = id.to_owned();
-        ("event", event(&req, &id, state, peer).await)
+        (Route::Event, event(&req, &id, state, peer).await)
     } else {
         match path {
-            "/v1/events" => ("batch", crate::batch::handle(req, state, peer).await),
-            "/health/live" => ("health", Ok(health_live())),
-            "/health/ready" | "/health/check" => ("health", Ok(health_ready(&state.health))),
-            _ => ("unknown", Err(ApiError::NotFound)),
+            "/v1/events" => (Route::Batch, crate::batch::handle(req, state, peer).await),
+            "/health/live" => (Route::Health, Ok(health_live())),
+            "/health/ready" | "/health/check" => (Route::Health, Ok(health_ready(&state.health))),
+            _ => (Route::Unknown, Err(ApiError::NotFound)),
         }
     }
 }
 
 /// Checks a program id from a path; counts a malformed one.
-pub fn check_id(raw: &str) -> Result<ProgramId, ApiError> {
+pub fn check_id(raw: &str, state: &AppState) -> Result<ProgramId, ApiError> {
     if raw.contains('/') {
         return Err(ApiError::NotFound);
     }
     ProgramId::parse(raw).map_err(|e| {
-        metrics::counter!(metric::HITS, "outcome" => "malformed").increment(1);
+        state.meters.hit(Outcome::Malformed);
         ApiError::MalformedId(e.to_string())
     })
 }
@@ -155,10 +133,10 @@ pub fn now() -> (OffsetDateTime, i64) {
 pub async fn lookup(state: &AppState, id: &ProgramId, now: OffsetDateTime) -> Lookup {
     let lookup = state.cache.lookup(id.as_str(), now).await;
     let outcome = match &lookup {
-        Lookup::Active(_) => "valid",
-        Lookup::Inactive(_) => "invalid",
-        Lookup::Unknown => "unknown",
-        Lookup::Unverified => "unverified",
+        Lookup::Active(_) => Outcome::Valid,
+        Lookup::Inactive(_) => Outcome::Invalid,
+        Lookup::Unknown => Outcome::Unknown,
+        Lookup::Unverified => Outcome::Unverified,
     };
     state.meters.hit(outcome);
     lookup
@@ -167,11 +145,12 @@ pub async fn lookup(state: &AppState, id: &ProgramId, now: OffsetDateTime) -> Lo
 fn parse_query(
     query: Option<&str>,
     default_type: EventType,
+    state: &AppState,
 ) -> Result<(Params, EventType), ApiError> {
     Params::parse(query)
         .and_then(|params| params.event_type(default_type).map(|t| (params, t)))
         .map_err(|e| {
-            metrics::counter!(metric::HITS, "outcome" => "malformed").increment(1);
+            state.meters.hit(Outcome::Malformed);
             ApiError::BadQuery(e)
         })
 }
@@ -304,12 +283,13 @@ async fn pixel<B>(
         Method::HEAD => true,
         _ => return Err(ApiError::MethodNotAllowed("GET, HEAD")),
     };
-    let id = match check_id(raw_id) {
+    let id = match check_id(raw_id, state) {
         Ok(id) => id,
         Err(ApiError::NotFound) => return Err(ApiError::NotFound),
         Err(_) => return Ok(pixel_response(head)),
     };
-    let Ok((params, event_type)) = parse_query(req.uri().query(), EventType::Impression) else {
+    let Ok((params, event_type)) = parse_query(req.uri().query(), EventType::Impression, state)
+    else {
         return Ok(pixel_response(head));
     };
     let (now, timestamp_ms) = now();
@@ -361,8 +341,8 @@ async fn event<B>(
     if req.method() != Method::GET {
         return Err(ApiError::MethodNotAllowed("GET"));
     }
-    let id = check_id(raw_id)?;
-    let (params, event_type) = parse_query(req.uri().query(), EventType::Impression)?;
+    let id = check_id(raw_id, state)?;
+    let (params, event_type) = parse_query(req.uri().query(), EventType::Impression, state)?;
     let (now, timestamp_ms) = now();
     let lookup = lookup(state, &id, now).await;
     match &lookup {
@@ -423,8 +403,8 @@ async fn click<B>(
     if req.method() != Method::GET {
         return Err(ApiError::MethodNotAllowed("GET"));
     }
-    let id = check_id(raw_id)?;
-    let (mut params, event_type) = parse_query(req.uri().query(), EventType::Click)?;
+    let id = check_id(raw_id, state)?;
+    let (mut params, event_type) = parse_query(req.uri().query(), EventType::Click, state)?;
     let raw_url = params.0.remove("url").ok_or(ApiError::MissingUrl)?;
     let url = url::Url::parse(&raw_url).map_err(|_| ApiError::BadRedirectUrl)?;
     if !matches!(url.scheme(), "http" | "https") {

@@ -46,6 +46,25 @@ impl ShardMap {
         &self.shards[index]
     }
 
+    /// `n` shards splitting the hash-key space evenly, as a new stream's do.
+    #[cfg(test)]
+    pub fn even(n: u128) -> Self {
+        let width = u128::MAX / n;
+        Self::new(
+            (0..n)
+                .map(|i| Shard {
+                    id: format!("shard-{i}"),
+                    start: i * width,
+                    end: if i + 1 == n {
+                        u128::MAX
+                    } else {
+                        (i + 1) * width - 1
+                    },
+                })
+                .collect(),
+        )
+    }
+
     /// Index of the shard a partition key hashes to.
     pub fn index_for(&self, partition_key: &str) -> usize {
         self.index_for_hash(partition_hash(partition_key))

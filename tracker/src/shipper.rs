@@ -109,12 +109,11 @@ impl EventSink {
         self.inbox.close();
     }
 
-    fn offer<I>(&self, events: I, size: u64) -> Result<(), QueueError>
+    fn offer<I>(&self, mut events: I, size: u64) -> Result<(), QueueError>
     where
         I: ExactSizeIterator<Item = Outgoing>,
     {
         let n = events.len() as u64;
-        let mut events = events;
         if (!self.shared.spool_first() || self.shared.spool.is_none())
             && self.shared.try_reserve(size)
         {

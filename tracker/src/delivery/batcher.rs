@@ -38,10 +38,9 @@ pub struct KRecord {
     pub explicit_hash_key: Option<String>,
     pub data: Bytes,
     pub units: Vec<Unit>,
-    /// The hash Kinesis routes it by (explicit hash key or MD5 of the key).
+    /// The hash Kinesis routes it by (explicit hash key or MD5 of the key);
+    /// the shard owning it in the current map holds its write budget.
     pub hash: u128,
-    /// Index of its shard in the current map (for the write budget).
-    pub shard: usize,
     pub attempts: u32,
 }
 
@@ -140,7 +139,6 @@ impl Batcher {
                 explicit_hash_key: Some(ehk),
                 data,
                 hash: target.start,
-                shard,
                 units,
                 attempts: 0,
             });
@@ -152,7 +150,6 @@ impl Batcher {
                     explicit_hash_key: None,
                     data: unit.ev.data.clone(),
                     hash,
-                    shard: map.index_for_hash(hash),
                     units: vec![unit],
                     attempts: 0,
                 });
@@ -189,24 +186,6 @@ impl Batcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shard_map::Shard;
-
-    fn map(n: u128) -> ShardMap {
-        let width = u128::MAX / n;
-        ShardMap::new(
-            (0..n)
-                .map(|i| Shard {
-                    id: format!("shard-{i}"),
-                    start: i * width,
-                    end: if i + 1 == n {
-                        u128::MAX
-                    } else {
-                        (i + 1) * width - 1
-                    },
-                })
-                .collect(),
-        )
-    }
 
     fn unit(i: usize, len: usize) -> Unit {
         Unit {
@@ -221,7 +200,7 @@ mod tests {
     #[test]
     fn full_aggregates_seal_at_once_and_take_shards_in_turn() {
         let t0 = Instant::now();
-        let m = map(3);
+        let m = ShardMap::even(3);
         let budgets: Vec<Budget> = (0..3).map(|_| Budget::new(1000, 1 << 20, t0)).collect();
         let mut b = Batcher::new(true, 4_096, Duration::from_millis(100));
         let mut ready = VecDeque::new();
@@ -229,11 +208,11 @@ mod tests {
             b.place(unit(i, 300), t0, &m, &budgets, &mut ready);
         }
         assert!(ready.len() >= 5, "full aggregates wait for nothing");
-        let shards: Vec<usize> = ready.iter().map(|r| r.shard).collect();
+        let shards: Vec<usize> = ready.iter().map(|r| m.index_for_hash(r.hash)).collect();
         assert_eq!(&shards[..3], &[0, 1, 2]);
         for r in &ready {
             assert!(r.data.len() <= 4_096);
-            let s = m.shard(r.shard);
+            let s = m.shard(m.index_for_hash(r.hash));
             assert!(s.start <= r.hash && r.hash <= s.end);
             assert_eq!(
                 r.explicit_hash_key.as_deref(),
@@ -265,7 +244,7 @@ mod tests {
     #[test]
     fn paused_shards_are_passed_over() {
         let t0 = Instant::now();
-        let m = map(2);
+        let m = ShardMap::even(2);
         let mut budgets: Vec<Budget> = (0..2).map(|_| Budget::new(1000, 1 << 20, t0)).collect();
         budgets[0].throttled(t0);
         let mut b = Batcher::new(true, 51_200, Duration::ZERO);
@@ -274,13 +253,13 @@ mod tests {
             b.place(unit(i, 10), t0, &m, &budgets, &mut ready);
             b.seal_if_due(false, t0, &m, &budgets, &mut ready);
         }
-        assert!(ready.iter().all(|r| r.shard == 1));
+        assert!(ready.iter().all(|r| m.index_for_hash(r.hash) == 1));
     }
 
     #[test]
     fn plain_records_go_where_their_key_hashes() {
         let t0 = Instant::now();
-        let m = map(4);
+        let m = ShardMap::even(4);
         let budgets: Vec<Budget> = (0..4).map(|_| Budget::new(1000, 1 << 20, t0)).collect();
         let mut b = Batcher::new(false, 51_200, Duration::from_millis(5));
         let mut ready = VecDeque::new();
@@ -290,7 +269,7 @@ mod tests {
         b.seal_if_due(true, t0, &m, &budgets, &mut ready);
         assert_eq!(ready.len(), 50);
         for r in &ready {
-            assert_eq!(r.shard, m.index_for(&r.partition_key));
+            assert_eq!(m.index_for_hash(r.hash), m.index_for(&r.partition_key));
             assert!(r.explicit_hash_key.is_none());
         }
     }

@@ -21,7 +21,7 @@ use super::batcher::{Batcher, KRecord, MAX_RECORDS_PER_CALL, Unit};
 use super::budget::Budget;
 use super::inbox::Inbox;
 use super::put::{CallError, Entry, EntryResult, RecordStream};
-use super::retry::{self, CallFailure};
+use super::retry::{self, CallFailure, EntryFailure};
 use super::{DeliveryReport, DeliverySettings};
 use crate::metric;
 use crate::outgoing::Outgoing;
@@ -392,7 +392,7 @@ impl<S: RecordStream> Run<S> {
                     self.ready.push_front(r);
                     break;
                 }
-                let shard = r.shard.min(self.budgets.len().saturating_sub(1));
+                let shard = self.map.index_for_hash(r.hash);
                 if !self.budgets[shard].try_take(size, now) {
                     let at = self.budgets[shard].next_chance(now);
                     self.delay(r, at);
@@ -505,7 +505,7 @@ impl<S: RecordStream> Run<S> {
             self.meters.calls_ok.increment(1);
         }
         for (r, res) in records.into_iter().zip(entries) {
-            let shard = r.shard.min(self.budgets.len().saturating_sub(1));
+            let shard = self.map.index_for_hash(r.hash);
             match res.error_code.as_deref() {
                 None => {
                     let expected = &self.map.shard(shard).id;
@@ -516,12 +516,12 @@ impl<S: RecordStream> Run<S> {
                     self.delivered(r);
                 }
                 Some(code) => {
-                    match retry::entry_cause(code) {
-                        "throttled" => {
+                    match EntryFailure::of(code) {
+                        EntryFailure::Throttled => {
                             self.meters.retry_throttled.increment(1);
                             self.budgets[shard].throttled(now);
                         }
-                        _ => self.meters.retry_internal.increment(1),
+                        EntryFailure::Internal => self.meters.retry_internal.increment(1),
                     }
                     self.retry_later(r, now);
                 }
@@ -571,26 +571,9 @@ impl<S: RecordStream> Run<S> {
             "stream resharded; budgets follow the new shards"
         );
         // Records keep their routing hash (an aggregate's explicit hash key
-        // lies in exactly one child); only their budget's shard changes.
+        // lies in exactly one child); their budget is that child's.
         self.map = map;
         self.budgets = self.new_budgets(Instant::now());
-        let map = &self.map;
-        for r in self.ready.iter_mut() {
-            r.shard = map.index_for_hash(r.hash);
-        }
-        let delayed = std::mem::take(&mut self.delayed);
-        self.delayed = delayed
-            .into_iter()
-            .map(|mut d| {
-                d.0.rec.shard = map.index_for_hash(d.0.rec.hash);
-                d
-            })
-            .collect();
-        for records in self.inflight.values_mut() {
-            for r in records {
-                r.shard = map.index_for_hash(r.hash);
-            }
-        }
     }
 
     fn next_wake(&self, closed: bool, now: Instant) -> Instant {

@@ -12,20 +12,35 @@ const RETRY_CAP: Duration = Duration::from_secs(5);
 /// Error code of a PutRecords entry refused for the shard's throughput.
 pub const THROTTLED: &str = "ProvisionedThroughputExceededException";
 
-/// How long a record waits before its next attempt (`attempts` made so far).
-pub fn backoff(attempts: u32) -> Duration {
-    let ceiling = RETRY_BASE
+/// The longest wait before the next attempt (`attempts` made so far).
+fn ceiling(attempts: u32) -> Duration {
+    RETRY_BASE
         .saturating_mul(1u32 << attempts.min(16))
-        .min(RETRY_CAP);
-    rand::rng().random_range(Duration::ZERO..=ceiling)
+        .min(RETRY_CAP)
 }
 
-/// Why an entry is resent, for the retries metric.
-pub fn entry_cause(error_code: &str) -> &'static str {
-    if error_code == THROTTLED {
-        "throttled"
-    } else {
-        "internal"
+/// How long a record waits before its next attempt: full jitter under the
+/// ceiling.
+pub fn backoff(attempts: u32) -> Duration {
+    rand::rng().random_range(Duration::ZERO..=ceiling(attempts))
+}
+
+/// Why Kinesis refused one entry of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryFailure {
+    /// The shard's throughput was exceeded: pause the shard.
+    Throttled,
+    /// Anything else (`InternalFailure`): retry after a backoff.
+    Internal,
+}
+
+impl EntryFailure {
+    pub fn of(error_code: &str) -> Self {
+        if error_code == THROTTLED {
+            Self::Throttled
+        } else {
+            Self::Internal
+        }
     }
 }
 
@@ -44,16 +59,19 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        for attempts in 0..40 {
-            let d = backoff(attempts);
-            assert!(d <= RETRY_CAP);
-            assert!(d <= RETRY_BASE.saturating_mul(1u32 << attempts.min(16)));
+        assert_eq!(ceiling(0), RETRY_BASE);
+        for attempts in 1..40 {
+            assert!(ceiling(attempts) >= ceiling(attempts - 1));
+            assert!(ceiling(attempts) <= RETRY_CAP);
+            assert!(backoff(attempts) <= ceiling(attempts));
         }
+        assert!(ceiling(3) > ceiling(2), "does not grow");
+        assert_eq!(ceiling(39), RETRY_CAP);
     }
 
     #[test]
     fn throttling_is_told_apart() {
-        assert_eq!(entry_cause(THROTTLED), "throttled");
-        assert_eq!(entry_cause("InternalFailure"), "internal");
+        assert_eq!(EntryFailure::of(THROTTLED), EntryFailure::Throttled);
+        assert_eq!(EntryFailure::of("InternalFailure"), EntryFailure::Internal);
     }
 }

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::outgoing::Outgoing;
-use crate::shard_map::{Shard, ShardMap};
+use crate::shard_map::ShardMap;
 
 type Script = Box<dyn FnMut(usize, &[Entry]) -> Result<Vec<EntryResult>, CallError> + Send>;
 
@@ -25,22 +25,8 @@ struct Scripted {
 
 impl Scripted {
     fn new(shards: u128, script: Script) -> Arc<Self> {
-        let width = u128::MAX / shards;
-        let map = ShardMap::new(
-            (0..shards)
-                .map(|i| Shard {
-                    id: format!("shard-{i}"),
-                    start: i * width,
-                    end: if i + 1 == shards {
-                        u128::MAX
-                    } else {
-                        (i + 1) * width - 1
-                    },
-                })
-                .collect(),
-        );
         Arc::new(Self {
-            map,
+            map: ShardMap::even(shards),
             calls: Mutex::new(Vec::new()),
             script: Mutex::new(script),
         })
