@@ -50,6 +50,44 @@ pub fn pin_self(core: usize) {
         .status();
 }
 
+/// Pins the local stack's processes named in `dev/.stack.env` (Redis, the
+/// stand-ins, the stack's own tracker and consumer) to `core` and runs them
+/// there under `SCHED_IDLE` (every thread), so they take the load
+/// generator's spare time rather than its turn: in AWS, Kinesis and Redis
+/// are not on the task's machine, and a stand-in busy decoding the
+/// tracker's PutRecords must not delay the load it is measured by (with
+/// nice 19 alone it still did, by its time slice). Returns the names of
+/// those pinned.
+pub fn pin_stack(env: &HashMap<String, String>, core: usize) -> Vec<&'static str> {
+    let mut pinned = Vec::new();
+    for (key, name) in [
+        ("REDIS_PID", "redis"),
+        ("KINESIS_PID", "kinesis"),
+        ("DYNAMODB_PID", "dynamodb"),
+        ("TRACKER_PID", "stack tracker"),
+        ("CONSUMER_PID", "consumer"),
+    ] {
+        let Some(pid) = env.get(key).filter(|p| p.parse::<u32>().is_ok()) else {
+            continue;
+        };
+        let ok = Command::new("taskset")
+            .args(["-a", "-p", "-c", &core.to_string(), pid])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            let _ = Command::new("chrt")
+                .args(["--idle", "-a", "-p", "0", pid])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            pinned.push(name);
+        }
+    }
+    pinned
+}
+
 fn command(program: &Path, core: Option<usize>) -> Command {
     match core {
         Some(c) => {
@@ -94,7 +132,7 @@ pub fn sibling_binary(name: &str) -> PathBuf {
 async fn wait_http(url: &str, limit: Duration) -> Result<()> {
     let deadline = Instant::now() + limit;
     loop {
-        if let Ok(status) = crate::http_get_status(url).await
+        if let Ok(status) = crate::http::http_get_status(url).await
             && status == 200
         {
             return Ok(());
