@@ -161,11 +161,12 @@ impl Aggregator {
 const MAX_EHK_LEN: usize = 39;
 
 /// Builds an aggregate in one pass, straight into its final bytes, for
-/// records that all go to one shard: every user record gets its own entry in
-/// the partition-key table, and all of them share one explicit hash key,
-/// chosen when the aggregate is finished (protobuf lets the repeated fields
-/// come in any order, so the table entry may follow the records). A KCL
-/// consumer filtering user records by its shard's hash range reads that
+/// records that all go to one shard: all user records share one partition
+/// key (the first record's, which is also the Kinesis record's; an event
+/// carries its own id inside, so the key only routes) and one explicit hash
+/// key, chosen when the aggregate is finished (protobuf lets the repeated
+/// fields come in any order, so the table entry may follow the records). A
+/// KCL consumer filtering user records by its shard's hash range reads that
 /// explicit hash key, so every user record lands where the aggregate does.
 #[derive(Debug)]
 pub struct ShardAggregate {
@@ -202,29 +203,34 @@ impl ShardAggregate {
     }
 
     fn added_len(&self, partition_key: &str, data: &[u8]) -> usize {
-        let inner = record_inner_len(self.records, data.len());
-        1 + prost::encoding::encoded_len_varint(partition_key.len() as u64)
-            + partition_key.len()
-            + 1
-            + prost::encoding::encoded_len_varint(inner as u64)
-            + inner
+        let inner = record_inner_len(data.len());
+        let key = if self.is_empty() {
+            1 + prost::encoding::encoded_len_varint(partition_key.len() as u64)
+                + partition_key.len()
+        } else {
+            0
+        };
+        key + 1 + prost::encoding::encoded_len_varint(inner as u64) + inner
     }
 
     /// Appends one user record if the aggregate stays within its bound; a
     /// record too big to share an aggregate is accepted alone into an empty
-    /// one. Returns false when it does not fit.
+    /// one. Returns false when it does not fit. The partition key of the
+    /// first record is the aggregate's; later ones share it.
     pub fn push(&mut self, partition_key: &str, data: &[u8]) -> bool {
         let added = self.added_len(partition_key, data);
         if !self.is_empty() && self.size() + added > self.max_bytes {
             return false;
         }
-        // partition_key_table entry (field 1).
-        put_bytes_field(1, partition_key.as_bytes(), &mut self.buf);
-        // records entry (field 3): partition_key_index, explicit_hash_key_index = 0, data.
-        let inner = record_inner_len(self.records, data.len());
+        if self.is_empty() {
+            // The one partition_key_table entry (field 1).
+            put_bytes_field(1, partition_key.as_bytes(), &mut self.buf);
+        }
+        // records entry (field 3): partition_key_index = 0, explicit_hash_key_index = 0, data.
+        let inner = record_inner_len(data.len());
         prost::encoding::encode_key(3, prost::encoding::WireType::LengthDelimited, &mut self.buf);
         prost::encoding::encode_varint(inner as u64, &mut self.buf);
-        prost::encoding::uint64::encode(1, &self.records, &mut self.buf);
+        prost::encoding::uint64::encode(1, &0, &mut self.buf);
         prost::encoding::uint64::encode(2, &0, &mut self.buf);
         put_bytes_field(3, data, &mut self.buf);
         self.records += 1;
@@ -251,13 +257,9 @@ fn put_bytes_field(tag: u32, bytes: &[u8], buf: &mut BytesMut) {
     buf.put_slice(bytes);
 }
 
-/// Encoded length of a `Record` with both indexes set and `data_len` bytes.
-fn record_inner_len(index: u64, data_len: usize) -> usize {
-    1 + prost::encoding::encoded_len_varint(index)
-        + 2
-        + 1
-        + prost::encoding::encoded_len_varint(data_len as u64)
-        + data_len
+/// Encoded length of a `Record` with both indexes 0 and `data_len` bytes.
+fn record_inner_len(data_len: usize) -> usize {
+    2 + 2 + 1 + prost::encoding::encoded_len_varint(data_len as u64) + data_len
 }
 
 /// Frames an `AggregatedRecord`: magic, protobuf, MD5 of the protobuf.
@@ -406,20 +408,28 @@ mod tests {
             let ehk = "170141183460469231731687303715884105728";
             let mut agg = ShardAggregate::new(max);
             let mut finished = Vec::new();
+            // The partition key each record should read back with: its aggregate's first.
+            let mut keys = Vec::new();
+            let mut first = String::new();
             for (i, d) in records.iter().enumerate() {
                 let pk = format!("0190-event-{i}");
+                if agg.is_empty() {
+                    first = pk.clone();
+                }
                 if !agg.push(&pk, d) {
                     finished.push(agg.finish(ehk));
+                    first = pk.clone();
                     prop_assert!(agg.push(&pk, d), "fits an empty aggregate");
                 }
+                keys.push(first.clone());
             }
             if !agg.is_empty() {
                 finished.push(agg.finish(ehk));
             }
             let out = read_all(&finished, max)?;
             prop_assert_eq!(out.len(), records.len());
-            for (i, (u, d)) in out.iter().zip(&records).enumerate() {
-                prop_assert_eq!(&u.partition_key, &format!("0190-event-{i}"));
+            for ((u, d), key) in out.iter().zip(&records).zip(&keys) {
+                prop_assert_eq!(&u.partition_key, key);
                 prop_assert_eq!(u.explicit_hash_key.as_deref(), Some(ehk));
                 prop_assert_eq!(&u.data[..], &d[..]);
             }

@@ -137,6 +137,29 @@ mod rfc3339_opt {
     }
 }
 
+/// Whether a program with this `valid` flag and window accepts hits at `now`.
+pub fn active_at(
+    valid: bool,
+    from: Option<OffsetDateTime>,
+    until: Option<OffsetDateTime>,
+    now: OffsetDateTime,
+) -> bool {
+    valid && from.is_none_or(|from| now >= from) && until.is_none_or(|until| now < until)
+}
+
+/// Whether an allowed-redirect pattern (`host` or `*.suffix`) admits `host`
+/// (already lower-cased).
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => {
+            host.len() > suffix.len() + 1
+                && host.ends_with(suffix)
+                && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+        }
+        None => pattern == host,
+    }
+}
+
 /// A field of a program record that is missing or wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("field `{field}`: {reason}")]
@@ -257,23 +280,14 @@ impl Program {
 
     /// True when the program accepts hits at `now`: `valid` and inside its window.
     pub fn is_active_at(&self, now: OffsetDateTime) -> bool {
-        self.valid
-            && self.valid_from.is_none_or(|from| now >= from)
-            && self.valid_until.is_none_or(|until| now < until)
+        active_at(self.valid, self.valid_from, self.valid_until, now)
     }
 
     /// True when a click may redirect to `host` (already lower-cased).
     pub fn allows_redirect_to(&self, host: &str) -> bool {
         self.allowed_redirect_hosts
             .iter()
-            .any(|pattern| match pattern.strip_prefix("*.") {
-                Some(suffix) => {
-                    host.len() > suffix.len() + 1
-                        && host.ends_with(suffix)
-                        && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
-                }
-                None => pattern == host,
-            })
+            .any(|pattern| host_matches(pattern, host))
     }
 
     /// The Redis hash fields of this program (see [`crate::redis_layout`]).

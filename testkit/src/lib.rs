@@ -517,7 +517,8 @@ pub struct StreamEvent {
     pub sequence_number: String,
     /// Partition key of the Kinesis record that carried it.
     pub record_partition_key: String,
-    /// The event's own partition key (its id, for adtrack events).
+    /// The user record's partition key (for adtrack's aggregates, the
+    /// Kinesis record's; the event id is inside the event).
     pub partition_key: String,
     /// Events in the Kinesis record that carried it (1 for a plain record).
     pub record_events: usize,

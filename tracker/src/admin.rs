@@ -11,9 +11,10 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::api_error::Body;
 use crate::cache::ProgramCache;
 use crate::health::Health;
-use crate::routes::{Body, health_live, health_ready};
+use crate::routes::health;
 
 pub struct AdminState {
     pub health: Arc<Health>,
@@ -30,8 +31,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
 fn route<B>(req: &Request<B>, state: &AdminState) -> Response<Body> {
     match req.uri().path() {
         "/metrics" => adtrack_service::metrics_endpoint::render(&state.prometheus),
-        "/health/live" => health_live(),
-        "/health/ready" => health_ready(&state.health),
+        "/health/live" => health::live(),
+        "/health/ready" => health::ready(&state.health),
         "/cache/stats" => {
             let body = serde_json::json!({
                 "entries": state.cache.entry_count(),

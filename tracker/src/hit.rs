@@ -1,15 +1,16 @@
 //! What a hit carries: strictly parsed query parameters, the client's
 //! anonymised IP, and the `TrackingEvent` built from them.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use adtrack_proto::event::EventRef;
-use adtrack_proto::program::Program;
 use adtrack_proto::v1::{EventType, ValidationOutcome};
 use http::HeaderMap;
 
 use crate::outgoing::Outgoing;
+use crate::program_entry::ProgramEntry;
 
 /// Most query parameters on one hit.
 pub const MAX_PARAMS: usize = 32;
@@ -157,14 +158,13 @@ pub fn anonymise(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Copies a header value, bounded, lossily as UTF-8.
-pub fn header_text(headers: &HeaderMap, name: http::header::HeaderName) -> String {
+/// A header value, bounded, lossily as UTF-8 (borrowed when it is UTF-8).
+pub fn header_text(headers: &HeaderMap, name: http::header::HeaderName) -> Cow<'_, str> {
     match headers.get(name) {
-        None => String::new(),
+        None => Cow::Borrowed(""),
         Some(v) => {
             let b = v.as_bytes();
-            let b = &b[..b.len().min(MAX_HEADER_COPY)];
-            String::from_utf8_lossy(b).into_owned()
+            String::from_utf8_lossy(&b[..b.len().min(MAX_HEADER_COPY)])
         }
     }
 }
@@ -174,13 +174,13 @@ pub struct Hit<'a> {
     pub event_id: String,
     pub timestamp_ms: i64,
     pub program_id: &'a str,
-    pub program: Option<&'a Program>,
+    pub program: Option<&'a ProgramEntry>,
     pub outcome: ValidationOutcome,
     pub event_type: EventType,
     pub source: &'static str,
-    pub user_agent: String,
-    pub referrer: String,
-    pub client_ip: String,
+    pub user_agent: &'a str,
+    pub referrer: &'a str,
+    pub client_ip: &'a str,
     pub params: Params,
     pub destination_url: String,
     /// Set by [`Privacy::apply`].
@@ -241,9 +241,9 @@ impl Privacy {
             PrivacyMode::Skip => None,
             PrivacyMode::Strip => {
                 hit.privacy_restricted = true;
-                hit.client_ip.clear();
-                hit.is_bot = crate::bots::is_bot(&hit.user_agent);
-                hit.user_agent.clear();
+                hit.client_ip = "";
+                hit.is_bot = crate::bots::is_bot(hit.user_agent);
+                hit.user_agent = "";
                 for p in &self.identifier_params {
                     hit.params.0.remove(p);
                 }
@@ -261,7 +261,7 @@ impl Hit<'_> {
     /// program, ready to ship.
     pub fn into_outgoing(self) -> Outgoing {
         let is_bot =
-            self.is_bot || (!self.privacy_restricted && crate::bots::is_bot(&self.user_agent));
+            self.is_bot || (!self.privacy_restricted && crate::bots::is_bot(self.user_agent));
         let page_url = self.params.0.get("page").map_or("", String::as_str);
         let mut ev = EventRef {
             programid: self.program_id,
@@ -269,9 +269,9 @@ impl Hit<'_> {
             message_id: &self.event_id,
             event_type: self.event_type,
             timestamp_ms: self.timestamp_ms,
-            user_agent: &self.user_agent,
-            client_ip: &self.client_ip,
-            referrer: &self.referrer,
+            user_agent: self.user_agent,
+            client_ip: self.client_ip,
+            referrer: self.referrer,
             page_url,
             extra: Some(&self.params.0),
             skip: &NOT_EXTRA,
@@ -283,11 +283,11 @@ impl Hit<'_> {
             ..EventRef::default()
         };
         if let Some(p) = self.program {
-            ev.checksum = &p.checksum;
-            ev.customer_id = p.customer_id;
-            ev.program_name = &p.program_name;
-            ev.customer_name = &p.customer_name;
-            ev.program_version = p.version;
+            ev.checksum = p.checksum();
+            ev.customer_id = p.customer_id();
+            ev.program_name = p.program_name();
+            ev.customer_name = p.customer_name();
+            ev.program_version = p.version();
         }
         let data = ev.to_bytes();
         Outgoing {
@@ -314,7 +314,7 @@ mod tests {
     fn the_encoded_event_is_the_event() {
         use adtrack_proto::v1::TrackingEvent;
         use prost::Message;
-        let program = Program::from_json(&serde_json::json!({
+        let program = adtrack_proto::program::Program::from_json(&serde_json::json!({
             "programId": "p1", "programName": "Summer", "checksum": "c9",
             "customerId": 77, "customerName": "Acme", "version": 5
         }))
@@ -328,13 +328,13 @@ mod tests {
             event_id: "0190-id".into(),
             timestamp_ms: 1_700_000_000_123,
             program_id: "p1",
-            program: Some(&program),
+            program: Some(&ProgramEntry::new(&program)),
             outcome: ValidationOutcome::Valid,
             event_type: EventType::Click,
             source: "pixel",
-            user_agent: "Mozilla/5.0 (compatible; Googlebot/2.1)".into(),
-            referrer: "https://ref.example/".into(),
-            client_ip: "203.0.113.0".into(),
+            user_agent: "Mozilla/5.0 (compatible; Googlebot/2.1)",
+            referrer: "https://ref.example/",
+            client_ip: "203.0.113.0",
             params,
             destination_url: "https://shop.example/".into(),
             privacy_restricted: false,

@@ -6,7 +6,7 @@
 
 pub mod admin;
 pub mod api_error;
-pub mod batch;
+pub mod app_state;
 pub mod bots;
 pub mod cache;
 pub mod config;
@@ -15,8 +15,10 @@ pub mod cors;
 pub mod delivery;
 pub mod health;
 pub mod hit;
+pub mod ingest;
 pub mod metric;
 pub mod outgoing;
+pub mod program_entry;
 pub mod routes;
 pub mod server;
 pub mod shard_map;

@@ -5,6 +5,13 @@ use std::process::ExitCode;
 use adtrack_tracker::{Config, run};
 use tokio::net::TcpListener;
 
+/// mimalloc instead of the system allocator: events are allocated on the
+/// request thread and freed on the delivery thread, which glibc's arenas
+/// handle with locking and consolidation (measured at ~5% of the tracker's
+/// CPU); mimalloc frees across threads without either.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let config: Config = match adtrack_service::parse_config() {

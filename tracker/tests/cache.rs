@@ -272,3 +272,48 @@ async fn not_ready_while_draining() {
         "exit code reports undelivered events"
     );
 }
+
+/// A cache in which every program id has the same key hash still answers
+/// each id with its own program (read from Redis), never another's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_sharing_a_key_hash_get_their_own_answers() {
+    use adtrack_tracker::cache::{CacheSettings, Lookup, ProgramCache};
+    let redis = adtrack_testkit::Redis::start().expect("redis");
+    let mut store = ProgramStore::connect(&redis.url()).await.expect("redis");
+    store
+        .load(&parse_program_file(PROGRAMS).expect("programs"))
+        .await
+        .expect("load");
+    let cache = ProgramCache::with_key_fn(
+        &CacheSettings {
+            capacity: 1000,
+            positive_ttl: Duration::from_secs(600),
+            negative_ttl: Duration::from_secs(30),
+            redis_timeout: Duration::from_secs(2),
+        },
+        Box::new(|_| 7),
+    );
+    let client = redis::Client::open(redis.url()).expect("client");
+    cache.set_connection(client.get_connection_manager().await.expect("manager"));
+    cache.load_all().await.expect("warm");
+    let now = time::OffsetDateTime::now_utc();
+    for round in 0..2 {
+        for (id, name) in [("212312", "program1"), ("212313", "program2")] {
+            match cache.lookup(id, now).await {
+                Lookup::Active(p) => {
+                    assert_eq!(p.program_id(), id, "round {round}");
+                    assert_eq!(p.program_name(), name, "round {round}");
+                }
+                other => panic!("{id} in round {round}: {other:?}"),
+            }
+        }
+        assert!(
+            matches!(cache.lookup("212315", now).await, Lookup::Inactive(p) if p.program_id() == "212315"),
+            "a disabled program answers as itself"
+        );
+        assert!(
+            matches!(cache.lookup("no-such-id", now).await, Lookup::Unknown),
+            "an unknown id is unknown, whatever shares its key"
+        );
+    }
+}

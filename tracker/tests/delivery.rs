@@ -69,8 +69,8 @@ async fn stream_counts(stack: &Stack) -> HashMap<String, usize> {
     {
         let ev = TrackingEvent::decode(e.data.as_slice()).expect("every delivered event decodes");
         assert_eq!(
-            ev.message_id, e.partition_key,
-            "user record keyed by its event id"
+            e.partition_key, e.record_partition_key,
+            "user records share their Kinesis record's partition key"
         );
         *counts.entry(ev.message_id).or_insert(0) += 1;
     }

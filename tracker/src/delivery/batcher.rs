@@ -42,6 +42,9 @@ pub struct KRecord {
     /// the shard owning it in the current map holds its write budget.
     pub hash: u128,
     pub attempts: u32,
+    /// When its oldest event's linger is over: the record goes in the next
+    /// call by then, even if that call is not full.
+    pub due: Instant,
 }
 
 impl KRecord {
@@ -128,7 +131,7 @@ impl Batcher {
             return;
         }
         let units = std::mem::take(&mut self.open);
-        self.open_since = None;
+        let due = self.open_since.take().unwrap_or(now) + self.linger;
         if self.aggregate {
             let shard = self.pick_shard(now, map, budgets);
             let target = map.shard(shard);
@@ -141,6 +144,7 @@ impl Batcher {
                 hash: target.start,
                 units,
                 attempts: 0,
+                due,
             });
         } else {
             for unit in units {
@@ -152,6 +156,7 @@ impl Batcher {
                     hash,
                     units: vec![unit],
                     attempts: 0,
+                    due,
                 });
             }
         }

@@ -37,6 +37,11 @@ const MAP_REFRESH: Duration = Duration::from_secs(60);
 const SPOOL_WINDOW: u64 = 20_000;
 /// How often the engine looks at the spool while it holds events.
 const SPOOL_TICK: Duration = Duration::from_millis(50);
+/// A call goes out once it would carry about this many bytes of records,
+/// or when its oldest record is due: under load, a few large calls instead
+/// of one per sealed aggregate (each call costs the SDK's fixed work of
+/// building, signing and parsing).
+const CALL_FILL_BYTES: usize = 1024 * 1024;
 
 type CallResult = Result<Vec<EntryResult>, CallError>;
 
@@ -244,7 +249,7 @@ impl<S: RecordStream> Run<S> {
             let now = Instant::now();
             self.batcher
                 .seal_if_due(closed, now, &self.map, &self.budgets, &mut self.ready);
-            self.dispatch(now);
+            self.dispatch(closed, now);
             if now >= next_gauges {
                 next_gauges = now + Duration::from_millis(250);
                 self.meters.queue_events.set(self.held_events() as f64);
@@ -369,14 +374,35 @@ impl<S: RecordStream> Run<S> {
         }));
     }
 
-    /// Sends calls while there is room in flight and a record ready.
-    fn dispatch(&mut self, now: Instant) {
+    /// Records that fill a call (about [`CALL_FILL_BYTES`]).
+    fn fill_records(&self) -> usize {
+        if self.settings.aggregate {
+            (CALL_FILL_BYTES / self.settings.max_aggregate_bytes.max(1))
+                .clamp(1, MAX_RECORDS_PER_CALL)
+        } else {
+            MAX_RECORDS_PER_CALL
+        }
+    }
+
+    /// Whether the ready records make a call now: enough to fill one, the
+    /// oldest is due, or the engine is draining.
+    fn call_is_due(&self, closed: bool, now: Instant) -> bool {
+        closed
+            || self.ready.len() >= self.fill_records()
+            || self.ready.front().is_some_and(|r| r.due <= now)
+    }
+
+    /// Sends calls while there is room in flight and a call's worth ready.
+    fn dispatch(&mut self, closed: bool, now: Instant) {
         while self.delayed.peek().is_some_and(|d| d.0.at <= now) {
             if let Some(Reverse(d)) = self.delayed.pop() {
                 self.ready.push_front(d.rec);
             }
         }
-        while self.calls.len() < self.settings.max_inflight && !self.ready.is_empty() {
+        while self.calls.len() < self.settings.max_inflight
+            && !self.ready.is_empty()
+            && self.call_is_due(closed, now)
+        {
             let mut call = Vec::new();
             let mut bytes = 0;
             // Each ready record is looked at once per call at most.
@@ -583,6 +609,12 @@ impl<S: RecordStream> Run<S> {
         }
         if let Some(d) = self.delayed.peek() {
             wake = wake.min(d.0.at);
+        }
+        // (With every call slot taken, a finished call wakes the loop.)
+        if self.calls.len() < self.settings.max_inflight
+            && let Some(r) = self.ready.front()
+        {
+            wake = wake.min(r.due);
         }
         let spool_waiting = self.shared.spool.as_ref().is_some_and(|s| s.pending() > 0);
         if closed || spool_waiting {

@@ -122,6 +122,7 @@ pub fn start(
     let thread = std::thread::Builder::new()
         .name("delivery".into())
         .spawn(move || {
+            lower_priority();
             runtime.block_on(async move {
                 let stream = KinesisStream {
                     client: aws_sdk_kinesis::Client::new(&aws),
@@ -135,6 +136,27 @@ pub fn start(
             });
         })?;
     Ok(DeliveryThread { done, thread })
+}
+
+/// Runs the calling (delivery) thread under `SCHED_IDLE`: on a core shared
+/// with the request path the engine only uses time no request wants, and a
+/// handler that wakes preempts it at once instead of waiting out its time
+/// slice (which is what put milliseconds on the p99 at a fixed rate). Under
+/// sustained saturation shipping waits: the queue, then the spool, hold the
+/// events (both bounded and metered), and it catches up when load eases or
+/// the drain stops the listener.
+fn lower_priority() {
+    use thread_priority::{
+        NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
+        set_thread_priority_and_policy, thread_native_id,
+    };
+    if let Err(e) = set_thread_priority_and_policy(
+        thread_native_id(),
+        ThreadPriority::Min,
+        ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle),
+    ) {
+        tracing::warn!(error = ?e, "cannot run the delivery thread at idle priority");
+    }
 }
 
 impl DeliveryThread {

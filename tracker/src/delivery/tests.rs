@@ -32,7 +32,8 @@ impl Scripted {
         })
     }
 
-    /// Event ids in the entries that were stored, with how often.
+    /// Event ids (each test event's data starts with its id) in the
+    /// entries that were stored, with how often.
     fn stored(&self) -> HashMap<String, usize> {
         let calls = self.calls.lock().expect("lock");
         let mut out = HashMap::new();
@@ -45,10 +46,10 @@ impl Scripted {
                 match deaggregate(&e.data).expect("consistent") {
                     Deaggregated::Records(rs) => {
                         for r in rs {
-                            *out.entry(r.partition_key).or_default() += 1;
+                            *out.entry(id_of(&r.data)).or_default() += 1;
                         }
                     }
-                    Deaggregated::Plain => *out.entry(e.partition_key.clone()).or_default() += 1,
+                    Deaggregated::Plain => *out.entry(id_of(&e.data)).or_default() += 1,
                 }
             }
         }
@@ -97,11 +98,21 @@ fn settings(linger_ms: u64) -> DeliverySettings {
     }
 }
 
+/// A test event: its data is its id, padded with `e` to 200-299 bytes.
 fn event(i: usize) -> Outgoing {
+    let id = format!("0190-{i:032}");
+    let mut data = id.clone().into_bytes();
+    data.resize(200 + i % 100, b'e');
     Outgoing {
-        partition_key: format!("0190-{i:032}"),
-        data: Bytes::from(vec![b'e'; 200 + i % 100]),
+        partition_key: id,
+        data: Bytes::from(data),
     }
+}
+
+/// The id a test event's data starts with.
+fn id_of(data: &[u8]) -> String {
+    let end = data.iter().position(|&b| b == b'e').unwrap_or(data.len());
+    String::from_utf8_lossy(&data[..end]).into_owned()
 }
 
 /// Queues `n` events, closes, runs the engine to its end.
@@ -238,7 +249,7 @@ async fn each_shard_is_held_to_its_budget() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn events_wait_their_linger_unless_an_aggregate_fills() {
+async fn events_wait_their_linger_unless_a_call_fills() {
     let stream = Scripted::new(
         1,
         Box::new(|_, entries| Ok(vec![EntryResult::default(); entries.len()])),
@@ -262,17 +273,33 @@ async fn events_wait_their_linger_unless_an_aggregate_fills() {
         assert_eq!(calls.len(), 1);
         assert!(calls[0].0 - started >= Duration::from_millis(100));
     }
-    // Enough events to fill aggregates: the full ones leave at once.
+    // A few full aggregates wait for their linger, to share a call.
     for i in 10..1_000 {
         sink.try_send(event(i)).expect("queued");
     }
     tokio::time::sleep(Duration::from_millis(1)).await;
-    assert!(
-        stream.calls.lock().expect("lock").len() > 1,
-        "full aggregates waited"
+    assert_eq!(
+        stream.calls.lock().expect("lock").len(),
+        1,
+        "a call went out with a few aggregates before their linger"
     );
+    // Enough full aggregates to fill a call: it leaves at once, in one piece.
+    for i in 1_000..7_000 {
+        sink.try_send(event(i)).expect("queued");
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    {
+        let calls = stream.calls.lock().expect("lock");
+        assert!(calls.len() > 1, "a full call waited for its linger");
+        let fill = 1024 * 1024 / 51_200;
+        assert!(
+            calls[1].1.len() >= fill,
+            "a call of {} records, not {fill}",
+            calls[1].1.len()
+        );
+    }
     sink.close();
     let report = runner.await.expect("engine");
-    assert_eq!(report.delivered, 1_000);
-    assert_each_once(&stream, 1_000);
+    assert_eq!(report.delivered, 7_000);
+    assert_each_once(&stream, 7_000);
 }

@@ -9,6 +9,7 @@
 //! Each event: `{"programId": "...", "type": "click", "page": "...",
 //! "referrer": "...", "params": {"k": "v"}}`; only `programId` is required.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
@@ -21,10 +22,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::api_error::{ApiError, Body, json_response};
+use crate::app_state::AppState;
 use crate::cache::Lookup;
 use crate::hit::{MAX_HEADER_COPY, MAX_PARAM_NAME, MAX_PARAM_VALUE, MAX_PARAMS, Params};
+use crate::ingest::{ClientInfo, EventParts, build_event, check_id, lookup, now};
 use crate::metric::{self, Outcome};
-use crate::routes::{AppState, ClientInfo, EventParts, build_event, check_id, lookup, now};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -201,7 +203,7 @@ where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let client = ClientInfo::from_request(req.headers(), peer, state);
+    let client = ClientInfo::from_request(req.headers(), peer, state).into_owned();
     let body = read_body(req, state).await?;
     let values = parse_values(&body, state.limits.max_batch_events)?;
     let (now, timestamp_ms) = now();
@@ -267,15 +269,15 @@ where
             }
             Lookup::Active(_) | Lookup::Unverified => {}
         }
-        let mut item_client = ClientInfo {
-            user_agent: client.user_agent.clone(),
-            referrer: client.referrer.clone(),
+        let item_client = ClientInfo {
+            user_agent: Cow::Borrowed(&client.user_agent),
+            referrer: match item.referrer {
+                Some(r) => Cow::Owned(truncate(r)),
+                None => Cow::Borrowed(&client.referrer),
+            },
             client_ip: client.client_ip.clone(),
             opted_out: client.opted_out,
         };
-        if let Some(r) = item.referrer {
-            item_client.referrer = truncate(r);
-        }
         let status = if matches!(lookup, Lookup::Active(_)) {
             "accepted"
         } else {

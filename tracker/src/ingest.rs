@@ -1,0 +1,175 @@
+//! The request path every endpoint shares: checking a program id, looking
+//! the program up, reading the client from the request, and building and
+//! queueing the event.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+
+use adtrack_proto::program::ProgramId;
+use adtrack_proto::v1::{EventType, ValidationOutcome};
+use http::header::{REFERER, USER_AGENT};
+use http::{HeaderMap, HeaderValue};
+use time::OffsetDateTime;
+
+use crate::api_error::ApiError;
+use crate::app_state::AppState;
+use crate::cache::Lookup;
+use crate::hit::{Hit, Params, Privacy, header_text};
+use crate::metric::Outcome;
+use crate::outgoing::Outgoing;
+use crate::shipper::QueueError;
+
+/// Checks a program id from a path; counts a malformed one.
+pub fn check_id(raw: &str, state: &AppState) -> Result<ProgramId, ApiError> {
+    if raw.contains('/') {
+        return Err(ApiError::NotFound);
+    }
+    ProgramId::parse(raw).map_err(|e| {
+        state.meters.hit(Outcome::Malformed);
+        ApiError::MalformedId(e.to_string())
+    })
+}
+
+/// The wall clock, as the validity check and the event want it.
+pub fn now() -> (OffsetDateTime, i64) {
+    let t = OffsetDateTime::now_utc();
+    (t, (t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+/// Looks a program up and counts the outcome.
+pub async fn lookup(state: &AppState, id: &ProgramId, now: OffsetDateTime) -> Lookup {
+    let lookup = state.cache.lookup(id.as_str(), now).await;
+    let outcome = match &lookup {
+        Lookup::Active(_) => Outcome::Valid,
+        Lookup::Inactive(_) => Outcome::Invalid,
+        Lookup::Unknown => Outcome::Unknown,
+        Lookup::Unverified => Outcome::Unverified,
+    };
+    state.meters.hit(outcome);
+    lookup
+}
+
+/// Parses a pixel's or click's query; counts a malformed one.
+pub fn parse_query(
+    query: Option<&str>,
+    default_type: EventType,
+    state: &AppState,
+) -> Result<(Params, EventType), ApiError> {
+    Params::parse(query)
+        .and_then(|params| params.event_type(default_type).map(|t| (params, t)))
+        .map_err(|e| {
+            state.meters.hit(Outcome::Malformed);
+            ApiError::BadQuery(e)
+        })
+}
+
+/// What the request itself says about the client (borrowed from its
+/// headers where it can be).
+pub struct ClientInfo<'a> {
+    pub user_agent: Cow<'a, str>,
+    pub referrer: Cow<'a, str>,
+    pub client_ip: String,
+    pub opted_out: bool,
+}
+
+impl<'a> ClientInfo<'a> {
+    pub fn from_request(headers: &'a HeaderMap, peer: SocketAddr, state: &AppState) -> Self {
+        Self {
+            user_agent: header_text(headers, USER_AGENT),
+            referrer: header_text(headers, REFERER),
+            client_ip: state.ip_policy.client_ip(peer.ip(), headers),
+            opted_out: Privacy::signal(headers),
+        }
+    }
+
+    /// The same, no longer borrowing the request.
+    pub fn into_owned(self) -> ClientInfo<'static> {
+        ClientInfo {
+            user_agent: Cow::Owned(self.user_agent.into_owned()),
+            referrer: Cow::Owned(self.referrer.into_owned()),
+            client_ip: self.client_ip,
+            opted_out: self.opted_out,
+        }
+    }
+}
+
+/// Everything about one event except the client.
+pub struct EventParts<'a> {
+    pub id: &'a ProgramId,
+    pub lookup: &'a Lookup,
+    pub event_type: EventType,
+    pub timestamp_ms: i64,
+    pub source: &'static str,
+    pub params: Params,
+    pub destination_url: String,
+}
+
+/// Why an event was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotShipped {
+    /// The client opted out and the policy is `skip`.
+    OptedOut,
+    Queue(QueueError),
+}
+
+/// Builds and encodes the event for a hit; `None` when the client opted
+/// out and the privacy policy says to skip it.
+pub fn build_event(
+    parts: EventParts<'_>,
+    client: &ClientInfo<'_>,
+    state: &AppState,
+) -> Option<Outgoing> {
+    let (program, outcome) = match parts.lookup {
+        Lookup::Active(p) => (Some(p.as_ref()), ValidationOutcome::Valid),
+        Lookup::Unverified => (None, ValidationOutcome::Unverified),
+        Lookup::Inactive(_) | Lookup::Unknown => (None, ValidationOutcome::Invalid),
+    };
+    let hit = Hit {
+        event_id: adtrack_proto::event::new_event_id(),
+        timestamp_ms: parts.timestamp_ms,
+        program_id: parts.id.as_str(),
+        program,
+        outcome,
+        event_type: parts.event_type,
+        source: parts.source,
+        user_agent: &client.user_agent,
+        referrer: &client.referrer,
+        client_ip: &client.client_ip,
+        params: parts.params,
+        destination_url: parts.destination_url,
+        privacy_restricted: false,
+        is_bot: false,
+    };
+    state
+        .privacy
+        .apply(hit, client.opted_out)
+        .map(Hit::into_outgoing)
+}
+
+/// Queues one event; counts a drop with its cause. Returns the event id,
+/// as the reply's header carries it.
+pub fn ship_one(event: Outgoing, state: &AppState) -> Result<HeaderValue, QueueError> {
+    // An event id is a UUID: always a valid header value.
+    let event_id =
+        HeaderValue::from_str(&event.partition_key).unwrap_or(HeaderValue::from_static(""));
+    state
+        .sink
+        .try_send(event)
+        .inspect_err(|e| state.meters.dropped(e.cause(), 1))?;
+    Ok(event_id)
+}
+
+/// Builds and queues the event for a hit; returns its id.
+pub fn ship(
+    parts: EventParts<'_>,
+    client: &ClientInfo<'_>,
+    state: &AppState,
+) -> Result<HeaderValue, NotShipped> {
+    match build_event(parts, client, state) {
+        None => {
+            state.meters.dropped("privacy_opt_out", 1);
+            Err(NotShipped::OptedOut)
+        }
+        Some(ev) => ship_one(ev, state).map_err(NotShipped::Queue),
+    }
+}

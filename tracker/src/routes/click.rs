@@ -1,0 +1,78 @@
+//! `GET /v1/click/{programId}?url=...`: 302 to `url` only when its host is
+//! allowed by the program; never an open redirect.
+
+use std::net::SocketAddr;
+
+use adtrack_proto::v1::EventType;
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, LOCATION};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+
+use super::EVENT_ID_HEADER;
+use crate::api_error::{ApiError, Body};
+use crate::app_state::AppState;
+use crate::cache::Lookup;
+use crate::ingest::{ClientInfo, EventParts, NotShipped, check_id, lookup, now, parse_query, ship};
+use crate::metric;
+
+pub async fn handle<B>(
+    req: &Request<B>,
+    raw_id: &str,
+    state: &AppState,
+    peer: SocketAddr,
+) -> Result<Response<Body>, ApiError> {
+    if req.method() != Method::GET {
+        return Err(ApiError::MethodNotAllowed("GET"));
+    }
+    let id = check_id(raw_id, state)?;
+    let (mut params, event_type) = parse_query(req.uri().query(), EventType::Click, state)?;
+    let raw_url = params.0.remove("url").ok_or(ApiError::MissingUrl)?;
+    let url = url::Url::parse(&raw_url).map_err(|_| ApiError::BadRedirectUrl)?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(ApiError::BadRedirectUrl);
+    }
+    let host = url
+        .host_str()
+        .ok_or(ApiError::BadRedirectUrl)?
+        .to_ascii_lowercase();
+    let (now, timestamp_ms) = now();
+    let lookup = lookup(state, &id, now).await;
+    match &lookup {
+        Lookup::Unknown => return Err(ApiError::UnknownProgram),
+        Lookup::Inactive(_) => return Err(ApiError::InactiveProgram),
+        Lookup::Active(p) if !p.allows_redirect_to(&host) => {
+            metrics::counter!(metric::REDIRECTS_REFUSED).increment(1);
+            return Err(ApiError::RedirectNotAllowed(host));
+        }
+        Lookup::Active(_) | Lookup::Unverified => {}
+    }
+    let client = ClientInfo::from_request(req.headers(), peer, state);
+    let parts = EventParts {
+        id: &id,
+        lookup: &lookup,
+        event_type,
+        timestamp_ms,
+        source: "click",
+        params,
+        destination_url: url.as_str().to_owned(),
+    };
+    let shipped = ship(parts, &client, state);
+    if matches!(lookup, Lookup::Unverified) {
+        // The allow-list cannot be checked: the click is kept, the redirect is not made.
+        return Err(ApiError::ProgramUnavailable);
+    }
+    if let Err(NotShipped::Queue(_)) = shipped {
+        return Err(ApiError::Overloaded);
+    }
+    let location = HeaderValue::from_str(url.as_str()).map_err(|_| ApiError::BadRedirectUrl)?;
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::FOUND;
+    resp.headers_mut().insert(LOCATION, location);
+    resp.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Ok(event_id) = shipped {
+        resp.headers_mut().insert(EVENT_ID_HEADER, event_id);
+    }
+    Ok(resp)
+}
