@@ -81,8 +81,9 @@ pub struct Config {
     #[arg(long, env = "TRACKER_QUEUE_BYTES", value_name = "TRACKER_QUEUE_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..=4 * 1024 * 1024 * 1024))]
     pub queue_bytes: u64,
 
-    /// Longest an event waits for its KPL aggregate to fill, in milliseconds
-    /// (a full aggregate leaves at once; the reply never waits for this).
+    /// Longest an event waits before its PutRecords call leaves, in
+    /// milliseconds (a call that fills about 1 MiB leaves at once; the reply
+    /// never waits for this).
     #[arg(long, env = "TRACKER_BATCH_LINGER_MS", value_name = "TRACKER_BATCH_LINGER_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub batch_linger_ms: u64,
 
@@ -133,13 +134,19 @@ pub struct Config {
     pub max_connections: u64,
 
     /// Longest time a client may take to send its request headers once it
-    /// has started a request, in seconds (then 408).
+    /// has started a request (then 408), and a new connection to send its
+    /// first request head (then it is closed), in seconds.
     #[arg(long, env = "TRACKER_HEADER_TIMEOUT_SECS", value_name = "TRACKER_HEADER_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub header_timeout_secs: u64,
 
     /// Longest time a client may take to send a request body, in seconds (then 408).
     #[arg(long, env = "TRACKER_BODY_TIMEOUT_SECS", value_name = "TRACKER_BODY_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub body_timeout_secs: u64,
+
+    /// Longest time a response may wait for the client to read it, in
+    /// seconds (then the connection is closed).
+    #[arg(long, env = "TRACKER_WRITE_TIMEOUT_SECS", value_name = "TRACKER_WRITE_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub write_timeout_secs: u64,
 
     /// How long a keep-alive connection may sit idle between requests, in
     /// seconds; keep it above the load balancer's (ALB: 60).
@@ -227,6 +234,9 @@ impl Config {
     }
     pub fn body_timeout(&self) -> Duration {
         Duration::from_secs(self.body_timeout_secs)
+    }
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_secs(self.write_timeout_secs)
     }
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_secs)

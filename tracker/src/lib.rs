@@ -148,6 +148,8 @@ pub async fn run(
         server::ServerSettings {
             max_connections: config.max_connections as usize,
             header_timeout: config.header_timeout(),
+            write_timeout: config.write_timeout(),
+            max_uri_bytes: config.max_uri_bytes as usize,
             idle_timeout: config.idle_timeout(),
             max_header_bytes: config.max_header_bytes as usize,
         },

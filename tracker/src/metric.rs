@@ -52,7 +52,8 @@ pub const KINESIS_RETRIES: &str = "adtrack_kinesis_retries_total";
 /// PutRecords call time in seconds.
 pub const KINESIS_CALL_DURATION: &str = "adtrack_kinesis_put_records_duration_seconds";
 /// Request bounds breached, label `bound` (`uri_bytes`, `header_bytes`,
-/// `body_bytes`, `batch_events`, `header_timeout`, `body_timeout`, `connections`, `malformed_request`).
+/// `body_bytes`, `batch_events`, `header_timeout`, `silent_connection`, `write_timeout`,
+/// `body_timeout`, `connections`, `malformed_request`).
 pub const BOUNDS_BREACHED: &str = "adtrack_bounds_breached_total";
 /// Click redirects refused because the host is not allowed.
 pub const REDIRECTS_REFUSED: &str = "adtrack_redirects_refused_total";

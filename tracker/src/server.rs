@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::conn_timeouts::{ConnPhase, TimedIo};
+use crate::conn_timeouts::{ConnPhase, Deadlines, TimedIo};
 use crate::metric;
 use crate::routes::{AppState, handle};
 
@@ -24,6 +24,9 @@ use crate::routes::{AppState, handle};
 pub struct ServerSettings {
     pub max_connections: usize,
     pub header_timeout: Duration,
+    pub write_timeout: Duration,
+    /// Longest request target; a longer request line is answered 414.
+    pub max_uri_bytes: usize,
     pub idle_timeout: Duration,
     /// Longest request head (request line and headers), in bytes.
     pub max_header_bytes: usize,
@@ -78,8 +81,12 @@ pub async fn serve(
         let io = TimedIo::new(
             stream,
             phase.clone(),
-            settings.header_timeout,
-            settings.idle_timeout,
+            Deadlines {
+                header: settings.header_timeout,
+                idle: settings.idle_timeout,
+                write: settings.write_timeout,
+                max_uri_bytes: settings.max_uri_bytes,
+            },
         );
         let state = state.clone();
         let svc = service_fn(move |req| handle(req, state.clone(), peer, phase.clone()));

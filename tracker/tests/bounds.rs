@@ -1,7 +1,8 @@
 //! Every request bound on the real process, each answered with its status
 //! and counted: 414, 431, 413, 408 (slow headers, slow body), 503 (too many
-//! connections), 400 (malformed requests); and idle keep-alive connections
-//! outliving the header timeout.
+//! connections), 400 (malformed requests); idle keep-alive connections
+//! outliving the header timeout; and connections that make no progress
+//! (silent, never reading, endless request line) losing their slot.
 
 mod support;
 
@@ -177,5 +178,103 @@ async fn connections_over_the_limit_get_503() {
             "adtrack_bounds_breached_total",
             &["bound=\"connections\""]
         ) >= 1.0
+    );
+}
+
+/// Sends `bytes` from a task of its own (ignoring write errors: the server
+/// may close first) and reads what comes back until the server closes.
+async fn raw_unread(port: u16, bytes: Vec<u8>) -> String {
+    let s = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (mut rd, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(&bytes).await;
+        wr
+    });
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), rd.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    writer.abort();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Connections that hold a slot without making progress lose it: a 100 KB
+/// request target is answered 414 as it arrives (not 431 once the head is
+/// over its bound), a connection that never sends a request is closed
+/// after the header timeout (not the idle timeout), and one that never
+/// reads its responses is closed after the write timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_make_no_progress_lose_their_slot() {
+    let (_stack, t) = setup(&[
+        ("TRACKER_HEADER_TIMEOUT_SECS", "1"),
+        ("TRACKER_WRITE_TIMEOUT_SECS", "1"),
+        ("TRACKER_IDLE_TIMEOUT_SECS", "600"),
+    ])
+    .await;
+
+    let long = format!(
+        "GET /v1/pixel/212312?x={} HTTP/1.1\r\nhost: x\r\n\r\n",
+        "a".repeat(100_000)
+    );
+    let resp = raw_unread(t.port, long.into_bytes()).await;
+    assert_eq!(status(&resp), "414", "{resp}");
+
+    // Silent: nothing sent. Closed long before the 600 s idle timeout.
+    let mut silent = TcpStream::connect(("127.0.0.1", t.port))
+        .await
+        .expect("connect");
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(60), silent.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent connection kept its slot: {closed:?}"
+    );
+
+    // Never reads: pipelined requests whose answers fill the socket buffers.
+    let requests = b"GET /health/live HTTP/1.1\r\nhost: x\r\n\r\n".repeat(300_000);
+    let stuck = TcpStream::connect(("127.0.0.1", t.port))
+        .await
+        .expect("connect");
+    let (_rd, mut wr) = stuck.into_split();
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(&requests).await;
+    });
+    wait_until(
+        "a client that never reads is cut off",
+        Duration::from_secs(60),
+        || async {
+            let m = t.metrics().await;
+            metric_sum(
+                &m,
+                "adtrack_bounds_breached_total",
+                &["bound=\"write_timeout\""],
+            ) >= 1.0
+        },
+    )
+    .await;
+    writer.abort();
+
+    let m = t.metrics().await;
+    assert!(
+        metric_sum(
+            &m,
+            "adtrack_bounds_breached_total",
+            &["bound=\"silent_connection\""]
+        ) >= 1.0,
+        "silent connection counted"
+    );
+    assert!(
+        metric_sum(
+            &m,
+            "adtrack_http_requests_total",
+            &["route=\"none\"", "status=\"414\""]
+        ) >= 1.0,
+        "414 counted"
     );
 }

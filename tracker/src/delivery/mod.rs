@@ -44,7 +44,7 @@ pub struct DeliverySettings {
     pub stream: String,
     pub queue_events: usize,
     pub queue_bytes: u64,
-    /// Longest an event waits for its aggregate to fill.
+    /// Longest an event waits before its call leaves (unless a call fills first).
     pub linger: Duration,
     pub max_inflight: usize,
     /// Pack events into KPL aggregated records.
