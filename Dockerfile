@@ -43,6 +43,7 @@ RUN cargo chef prepare --recipe-path recipe.json
 # builder: the three service binaries, glibc (bookworm, same as the runtime).
 FROM chef AS builder
 COPY --from=planner /src/recipe.json recipe.json
+COPY .cargo/ .cargo/
 RUN cargo chef cook --release --locked --recipe-path recipe.json \
       --bin tracker --bin consumer --bin updater
 COPY . .
@@ -60,6 +61,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && rustup target add x86_64-unknown-linux-musl
 COPY --from=planner /src/recipe.json recipe.json
+COPY .cargo/ .cargo/
 RUN cargo chef cook --release --locked --target x86_64-unknown-linux-musl \
       --recipe-path recipe.json --bin consumer-lambda
 COPY . .
