@@ -60,16 +60,22 @@ pub fn pin_self(core: usize) {
 /// those pinned.
 pub fn pin_stack(env: &HashMap<String, String>, core: usize) -> Vec<&'static str> {
     let mut pinned = Vec::new();
-    for (key, name) in [
-        ("REDIS_PID", "redis"),
-        ("KINESIS_PID", "kinesis"),
-        ("DYNAMODB_PID", "dynamodb"),
-        ("TRACKER_PID", "stack tracker"),
-        ("CONSUMER_PID", "consumer"),
+    for (key, name, program) in [
+        ("REDIS_PID", "redis", "redis-server"),
+        ("KINESIS_PID", "kinesis", "standin.js"),
+        ("DYNAMODB_PID", "dynamodb", "standin.js"),
+        ("TRACKER_PID", "stack tracker", "tracker"),
+        ("CONSUMER_PID", "consumer", "consumer"),
     ] {
         let Some(pid) = env.get(key).filter(|p| p.parse::<u32>().is_ok()) else {
             continue;
         };
+        // Only the stack's own process: a PID of one that ended may be reused.
+        let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(program));
+        if !ours {
+            continue;
+        }
         let ok = Command::new("taskset")
             .args(["-a", "-p", "-c", &core.to_string(), pid])
             .stdout(Stdio::null())
