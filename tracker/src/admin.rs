@@ -31,7 +31,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
 fn route<B>(req: &Request<B>, state: &AdminState) -> Response<Body> {
     match req.uri().path() {
         "/metrics" => adtrack_service::metrics_endpoint::render(&state.prometheus),
-        "/health/live" => health::live(),
+        "/health/live" => health::live(&state.health),
         "/health/ready" => health::ready(&state.health),
         "/cache/stats" => {
             let body = serde_json::json!({

@@ -44,6 +44,10 @@ use crate::hit::{IpPolicy, Privacy};
 use crate::routes::{AppState, Limits};
 use crate::spool::Spool;
 
+/// How long a background loop may go without reporting in before liveness
+/// fails (they report every second; see [`health`]).
+pub const LOOP_DEADLINE: Duration = Duration::from_secs(30);
+
 /// Runs the tracker until `shutdown` fires, then drains: readiness goes false,
 /// the listener closes, in-flight requests finish, queued events are sent
 /// within the drain deadline. Returns what was delivered and what was not.
@@ -104,6 +108,7 @@ pub async fn run(
         redis,
         cache.clone(),
         health.clone(),
+        health.register("program sync", LOOP_DEADLINE),
         config.redis_timeout(),
         config.reconcile_every(),
         background.clone(),

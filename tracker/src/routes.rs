@@ -74,7 +74,7 @@ where
     } else {
         match path {
             "/v1/events" => (Route::Batch, batch::handle(req, state, peer).await),
-            "/health/live" => (Route::Health, Ok(health::live())),
+            "/health/live" => (Route::Health, Ok(health::live(&state.health))),
             "/health/ready" | "/health/check" => (Route::Health, Ok(health::ready(&state.health))),
             _ => (Route::Unknown, Err(ApiError::NotFound)),
         }

@@ -12,17 +12,19 @@ use redis::aio::ConnectionManagerConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::ProgramCache;
-use crate::health::Health;
+use crate::health::{BEAT_EVERY, Beat, Health};
 use crate::metric;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Runs until `shutdown`; reconnects with exponential backoff and jitter.
+/// Beats `beat` as it goes round (see [`crate::health`]).
 pub async fn run(
     client: redis::Client,
     cache: Arc<ProgramCache>,
     health: Arc<Health>,
+    beat: Arc<Beat>,
     redis_timeout: Duration,
     reconcile_every: Duration,
     shutdown: CancellationToken,
@@ -30,6 +32,7 @@ pub async fn run(
     let mut backoff = MIN_BACKOFF;
     let mut connected_before = false;
     loop {
+        beat.beat();
         if shutdown.is_cancelled() {
             return;
         }
@@ -37,6 +40,7 @@ pub async fn run(
             &client,
             &cache,
             &health,
+            &beat,
             redis_timeout,
             reconcile_every,
             &shutdown,
@@ -69,6 +73,7 @@ async fn session(
     client: &redis::Client,
     cache: &Arc<ProgramCache>,
     health: &Health,
+    beat: &Beat,
     redis_timeout: Duration,
     reconcile_every: Duration,
     shutdown: &CancellationToken,
@@ -96,9 +101,12 @@ async fn session(
         reconcile_every,
     );
     reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut alive = tokio::time::interval(BEAT_EVERY);
     loop {
+        beat.beat();
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            _ = alive.tick() => {}
             _ = reconcile.tick() => {
                 let result = match cache.load_all().await {
                     Ok(n) => {

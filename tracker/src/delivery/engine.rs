@@ -23,6 +23,7 @@ use super::inbox::Inbox;
 use super::put::{CallError, Entry, EntryResult, RecordStream};
 use super::retry::{self, CallFailure, EntryFailure};
 use super::{DeliveryReport, DeliverySettings};
+use crate::health::{BEAT_EVERY, Beat};
 use crate::metric;
 use crate::outgoing::Outgoing;
 use crate::shard_map::ShardMap;
@@ -109,6 +110,8 @@ pub struct Engine {
     pub(super) inbox: Arc<Inbox>,
     pub(super) shared: Arc<Shared>,
     pub(super) settings: DeliverySettings,
+    /// Reported to every time round the loop (liveness), when set.
+    pub(super) beat: Option<Arc<Beat>>,
 }
 
 struct Run<S: RecordStream> {
@@ -131,6 +134,7 @@ struct Run<S: RecordStream> {
     report: DeliveryReport,
     meters: Meters,
     intake: Vec<Outgoing>,
+    beat: Option<Arc<Beat>>,
 }
 
 impl Engine {
@@ -188,6 +192,7 @@ impl Engine {
             report: DeliveryReport::default(),
             meters: Meters::new(),
             intake: Vec::new(),
+            beat: self.beat,
         };
         run.budgets = run.new_budgets(now);
         run.main_loop(give_up).await
@@ -240,6 +245,9 @@ impl<S: RecordStream> Run<S> {
         let mut closed = false;
         let mut next_gauges = Instant::now();
         loop {
+            if let Some(beat) = &self.beat {
+                beat.beat();
+            }
             let now = Instant::now();
             let memory_empty = self.take_inbox(&mut closed, now);
             self.intake_spool(memory_empty, now);
@@ -603,7 +611,8 @@ impl<S: RecordStream> Run<S> {
     }
 
     fn next_wake(&self, closed: bool, now: Instant) -> Instant {
-        let mut wake = self.refresh_at;
+        // Round the loop at least this often, to report in.
+        let mut wake = self.refresh_at.min(now + BEAT_EVERY);
         if let Some(t) = self.batcher.due() {
             wake = wake.min(t);
         }

@@ -94,6 +94,7 @@ pub fn channel(settings: DeliverySettings, spool: Option<Arc<Spool>>) -> (EventS
             inbox,
             shared,
             settings,
+            beat: None,
         },
     )
 }
@@ -108,12 +109,13 @@ pub struct DeliveryThread {
 /// with its own single-threaded runtime and its own Kinesis client.
 /// `stop_check` ends the readiness check early.
 pub fn start(
-    engine: Engine,
+    mut engine: Engine,
     aws: SdkConfig,
     health: Arc<Health>,
     give_up: CancellationToken,
     stop_check: CancellationToken,
 ) -> std::io::Result<DeliveryThread> {
+    engine.beat = Some(health.register("delivery engine", crate::LOOP_DEADLINE));
     let (tx, done) = tokio::sync::oneshot::channel();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -6,9 +6,19 @@ use http::StatusCode;
 use crate::api_error::{Body, json_response};
 use crate::health::Health;
 
-/// Liveness.
-pub fn live() -> http::Response<Body> {
-    json_response(StatusCode::OK, br#"{"status":"live"}"#.to_vec())
+/// Liveness: 200 while every background loop reports in, 503 naming the
+/// loops that missed their deadline.
+pub fn live(health: &Health) -> http::Response<Body> {
+    let stalled = health.stalled();
+    if stalled.is_empty() {
+        json_response(StatusCode::OK, br#"{"status":"live"}"#.to_vec())
+    } else {
+        let body = serde_json::json!({"status": "not live", "stalled": stalled});
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::to_vec(&body).unwrap_or_default(),
+        )
+    }
 }
 
 /// Readiness: 200 when ready, 503 with the reasons otherwise.
