@@ -17,6 +17,8 @@ pub struct Limits {
     pub max_body_bytes: u64,
     pub max_batch_events: u64,
     pub body_timeout: std::time::Duration,
+    /// How long a batch's program lookups may take together.
+    pub lookup_deadline: std::time::Duration,
 }
 
 /// What every request handler shares.

@@ -39,14 +39,18 @@ pub fn now() -> (OffsetDateTime, i64) {
 /// Looks a program up and counts the outcome.
 pub async fn lookup(state: &AppState, id: &ProgramId, now: OffsetDateTime) -> Lookup {
     let lookup = state.cache.lookup(id.as_str(), now).await;
-    let outcome = match &lookup {
+    state.meters.hit(outcome_of(&lookup));
+    lookup
+}
+
+/// How a lookup's answer is counted.
+pub fn outcome_of(lookup: &Lookup) -> Outcome {
+    match lookup {
         Lookup::Active(_) => Outcome::Valid,
         Lookup::Inactive(_) => Outcome::Invalid,
         Lookup::Unknown => Outcome::Unknown,
         Lookup::Unverified => Outcome::Unverified,
-    };
-    state.meters.hit(outcome);
-    lookup
+    }
 }
 
 /// Parses a pixel's or click's query; counts a malformed one.

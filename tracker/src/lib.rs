@@ -142,6 +142,8 @@ pub async fn run(
             max_body_bytes: config.max_body_bytes,
             max_batch_events: config.max_batch_events,
             body_timeout: config.body_timeout(),
+            // One Redis timeout for the whole batch (and a little for the rest).
+            lookup_deadline: config.redis_timeout() + Duration::from_millis(50),
         },
         meters: metric::RequestMeters::default(),
     });

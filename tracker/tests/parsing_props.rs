@@ -72,6 +72,7 @@ async fn state(redis: &Redis) -> (Arc<AppState>, delivery::Engine) {
             max_body_bytes: 4096,
             max_batch_events: 50,
             body_timeout: Duration::from_secs(5),
+            lookup_deadline: Duration::from_secs(2),
         },
         meters: Default::default(),
     };

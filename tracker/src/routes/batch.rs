@@ -10,14 +10,19 @@
 //! "referrer": "...", "params": {"k": "v"}}`; only `programId` is required.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 
+use adtrack_proto::program::ProgramId;
 use adtrack_proto::v1::EventType;
 use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use http::header::{CONTENT_LENGTH, ORIGIN};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use serde::de::{DeserializeSeed, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -25,7 +30,7 @@ use crate::api_error::{ApiError, Body, json_response};
 use crate::app_state::AppState;
 use crate::cache::Lookup;
 use crate::hit::{MAX_HEADER_COPY, MAX_PARAM_NAME, MAX_PARAM_VALUE, MAX_PARAMS, Params};
-use crate::ingest::{ClientInfo, EventParts, build_event, check_id, lookup, now};
+use crate::ingest::{ClientInfo, EventParts, build_event, check_id, now, outcome_of};
 use crate::metric::{self, Outcome};
 
 #[derive(Debug, Deserialize)]
@@ -138,14 +143,65 @@ where
     }
 }
 
+/// A JSON array of at most `max` values, refused at the first one over
+/// (counted while parsing, not after).
+struct BoundedArray<'a> {
+    max: u64,
+    /// Set when the array held more than `max` values.
+    over: &'a Cell<bool>,
+}
+
+impl<'de> DeserializeSeed<'de> for BoundedArray<'_> {
+    type Value = Vec<Value>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for BoundedArray<'_> {
+    type Value = Vec<Value>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "an array of at most {} events", self.max)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element::<Value>()? {
+            if out.len() as u64 == self.max {
+                self.over.set(true);
+                return Err(serde::de::Error::custom("too many events"));
+            }
+            out.push(v);
+        }
+        Ok(out)
+    }
+}
+
 /// Splits a body into event values: a JSON array, or one JSON value per line.
 fn parse_values(body: &[u8], max_events: u64) -> Result<Vec<Value>, ApiError> {
     let text =
         std::str::from_utf8(body).map_err(|_| ApiError::BadBody("body is not UTF-8".into()))?;
     let trimmed = text.trim_start();
     let values: Vec<Value> = if trimmed.starts_with('[') {
-        serde_json::from_str(trimmed)
-            .map_err(|e| ApiError::BadBody(format!("not a JSON array of events: {e}")))?
+        let over = Cell::new(false);
+        let mut de = serde_json::Deserializer::from_str(trimmed);
+        let parsed = BoundedArray {
+            max: max_events,
+            over: &over,
+        }
+        .deserialize(&mut de)
+        .and_then(|v| de.end().map(|()| v));
+        match parsed {
+            Ok(v) => v,
+            Err(_) if over.get() => {
+                metrics::counter!(metric::BOUNDS_BREACHED, "bound" => "batch_events").increment(1);
+                return Err(ApiError::TooManyEvents(max_events));
+            }
+            Err(e) => {
+                return Err(ApiError::BadBody(format!(
+                    "not a JSON array of events: {e}"
+                )));
+            }
+        }
     } else {
         let mut v = Vec::new();
         for (n, line) in text.lines().enumerate() {
@@ -194,6 +250,96 @@ fn check_params(map: BTreeMap<String, String>) -> Result<Params, String> {
     Ok(Params(map))
 }
 
+/// One event of a batch that passed the checks that need no lookup.
+struct Prepared {
+    index: usize,
+    id: ProgramId,
+    event_type: EventType,
+    params: Params,
+    referrer: Option<String>,
+}
+
+/// Checks one event of a batch; the rejection otherwise.
+fn prepare(index: usize, value: Value, state: &AppState) -> Result<Prepared, ItemResult> {
+    let item: BatchEvent = serde_json::from_value(value).map_err(|e| {
+        state.meters.hit(Outcome::Malformed);
+        ItemResult::rejected(index, &ApiError::BadBody(e.to_string()))
+    })?;
+    let id = check_id(&item.program_id, state).map_err(|e| {
+        let e = if matches!(e, ApiError::NotFound) {
+            state.meters.hit(Outcome::Malformed);
+            ApiError::MalformedId("program id may not contain '/'".into())
+        } else {
+            e
+        };
+        ItemResult::rejected(index, &e)
+    })?;
+    let mut params = check_params(item.params.unwrap_or_default()).map_err(|reason| {
+        state.meters.hit(Outcome::Malformed);
+        ItemResult::rejected(index, &ApiError::BadBody(reason))
+    })?;
+    let event_type = match item.event_type.as_deref() {
+        None => EventType::Custom,
+        Some(t) => EventType::from_param(t).ok_or_else(|| {
+            state.meters.hit(Outcome::Malformed);
+            let e = ApiError::BadQuery(crate::hit::QueryError::BadType(t.to_owned()));
+            ItemResult::rejected(index, &e)
+        })?,
+    };
+    if let Some(page) = item.page {
+        params.0.insert("page".into(), truncate(page));
+    }
+    Ok(Prepared {
+        index,
+        id,
+        event_type,
+        params,
+        referrer: item.referrer,
+    })
+}
+
+/// Looks up every distinct program of a batch at once (at most
+/// [`LOOKUPS_IN_FLIGHT`] at a time) under one deadline for the whole
+/// request: during a Redis brownout a batch of uncached ids costs one
+/// deadline, not one Redis timeout per event. An id not answered by then
+/// is unverified (its events are shipped as such, as for a single hit).
+async fn lookup_all(
+    items: &[Prepared],
+    state: &AppState,
+    now: time::OffsetDateTime,
+) -> HashMap<ProgramId, Lookup> {
+    let mut ids: Vec<&ProgramId> = items.iter().map(|p| &p.id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut found = HashMap::with_capacity(ids.len());
+    let mut waiting = ids.into_iter();
+    let mut in_flight = FuturesUnordered::new();
+    for id in waiting.by_ref().take(LOOKUPS_IN_FLIGHT) {
+        in_flight.push(lookup_one(state, id, now));
+    }
+    let _ = tokio::time::timeout(state.limits.lookup_deadline, async {
+        while let Some((id, lookup)) = in_flight.next().await {
+            found.insert(id.clone(), lookup);
+            if let Some(next) = waiting.next() {
+                in_flight.push(lookup_one(state, next, now));
+            }
+        }
+    })
+    .await;
+    found
+}
+
+async fn lookup_one<'a>(
+    state: &AppState,
+    id: &'a ProgramId,
+    now: time::OffsetDateTime,
+) -> (&'a ProgramId, Lookup) {
+    (id, state.cache.lookup(id.as_str(), now).await)
+}
+
+/// Program lookups one batch keeps in flight at once.
+const LOOKUPS_IN_FLIGHT: usize = 32;
+
 async fn post<B>(
     req: Request<B>,
     state: &AppState,
@@ -208,56 +354,25 @@ where
     let values = parse_values(&body, state.limits.max_batch_events)?;
     let (now, timestamp_ms) = now();
     let mut results = Vec::with_capacity(values.len());
-    let mut outgoing = Vec::with_capacity(values.len());
+    let mut prepared = Vec::with_capacity(values.len());
     for (index, value) in values.into_iter().enumerate() {
-        let item: BatchEvent = match serde_json::from_value(value) {
-            Ok(i) => i,
-            Err(e) => {
-                state.meters.hit(Outcome::Malformed);
-                results.push(ItemResult::rejected(
-                    index,
-                    &ApiError::BadBody(e.to_string()),
-                ));
-                continue;
-            }
-        };
-        let id = match check_id(&item.program_id, state) {
-            Ok(id) => id,
-            Err(e) => {
-                let e = if matches!(e, ApiError::NotFound) {
-                    state.meters.hit(Outcome::Malformed);
-                    ApiError::MalformedId("program id may not contain '/'".into())
-                } else {
-                    e
-                };
-                results.push(ItemResult::rejected(index, &e));
-                continue;
-            }
-        };
-        let mut params = match check_params(item.params.unwrap_or_default()) {
-            Ok(p) => p,
-            Err(reason) => {
-                state.meters.hit(Outcome::Malformed);
-                results.push(ItemResult::rejected(index, &ApiError::BadBody(reason)));
-                continue;
-            }
-        };
-        let event_type = match item.event_type.as_deref() {
-            None => EventType::Custom,
-            Some(t) => match EventType::from_param(t) {
-                Some(t) => t,
-                None => {
-                    state.meters.hit(Outcome::Malformed);
-                    let e = ApiError::BadQuery(crate::hit::QueryError::BadType(t.to_owned()));
-                    results.push(ItemResult::rejected(index, &e));
-                    continue;
-                }
-            },
-        };
-        if let Some(page) = item.page {
-            params.0.insert("page".into(), truncate(page));
+        match prepare(index, value, state) {
+            Ok(p) => prepared.push(p),
+            Err(rejected) => results.push(rejected),
         }
-        let lookup = lookup(state, &id, now).await;
+    }
+    let lookups = lookup_all(&prepared, state, now).await;
+    let mut outgoing = Vec::with_capacity(prepared.len());
+    for item in prepared {
+        let index = item.index;
+        let lookup = match lookups.get(&item.id) {
+            Some(l) => l.clone(),
+            None => {
+                metrics::counter!(metric::REDIS_ERRORS, "op" => "timeout").increment(1);
+                Lookup::Unverified
+            }
+        };
+        state.meters.hit(outcome_of(&lookup));
         match &lookup {
             Lookup::Unknown => {
                 results.push(ItemResult::rejected(index, &ApiError::UnknownProgram));
@@ -284,12 +399,12 @@ where
             "unverified"
         };
         let parts = EventParts {
-            id: &id,
+            id: &item.id,
             lookup: &lookup,
-            event_type,
+            event_type: item.event_type,
             timestamp_ms,
             source: "batch",
-            params,
+            params: item.params,
             destination_url: String::new(),
         };
         match build_event(parts, &item_client, state) {
@@ -315,6 +430,7 @@ where
             }
         }
     }
+    results.sort_by_key(|r| r.index);
     let accepted = outgoing.len();
     if let Err(e) = state.sink.try_send_all(outgoing) {
         state.meters.dropped(e.cause(), accepted as u64);
@@ -372,6 +488,16 @@ mod tests {
         assert!(matches!(
             parse_values(b"[{},{},{}]", 2),
             Err(ApiError::TooManyEvents(2))
+        ));
+        // Counted while parsing: refused at the first event over the bound,
+        // before what follows it is read.
+        assert!(matches!(
+            parse_values(b"[{},{},{},{\"never\" read", 2),
+            Err(ApiError::TooManyEvents(2))
+        ));
+        assert!(matches!(
+            parse_values(b"[{},{}] trailing", 2),
+            Err(ApiError::BadBody(_))
         ));
         assert!(matches!(
             parse_values(b"{}\n{}\n{}", 2),
