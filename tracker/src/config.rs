@@ -214,6 +214,17 @@ pub struct Config {
 }
 
 impl Config {
+    /// Checks the settings that bound each other; the one line to print.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.spool_dir.is_empty() && self.spool_max_bytes < 2 * self.spool_segment_bytes {
+            return Err(format!(
+                "TRACKER_SPOOL_MAX_BYTES ({}) must be at least twice TRACKER_SPOOL_SEGMENT_BYTES ({}): a segment's bytes come back only once it is sealed and delivered",
+                self.spool_max_bytes, self.spool_segment_bytes
+            ));
+        }
+        Ok(())
+    }
+
     pub fn redis_timeout(&self) -> Duration {
         Duration::from_millis(self.redis_timeout_ms)
     }

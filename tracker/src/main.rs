@@ -18,6 +18,10 @@ async fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if let Err(line) = config.check() {
+        eprintln!("tracker: {line}");
+        return ExitCode::from(2);
+    }
     if config.healthcheck {
         return healthcheck(config.admin_addr.port());
     }

@@ -141,6 +141,23 @@ impl EventSink {
                 self.spooled.increment(n);
                 Ok(())
             }
+            // The spool is full (replaying, or Kinesis down): memory may still have room.
+            Err(SpoolError::Full) if self.shared.try_reserve(size) => {
+                match self.inbox.push_all(events.into_iter()) {
+                    Ok(()) => {
+                        self.accepted.increment(n);
+                        Ok(())
+                    }
+                    Err((refused, _)) => {
+                        self.shared.release(size);
+                        Err(if refused == Refused::Closed {
+                            QueueError::Closed
+                        } else {
+                            QueueError::SpoolFull
+                        })
+                    }
+                }
+            }
             Err(SpoolError::Full) => Err(QueueError::SpoolFull),
             Err(SpoolError::Io(e)) => {
                 tracing::error!(error = %e, "cannot write the spool");

@@ -483,9 +483,16 @@ impl<S: RecordStream> Run<S> {
                 }
             }
         }
-        if let Some(spool) = &self.shared.spool {
+        if let Some(spool) = &self.shared.spool
+            && !acks.is_empty()
+        {
             for (seg, n) in acks {
                 spool.ack(seg, n);
+            }
+            // Everything spooled is delivered: give the active segment's
+            // bytes back now, not at the next start.
+            if spool.pending() == 0 {
+                spool.reset_if_drained();
             }
         }
         self.report.delivered += events;

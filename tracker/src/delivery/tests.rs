@@ -303,3 +303,55 @@ async fn events_wait_their_linger_unless_a_call_fills() {
     assert_eq!(report.delivered, 7_000);
     assert_each_once(&stream, 7_000);
 }
+
+fn spool_in(dir: &std::path::Path, max: u64, segment: u64) -> Arc<crate::spool::Spool> {
+    let (spool, _) = crate::spool::Spool::open(dir, max, segment).expect("spool");
+    Arc::new(spool)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drained_spool_gives_its_bytes_back_while_running() {
+    let dir = tempfile::tempdir().expect("dir");
+    let spool = spool_in(dir.path(), 1 << 20, 1 << 19);
+    let events: Vec<Outgoing> = (0..100).map(event).collect();
+    spool.append_all(&events).expect("spooled");
+    assert!(spool.bytes() > 0);
+    let stream = Scripted::new(
+        2,
+        Box::new(|_, entries| Ok(vec![EntryResult::default(); entries.len()])),
+    );
+    let (sink, engine) = channel(settings(5), Some(spool.clone()));
+    let runner = tokio::spawn(engine.run(stream.clone(), CancellationToken::new()));
+    for _ in 0..200 {
+        if stream.stored().len() == 100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(stream.stored().len(), 100, "spooled events delivered");
+    assert_eq!(spool.pending(), 0);
+    assert_eq!(
+        spool.bytes(),
+        0,
+        "a delivered spool still holds its bytes while the engine runs"
+    );
+    sink.close();
+    assert_eq!(runner.await.expect("engine").delivered, 100);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_spool_falls_back_to_memory() {
+    let dir = tempfile::tempdir().expect("dir");
+    let spool = spool_in(dir.path(), 65_536, 32_768);
+    // Before the engine has reached Kinesis, events go to the spool first.
+    let (sink, _engine) = channel(settings(5), Some(spool.clone()));
+    let mut i = 0;
+    while spool.append_all(&[event(i)]).is_ok() {
+        i += 1;
+    }
+    assert_eq!(
+        sink.try_send(event(i)),
+        Ok(()),
+        "refused with room in memory"
+    );
+}
