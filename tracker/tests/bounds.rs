@@ -29,7 +29,7 @@ async fn raw(port: u16, bytes: &[u8]) -> String {
     read_all(&mut s).await
 }
 
-async fn read_all(s: &mut TcpStream) -> String {
+async fn read_all<R: AsyncReadExt + Unpin>(s: &mut R) -> String {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -192,16 +192,9 @@ async fn raw_unread(port: u16, bytes: Vec<u8>) -> String {
         let _ = wr.write_all(&bytes).await;
         wr
     });
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), rd.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
-            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-        }
-    }
+    let out = read_all(&mut rd).await;
     writer.abort();
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 /// Connections that hold a slot without making progress lose it: a 100 KB
