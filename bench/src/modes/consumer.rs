@@ -1,7 +1,6 @@
 //! `consumer`: the consumer's throughput next to the DynamoDB stand-in's own
 //! BatchWriteItem ceiling, measured the same way.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -11,7 +10,7 @@ use serde::Serialize;
 
 use crate::http::get_text;
 use crate::metrics::metric;
-use crate::stack::{dynamodb, kinesis, scan_ids};
+use crate::stack::{dynamodb, kinesis, provision_stream, scan_ids};
 use crate::{mix, report, servers};
 
 #[derive(Args, Debug, Clone)]
@@ -56,12 +55,64 @@ fn bench_event(id: &str) -> Vec<u8> {
     .encode_to_vec()
 }
 
+/// Creates `name` with the key schema, attributes and global secondary
+/// indexes of `like`; returns its name once it is active.
+async fn fresh_copy(ddb: &aws_sdk_dynamodb::Client, like: &str, name: &str) -> Result<String> {
+    use aws_sdk_dynamodb::types::{GlobalSecondaryIndex, TableStatus};
+    let desc = ddb
+        .describe_table()
+        .table_name(like)
+        .send()
+        .await
+        .with_context(|| format!("describing {like}"))?
+        .table
+        .context("no table description")?;
+    let indexes: Vec<GlobalSecondaryIndex> = desc
+        .global_secondary_indexes()
+        .iter()
+        .filter_map(|g| {
+            GlobalSecondaryIndex::builder()
+                .set_index_name(g.index_name().map(str::to_owned))
+                .set_key_schema(Some(g.key_schema().to_vec()))
+                .set_projection(g.projection().cloned())
+                .build()
+                .ok()
+        })
+        .collect();
+    ddb.create_table()
+        .table_name(name)
+        .set_key_schema(Some(desc.key_schema().to_vec()))
+        .set_attribute_definitions(Some(desc.attribute_definitions().to_vec()))
+        .set_global_secondary_indexes((!indexes.is_empty()).then_some(indexes))
+        .billing_mode(aws_sdk_dynamodb::types::BillingMode::PayPerRequest)
+        .send()
+        .await
+        .with_context(|| format!("creating {name}"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = ddb
+            .describe_table()
+            .table_name(name)
+            .send()
+            .await?
+            .table
+            .and_then(|t| t.table_status);
+        if status == Some(TableStatus::Active) {
+            return Ok(name.to_owned());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{name} did not become active");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Ceiling: the same items written straight with BatchWriteItem (25 per
-/// call, `concurrency` in flight). Consumer: the same number of events put
+/// call, `concurrency` in flight) into a fresh table defined like the
+/// events table. Consumer: the same number of events put
 /// in the stream, then the consumer started and timed until all are items.
 pub async fn run(stack_env: &Path, out: &Path, a: ConsumerArgs) -> Result<()> {
-    use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
+    use aws_sdk_dynamodb::types::{PutRequest, WriteRequest};
     use futures_util::StreamExt;
+    use prost::Message;
     let env = servers::read_stack_env(stack_env)?;
     let ddb = dynamodb(&env)?;
     let table = env
@@ -69,32 +120,20 @@ pub async fn run(stack_env: &Path, out: &Path, a: ConsumerArgs) -> Result<()> {
         .cloned()
         .unwrap_or_else(|| "adtrack-events".into());
     let run = uuid::Uuid::now_v7().simple().to_string();
-    // The ceiling, with items shaped like the consumer's.
+    // Each side writes into a fresh, empty table defined like the events
+    // table (keys and indexes): the stand-in slows as a table grows, so
+    // neither side may pay for the other's items or earlier runs'.
+    let consumer_table = fresh_copy(&ddb, &table, &format!("bench-consumer-{run}")).await?;
+    let table = fresh_copy(&ddb, &table, &format!("bench-ceiling-{run}")).await?;
+    // The ceiling, with the very items the consumer writes for these events
+    // (its own item builder, a Kinesis-like sequence number).
     let items: Vec<WriteRequest> = (0..a.events)
         .map(|i| {
-            let mut item = HashMap::new();
-            item.insert(
-                "eventId".to_owned(),
-                AttributeValue::S(format!("ceiling-{run}-{i}")),
-            );
-            item.insert("programId".to_owned(), AttributeValue::S("bench-1".into()));
-            item.insert(
-                "programBucket".to_owned(),
-                AttributeValue::S(format!("bench-1#{}", i % 16)),
-            );
-            item.insert("ts".to_owned(), AttributeValue::N("1795000000000".into()));
-            item.insert(
-                "userAgent".to_owned(),
-                AttributeValue::S(mix::USER_AGENTS[0].into()),
-            );
-            item.insert(
-                "customerName".to_owned(),
-                AttributeValue::S("Bench Inc.".into()),
-            );
-            item.insert(
-                "expiresAt".to_owned(),
-                AttributeValue::N("1802776000".into()),
-            );
+            let id = format!("ceiling-{run}-{i}");
+            let ev = adtrack_proto::v1::TrackingEvent::decode(&bench_event(&id)[..])
+                .expect("bench event");
+            let seq = format!("{:056}", i);
+            let item = adtrack_consumer::item::to_item(ev, "shardId-000000000000", &seq, 90);
             WriteRequest::builder()
                 .put_request(
                     PutRequest::builder()
@@ -133,9 +172,14 @@ pub async fn run(stack_env: &Path, out: &Path, a: ConsumerArgs) -> Result<()> {
     .collect::<Vec<_>>()
     .await;
     let ceiling = a.events as f64 / started.elapsed().as_secs_f64();
+    let _ = ddb.delete_table().table_name(&table).send().await;
+    let table = consumer_table;
 
     // The consumer: fill the stream first, then time the consumer alone.
-    let (kinesis, stream) = kinesis(&env)?;
+    // A fresh stream of its own, so nothing an earlier run left unread is
+    // counted (the consumer's checkpoints are keyed by stream and shard).
+    let (kinesis, _) = kinesis(&env)?;
+    let stream = provision_stream(&env, &format!("bench-consumer-{run}"), 2).await?;
     let ids: Vec<String> = (0..a.events)
         .map(|i| format!("consumer-{run}-{i}"))
         .collect();
@@ -183,6 +227,8 @@ pub async fn run(stack_env: &Path, out: &Path, a: ConsumerArgs) -> Result<()> {
     for (k, v) in &env {
         cmd.env(k, v);
     }
+    cmd.env("EVENTS_TABLE", &table)
+        .env("EVENTS_STREAM", &stream);
     cmd.env("CONSUMER_ADMIN_ADDR", format!("127.0.0.1:{port}"))
         .env("CONSUMER_WRITE_CONCURRENCY", a.concurrency.to_string())
         .env("CONSUMER_POLL_INTERVAL_MS", "200")
@@ -214,6 +260,8 @@ pub async fn run(stack_env: &Path, out: &Path, a: ConsumerArgs) -> Result<()> {
     let _ = child.kill();
     let _ = child.wait();
     let found = scan_ids(&ddb, &table).await?;
+    let _ = ddb.delete_table().table_name(&table).send().await;
+    let _ = kinesis.delete_stream().stream_name(&stream).send().await;
     let missing = ids.iter().filter(|id| !found.contains(*id)).count();
     anyhow::ensure!(missing == 0, "{missing} events missing from the table");
     let r = ConsumerReport {
