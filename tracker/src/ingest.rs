@@ -43,6 +43,16 @@ pub async fn lookup(state: &AppState, id: &ProgramId, now: OffsetDateTime) -> Lo
     lookup
 }
 
+/// The refusal for a program that cannot take hits: unknown (404) or not
+/// active now (404); `Ok` for an active or unverified one.
+pub fn usable(lookup: &Lookup) -> Result<(), ApiError> {
+    match lookup {
+        Lookup::Unknown => Err(ApiError::UnknownProgram),
+        Lookup::Inactive(_) => Err(ApiError::InactiveProgram),
+        Lookup::Active(_) | Lookup::Unverified => Ok(()),
+    }
+}
+
 /// How a lookup's answer is counted.
 pub fn outcome_of(lookup: &Lookup) -> Outcome {
     match lookup {

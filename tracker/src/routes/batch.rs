@@ -30,7 +30,7 @@ use crate::api_error::{ApiError, Body, json_response};
 use crate::app_state::AppState;
 use crate::cache::Lookup;
 use crate::hit::{MAX_HEADER_COPY, MAX_PARAM_NAME, MAX_PARAM_VALUE, MAX_PARAMS, Params};
-use crate::ingest::{ClientInfo, EventParts, build_event, check_id, now, outcome_of};
+use crate::ingest::{ClientInfo, EventParts, build_event, check_id, now, outcome_of, usable};
 use crate::metric::{self, Outcome};
 
 #[derive(Debug, Deserialize)]
@@ -373,16 +373,9 @@ where
             }
         };
         state.meters.hit(outcome_of(&lookup));
-        match &lookup {
-            Lookup::Unknown => {
-                results.push(ItemResult::rejected(index, &ApiError::UnknownProgram));
-                continue;
-            }
-            Lookup::Inactive(_) => {
-                results.push(ItemResult::rejected(index, &ApiError::InactiveProgram));
-                continue;
-            }
-            Lookup::Active(_) | Lookup::Unverified => {}
+        if let Err(e) = usable(&lookup) {
+            results.push(ItemResult::rejected(index, &e));
+            continue;
         }
         let item_client = ClientInfo {
             user_agent: Cow::Borrowed(&client.user_agent),

@@ -13,7 +13,9 @@ use super::EVENT_ID_HEADER;
 use crate::api_error::{ApiError, Body};
 use crate::app_state::AppState;
 use crate::cache::Lookup;
-use crate::ingest::{ClientInfo, EventParts, NotShipped, check_id, lookup, now, parse_query, ship};
+use crate::ingest::{
+    ClientInfo, EventParts, NotShipped, check_id, lookup, now, parse_query, ship, usable,
+};
 use crate::metric;
 
 pub async fn handle<B>(
@@ -38,14 +40,12 @@ pub async fn handle<B>(
         .to_ascii_lowercase();
     let (now, timestamp_ms) = now();
     let lookup = lookup(state, &id, now).await;
-    match &lookup {
-        Lookup::Unknown => return Err(ApiError::UnknownProgram),
-        Lookup::Inactive(_) => return Err(ApiError::InactiveProgram),
-        Lookup::Active(p) if !p.allows_redirect_to(&host) => {
-            metrics::counter!(metric::REDIRECTS_REFUSED).increment(1);
-            return Err(ApiError::RedirectNotAllowed(host));
-        }
-        Lookup::Active(_) | Lookup::Unverified => {}
+    usable(&lookup)?;
+    if let Lookup::Active(p) = &lookup
+        && !p.allows_redirect_to(&host)
+    {
+        metrics::counter!(metric::REDIRECTS_REFUSED).increment(1);
+        return Err(ApiError::RedirectNotAllowed(host));
     }
     let client = ClientInfo::from_request(req.headers(), peer, state);
     let parts = EventParts {

@@ -10,7 +10,9 @@ use serde::Serialize;
 use crate::api_error::{ApiError, Body, json_response};
 use crate::app_state::AppState;
 use crate::cache::Lookup;
-use crate::ingest::{ClientInfo, EventParts, NotShipped, check_id, lookup, now, parse_query, ship};
+use crate::ingest::{
+    ClientInfo, EventParts, NotShipped, check_id, lookup, now, parse_query, ship, usable,
+};
 
 /// The reference design's reply, field for field.
 #[derive(Serialize)]
@@ -41,11 +43,7 @@ pub async fn handle<B>(
     let (params, event_type) = parse_query(req.uri().query(), EventType::Impression, state)?;
     let (now, timestamp_ms) = now();
     let lookup = lookup(state, &id, now).await;
-    match &lookup {
-        Lookup::Unknown => return Err(ApiError::UnknownProgram),
-        Lookup::Inactive(_) => return Err(ApiError::InactiveProgram),
-        Lookup::Active(_) | Lookup::Unverified => {}
-    }
+    usable(&lookup)?;
     let client = ClientInfo::from_request(req.headers(), peer, state);
     let parts = EventParts {
         id: &id,
