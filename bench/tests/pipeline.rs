@@ -41,6 +41,41 @@ fn start(stack: &Stack, bin: &str, env: &[(&str, String)]) -> Service {
     }
 }
 
+/// Loads the dev programs and starts a tracker and a consumer on the
+/// stack; returns once the tracker is ready, with its public port.
+async fn start_pipeline(stack: &Stack) -> (u16, Service, Service) {
+    let load = Command::new(binary("updater"))
+        .envs(stack.env())
+        .arg("load")
+        .arg(dev_dir().join("programs.json"))
+        .output()
+        .expect("updater");
+    assert!(
+        load.status.success(),
+        "{}",
+        String::from_utf8_lossy(&load.stderr)
+    );
+    let port = free_port();
+    let tracker = start(
+        stack,
+        "tracker",
+        &[("TRACKER_LISTEN_ADDR", format!("127.0.0.1:{port}"))],
+    );
+    let consumer = start(
+        stack,
+        "consumer",
+        &[("CONSUMER_POLL_INTERVAL_MS", "200".into())],
+    );
+    let http = Http::new();
+    wait_until("tracker ready", Duration::from_secs(30), || async {
+        http.get(&format!("{}/health/ready", tracker.admin))
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    (port, tracker, consumer)
+}
+
 async fn metrics(http: &Http, admin: &str) -> String {
     http.get(&format!("{admin}/metrics"))
         .await
@@ -80,36 +115,8 @@ fn hit(i: usize) -> (String, &'static str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_valid_hit_lands_exactly_once_and_replay_does_not_duplicate() {
     let stack = Stack::start(2).expect("stack");
-    let load = Command::new(binary("updater"))
-        .envs(stack.env())
-        .arg("load")
-        .arg(dev_dir().join("programs.json"))
-        .output()
-        .expect("updater");
-    assert!(
-        load.status.success(),
-        "{}",
-        String::from_utf8_lossy(&load.stderr)
-    );
-
-    let port = free_port();
-    let tracker = start(
-        &stack,
-        "tracker",
-        &[("TRACKER_LISTEN_ADDR", format!("127.0.0.1:{port}"))],
-    );
-    let consumer = start(
-        &stack,
-        "consumer",
-        &[("CONSUMER_POLL_INTERVAL_MS", "200".into())],
-    );
+    let (port, tracker, consumer) = start_pipeline(&stack).await;
     let http = Http::new();
-    wait_until("tracker ready", Duration::from_secs(30), || async {
-        http.get(&format!("{}/health/ready", tracker.admin))
-            .await
-            .is_ok_and(|r| r.status == 200)
-    })
-    .await;
 
     // Send the mix over 16 keep-alive connections.
     let base = format!("http://127.0.0.1:{port}");
@@ -304,4 +311,97 @@ async fn every_valid_hit_lands_exactly_once_and_replay_does_not_duplicate() {
     let after = scan_table(&ddb, EVENTS_TABLE).await.expect("scan");
     assert_eq!(after.len(), valid, "a replay overwrites, never duplicates");
     drop(tracker);
+}
+
+/// One batch of one event: 32 parameters, the last `last_len` bytes long,
+/// the others 2 KiB; returns the event's result.
+async fn post_wide_event(http: &Http, base: &str, last_len: usize) -> serde_json::Value {
+    let mut params = serde_json::Map::new();
+    for i in 0..32 {
+        let len = if i == 31 { last_len } else { 2048 };
+        params.insert(format!("p{i:02}"), "v".repeat(len).into());
+    }
+    let body = serde_json::json!([{
+        "programId": "summer-sale",
+        "type": "impression",
+        "page": format!("https://shop.example.com/{}", "a".repeat(200)),
+        "referrer": format!("https://news.example.com/{}", "r".repeat(200)),
+        "params": params,
+    }]);
+    let r = http
+        .request(
+            "POST",
+            &format!("{base}/v1/events"),
+            &[("content-type", "application/json"), ("user-agent", "e2e")],
+            body.to_string().as_bytes(),
+        )
+        .await
+        .expect("post");
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["results"][0].clone()
+}
+
+/// The size an `event_too_large` rejection names.
+fn refused_size(result: &serde_json::Value) -> usize {
+    assert_eq!(result["error"], "event_too_large", "{result}");
+    let reason = result["reason"].as_str().expect("reason");
+    reason
+        .trim_start_matches("the event is ")
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no size in {reason:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_event_lands_and_one_byte_more_is_refused_up_front() {
+    use adtrack_proto::event::MAX_EVENT_BYTES;
+    let stack = Stack::start(1).expect("stack");
+    let (port, tracker, _consumer) = start_pipeline(&stack).await;
+    let http = Http::new();
+    let base = format!("http://127.0.0.1:{port}");
+
+    // 32 parameters of 2 KiB are within every per-field bound and together
+    // more than the largest event: refused, with the size it came to.
+    let over = refused_size(&post_wide_event(&http, &base, 2048).await);
+    assert!(over > MAX_EVENT_BYTES, "{over}");
+    // Shortening the last value to the exact bound is accepted; one byte
+    // longer is refused before anything is acknowledged.
+    let fits = 2048 - (over - MAX_EVENT_BYTES);
+    assert!(fits > 128, "the value's length keeps its 2-byte varint");
+    let largest = post_wide_event(&http, &base, fits).await;
+    assert_eq!(largest["status"], "accepted", "{largest}");
+    let event_id = largest["eventId"].as_str().expect("event id").to_owned();
+    let one_more = post_wide_event(&http, &base, fits + 1).await;
+    assert_eq!(refused_size(&one_more), MAX_EVENT_BYTES + 1);
+    assert!(one_more.get("eventId").is_none());
+
+    // The largest acceptable event lands whole in the events table.
+    let ddb = dynamodb_client(&stack.dynamodb.url());
+    wait_until(
+        "the largest event in DynamoDB",
+        Duration::from_secs(60),
+        || async {
+            scan_table(&ddb, EVENTS_TABLE)
+                .await
+                .expect("scan")
+                .iter()
+                .any(|i| attr_s(i, "eventId") == event_id)
+        },
+    )
+    .await;
+    let items = scan_table(&ddb, EVENTS_TABLE).await.expect("scan");
+    assert_eq!(items.len(), 1, "only the event that fits was shipped");
+    let extra = items[0]["extra"].as_m().expect("extra map");
+    assert_eq!(extra.len(), 32);
+    assert_eq!(extra["p31"].as_s().expect("p31").len(), fits);
+    let m = metrics(&http, &tracker.admin).await;
+    assert_eq!(
+        metric_sum(
+            &m,
+            "adtrack_bounds_breached_total",
+            &["bound=\"event_bytes\""]
+        ),
+        2.0
+    );
 }

@@ -37,8 +37,9 @@ use std::collections::HashMap;
 use adtrack_proto::v1::{EventType, TrackingEvent, ValidationOutcome};
 use aws_sdk_dynamodb::types::AttributeValue;
 
-/// Largest event accepted (bytes of protobuf); anything bigger is refused.
-pub const MAX_EVENT_BYTES: usize = 64 * 1024;
+/// Largest event accepted: the pipeline's one size contract, defined with
+/// the event; the tracker refuses anything bigger at ingress.
+pub use adtrack_proto::event::MAX_EVENT_BYTES;
 /// Index partitions a program's events are spread over.
 pub const PROGRAM_BUCKETS: u32 = 16;
 /// Longest program id stored.

@@ -3,6 +3,13 @@
 
 use crate::v1::{EventType, TrackingEvent, ValidationOutcome};
 
+/// The largest event, in bytes of its `TrackingEvent` encoding: the one size
+/// contract of the pipeline. The tracker refuses a bigger event at ingress,
+/// before it answers; every later stage (the memory queue, the spool,
+/// Kinesis records and aggregates, the consumer, the DynamoDB item) takes
+/// any event up to this size.
+pub const MAX_EVENT_BYTES: usize = 64 * 1024;
+
 /// A fresh event id: a UUIDv7 in its hyphenated text form. Made once, at
 /// ingress; time-ordered so DynamoDB and logs sort naturally.
 pub fn new_event_id() -> String {

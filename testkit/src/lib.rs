@@ -314,6 +314,12 @@ impl Stack {
             ("EVENTS_TABLE", EVENTS_TABLE.to_owned()),
             ("CHECKPOINT_TABLE", CHECKPOINT_TABLE.to_owned()),
             ("DEAD_LETTER_TABLE", DEAD_LETTER_TABLE.to_owned()),
+            // A spool of this stack's own: trackers of tests running side
+            // by side must not share one.
+            (
+                "TRACKER_SPOOL_DIR",
+                self.dir.path().join("spool").display().to_string(),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))

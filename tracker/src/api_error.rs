@@ -43,6 +43,8 @@ pub enum ApiError {
     BodyTooLarge(u64),
     #[error("more than {0} events in one batch")]
     TooManyEvents(u64),
+    #[error("the event is {0} bytes encoded, more than the largest event, {max} bytes", max = adtrack_proto::event::MAX_EVENT_BYTES)]
+    EventTooLarge(usize),
     #[error("event queue is full, retry later")]
     Overloaded,
     #[error("program data unavailable, retry later")]
@@ -62,7 +64,9 @@ impl ApiError {
             Self::UnknownProgram | Self::InactiveProgram | Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Timeout => StatusCode::REQUEST_TIMEOUT,
-            Self::BodyTooLarge(_) | Self::TooManyEvents(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTooLarge(_) | Self::TooManyEvents(_) | Self::EventTooLarge(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             Self::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             Self::Overloaded | Self::ProgramUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -85,6 +89,7 @@ impl ApiError {
             Self::UriTooLong(_) => "uri_too_long",
             Self::BodyTooLarge(_) => "body_too_large",
             Self::TooManyEvents(_) => "too_many_events",
+            Self::EventTooLarge(_) => "event_too_large",
             Self::Overloaded => "overloaded",
             Self::ProgramUnavailable => "program_unavailable",
         }

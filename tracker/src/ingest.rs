@@ -5,6 +5,7 @@
 use std::borrow::Cow;
 use std::net::SocketAddr;
 
+use adtrack_proto::event::MAX_EVENT_BYTES;
 use adtrack_proto::program::ProgramId;
 use adtrack_proto::v1::{EventType, ValidationOutcome};
 use http::header::{REFERER, USER_AGENT};
@@ -15,7 +16,7 @@ use crate::api_error::ApiError;
 use crate::app_state::AppState;
 use crate::cache::Lookup;
 use crate::hit::{Hit, Params, Privacy, header_text};
-use crate::metric::Outcome;
+use crate::metric::{self, Outcome};
 use crate::outgoing::Outgoing;
 use crate::shipper::QueueError;
 
@@ -123,16 +124,30 @@ pub struct EventParts<'a> {
 pub enum NotShipped {
     /// The client opted out and the policy is `skip`.
     OptedOut,
+    /// The encoded event is larger than the largest event (its size).
+    TooLarge(usize),
     Queue(QueueError),
 }
 
-/// Builds and encodes the event for a hit; `None` when the client opted
-/// out and the privacy policy says to skip it.
+/// An event whose encoding is larger than [`MAX_EVENT_BYTES`] (its size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooLarge(pub usize);
+
+impl From<TooLarge> for ApiError {
+    fn from(TooLarge(n): TooLarge) -> Self {
+        ApiError::EventTooLarge(n)
+    }
+}
+
+/// Builds and encodes the event for a hit; `Ok(None)` when the client
+/// opted out and the privacy policy says to skip it; the refusal (counted)
+/// when its encoding is larger than [`MAX_EVENT_BYTES`], so nothing later in
+/// the pipeline can refuse an event the tracker acknowledged.
 pub fn build_event(
     parts: EventParts<'_>,
     client: &ClientInfo<'_>,
     state: &AppState,
-) -> Option<Outgoing> {
+) -> Result<Option<Outgoing>, TooLarge> {
     let (program, outcome) = match parts.lookup {
         Lookup::Active(p) => (Some(p.as_ref()), ValidationOutcome::Valid),
         Lookup::Unverified => (None, ValidationOutcome::Unverified),
@@ -154,10 +169,18 @@ pub fn build_event(
         privacy_restricted: false,
         is_bot: false,
     };
-    state
+    let Some(event) = state
         .privacy
         .apply(hit, client.opted_out)
         .map(Hit::into_outgoing)
+    else {
+        return Ok(None);
+    };
+    if event.data.len() > MAX_EVENT_BYTES {
+        metrics::counter!(metric::BOUNDS_BREACHED, "bound" => "event_bytes").increment(1);
+        return Err(TooLarge(event.data.len()));
+    }
+    Ok(Some(event))
 }
 
 /// Queues one event; counts a drop with its cause. Returns the event id,
@@ -180,10 +203,11 @@ pub fn ship(
     state: &AppState,
 ) -> Result<HeaderValue, NotShipped> {
     match build_event(parts, client, state) {
-        None => {
+        Ok(None) => {
             state.meters.dropped("privacy_opt_out", 1);
             Err(NotShipped::OptedOut)
         }
-        Some(ev) => ship_one(ev, state).map_err(NotShipped::Queue),
+        Ok(Some(ev)) => ship_one(ev, state).map_err(NotShipped::Queue),
+        Err(TooLarge(n)) => Err(NotShipped::TooLarge(n)),
     }
 }

@@ -401,7 +401,8 @@ where
             destination_url: String::new(),
         };
         match build_event(parts, &item_client, state) {
-            Some(ev) => {
+            Err(too_large) => results.push(ItemResult::rejected(index, &too_large.into())),
+            Ok(Some(ev)) => {
                 results.push(ItemResult {
                     index,
                     status,
@@ -411,7 +412,7 @@ where
                 });
                 outgoing.push(ev);
             }
-            None => {
+            Ok(None) => {
                 state.meters.dropped("privacy_opt_out", 1);
                 results.push(ItemResult {
                     index,

@@ -58,6 +58,9 @@ pub async fn handle<B>(
         destination_url: url.as_str().to_owned(),
     };
     let shipped = ship(parts, &client, state);
+    if let Err(NotShipped::TooLarge(n)) = shipped {
+        return Err(ApiError::EventTooLarge(n));
+    }
     if matches!(lookup, Lookup::Unverified) {
         // The allow-list cannot be checked: the click is kept, the redirect is not made.
         return Err(ApiError::ProgramUnavailable);

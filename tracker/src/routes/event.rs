@@ -58,6 +58,7 @@ pub async fn handle<B>(
         Ok(id) => id,
         Err(NotShipped::OptedOut) => http::HeaderValue::from_static(""),
         Err(NotShipped::Queue(_)) => return Err(ApiError::Overloaded),
+        Err(NotShipped::TooLarge(n)) => return Err(ApiError::EventTooLarge(n)),
     };
     let event_id = event_id.to_str().unwrap_or_default();
     let (status, body) = match &lookup {
