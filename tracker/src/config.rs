@@ -113,6 +113,15 @@ pub struct Config {
     )]
     pub spool_dir: String,
 
+    /// Longest an event stays only in memory, in milliseconds: an event not
+    /// delivered by then (Kinesis throttling or unreachable) is moved to the
+    /// spool, and new events go to the spool before they are answered, so a
+    /// crash loses at most about this much of the newest traffic. Must be
+    /// longer than TRACKER_BATCH_LINGER_MS. Without a spool there is no age
+    /// bound, only TRACKER_QUEUE_BYTES.
+    #[arg(long, env = "TRACKER_MEMORY_MAX_AGE_MS", value_name = "TRACKER_MEMORY_MAX_AGE_MS", default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub memory_max_age_ms: u64,
+
     /// Largest size of the spool on disk, in bytes.
     #[arg(long, env = "TRACKER_SPOOL_MAX_BYTES", value_name = "TRACKER_SPOOL_MAX_BYTES", default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(65_536..))]
     pub spool_max_bytes: u64,
@@ -222,6 +231,12 @@ impl Config {
                 self.spool_max_bytes, self.spool_segment_bytes
             ));
         }
+        if !self.spool_dir.is_empty() && self.memory_max_age_ms <= self.batch_linger_ms {
+            return Err(format!(
+                "TRACKER_MEMORY_MAX_AGE_MS ({}) must be longer than TRACKER_BATCH_LINGER_MS ({}): every event waits the linger in memory",
+                self.memory_max_age_ms, self.batch_linger_ms
+            ));
+        }
         Ok(())
     }
 
@@ -236,6 +251,9 @@ impl Config {
     }
     pub fn batch_linger(&self) -> Duration {
         Duration::from_millis(self.batch_linger_ms)
+    }
+    pub fn memory_max_age(&self) -> Duration {
+        Duration::from_millis(self.memory_max_age_ms)
     }
     pub fn drain_deadline(&self) -> Duration {
         Duration::from_secs(self.drain_deadline_secs)

@@ -89,6 +89,7 @@ pub async fn run(
             max_aggregate_bytes: config.max_aggregate_bytes as usize,
             shard_records_per_sec: config.shard_records_per_sec,
             shard_bytes_per_sec: config.shard_bytes_per_sec,
+            memory_max_age: config.memory_max_age(),
         },
         spool.clone(),
     );

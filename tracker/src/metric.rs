@@ -18,7 +18,9 @@ pub const HITS: &str = "adtrack_hits_total";
 pub const EVENTS_ACCEPTED: &str = "adtrack_events_accepted_total";
 /// Events dropped, label `cause`.
 pub const EVENTS_DROPPED: &str = "adtrack_events_dropped_total";
-/// Events written to the disk spool.
+/// Events written to the disk spool, label `cause`: `ingress` (written before
+/// the answer: memory full, Kinesis behind, or older events spooled) or
+/// `aged` (held in memory past TRACKER_MEMORY_MAX_AGE_MS, moved by the engine).
 pub const EVENTS_SPOOLED: &str = "adtrack_events_spooled_total";
 /// Events waiting in the spool.
 pub const SPOOL_EVENTS: &str = "adtrack_spool_events";
@@ -49,6 +51,9 @@ pub const KINESIS_RECORDS: &str = "adtrack_kinesis_records_total";
 pub const EVENTS_DELIVERED: &str = "adtrack_events_delivered_total";
 /// Entries resent after a failure, label `cause` (`throttled`, `internal`, `call_failed`).
 pub const KINESIS_RETRIES: &str = "adtrack_kinesis_retries_total";
+/// 1 while Kinesis is not keeping up (unreachable, or refusing every entry
+/// of a few calls in a row): new events go to the spool before the answer.
+pub const KINESIS_BEHIND: &str = "adtrack_kinesis_behind";
 /// PutRecords call time in seconds.
 pub const KINESIS_CALL_DURATION: &str = "adtrack_kinesis_put_records_duration_seconds";
 /// Request bounds breached, label `bound` (`uri_bytes`, `header_bytes`,

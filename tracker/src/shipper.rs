@@ -85,7 +85,7 @@ impl EventSink {
             inbox,
             shared,
             accepted: metrics::counter!(metric::EVENTS_ACCEPTED),
-            spooled: metrics::counter!(metric::EVENTS_SPOOLED),
+            spooled: metrics::counter!(metric::EVENTS_SPOOLED, "cause" => "ingress"),
         }
     }
 
@@ -143,7 +143,7 @@ impl EventSink {
             }
             // The spool is full (replaying, or Kinesis down): memory may still have room.
             Err(SpoolError::Full) if self.shared.try_reserve(size) => {
-                match self.inbox.push_all(events.into_iter()) {
+                match self.inbox.push_all_any_age(events.into_iter()) {
                     Ok(()) => {
                         self.accepted.increment(n);
                         Ok(())

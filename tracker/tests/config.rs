@@ -60,3 +60,15 @@ fn a_bad_value_names_its_variable() {
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     assert!(stderr.contains("TRACKER_MAX_CONNECTIONS"), "{stderr}");
 }
+
+#[test]
+fn a_memory_age_bound_within_the_linger_is_refused_at_start() {
+    let (code, stderr) = start_with(&[
+        ("TRACKER_MEMORY_MAX_AGE_MS", "200"),
+        ("TRACKER_BATCH_LINGER_MS", "200"),
+    ]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("TRACKER_MEMORY_MAX_AGE_MS"), "{stderr}");
+    assert!(stderr.contains("TRACKER_BATCH_LINGER_MS"), "{stderr}");
+}

@@ -239,6 +239,9 @@ async fn only_failed_entries_are_resent() {
         &[
             ("AWS_ENDPOINT_URL_KINESIS", endpoint.as_str()),
             ("TRACKER_MAX_AGGREGATE_BYTES", "2048"),
+            // Records wait out their backoff in memory here: moving them to
+            // the spool would pack them into new records.
+            ("TRACKER_MEMORY_MAX_AGE_MS", "60000"),
         ],
     )
     .await;
@@ -320,4 +323,93 @@ async fn sigkill_while_spooling_loses_no_acknowledged_event() {
         metric_sum(&t.metrics().await, "adtrack_spool_events", &[]) == 0.0
     })
     .await;
+}
+
+/// A proxy in front of the Kinesis stand-in that refuses every PutRecords
+/// entry as throttled (the calls themselves succeed), counting the calls.
+async fn throttling_proxy(upstream: String, calls: Arc<AtomicU64>) -> u16 {
+    intercepting_proxy(upstream, move |target, body| {
+        if !target.ends_with(".PutRecords") {
+            return Intercept::pass(body);
+        }
+        calls.fetch_add(1, Ordering::Relaxed);
+        let j: serde_json::Value = serde_json::from_slice(body).expect("json");
+        let n = j["Records"].as_array().map_or(0, Vec::len);
+        let refused = serde_json::json!({
+            "ErrorCode": "ProvisionedThroughputExceededException",
+            "ErrorMessage": "throttled by the test proxy",
+        });
+        let answer = serde_json::json!({
+            "FailedRecordCount": n,
+            "Records": vec![refused; n],
+        });
+        Intercept {
+            forward: None,
+            answer: serde_json::to_vec(&answer).expect("json"),
+            patch: None,
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_throttling_loses_nothing_older_than_the_memory_age_bound() {
+    let stack = Stack::start(1).expect("stack");
+    load_programs(&stack).await;
+    let calls = Arc::new(AtomicU64::new(0));
+    let port = throttling_proxy(stack.kinesis.url(), calls.clone()).await;
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let spool = tempfile::tempdir().expect("spool");
+    let spool_dir = spool.path().display().to_string();
+    let mut t = Tracker::start(
+        &stack,
+        &[
+            ("AWS_ENDPOINT_URL_KINESIS", endpoint.as_str()),
+            ("TRACKER_SPOOL_DIR", spool_dir.as_str()),
+            ("TRACKER_MEMORY_MAX_AGE_MS", "500"),
+        ],
+    )
+    .await;
+
+    // Kinesis takes every call and refuses every entry: what memory held
+    // past the age bound moves to the spool, so memory ends up holding
+    // nothing a crash could lose.
+    let load = Load::start(&t.base, 4, Duration::from_millis(1));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut acknowledged = load.finish().await;
+    wait_until(
+        "memory holds no acknowledged event",
+        Duration::from_secs(30),
+        || async { metric_sum(&t.metrics().await, "adtrack_queue_bytes", &[]) == 0.0 },
+    )
+    .await;
+    let m = t.metrics().await;
+    assert!(calls.load(Ordering::Relaxed) > 0, "Kinesis was called");
+    assert!(
+        metric_sum(&m, "adtrack_events_spooled_total", &["cause=\"aged\""]) > 0.0,
+        "events held past the bound were moved to the spool"
+    );
+    assert_eq!(
+        metric_sum(&m, "adtrack_kinesis_behind", &[]),
+        1.0,
+        "refused entries count as Kinesis not keeping up"
+    );
+
+    // From now on each event is on disk before it is answered: a SIGKILL
+    // under load loses none of them.
+    let load = Load::start(&t.base, 4, Duration::from_millis(1));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    t.proc.kill();
+    acknowledged.extend(load.finish().await);
+    drop(t);
+
+    let _t = Tracker::start(&stack, &[("TRACKER_SPOOL_DIR", spool_dir.as_str())]).await;
+    let counts = wait_all_in_stream(&stack, &acknowledged, Duration::from_secs(120)).await;
+    let duplicates: usize = acknowledged.iter().map(|id| counts[id] - 1).sum();
+    println!(
+        "throttled then killed: {} acknowledged, all delivered, {duplicates} duplicated, {} throttled calls",
+        acknowledged.len(),
+        calls.load(Ordering::Relaxed)
+    );
+    assert!(acknowledged.len() > 100);
 }

@@ -51,6 +51,7 @@ async fn state(redis: &Redis) -> (Arc<AppState>, delivery::Engine) {
             max_aggregate_bytes: 51_200,
             shard_records_per_sec: 1000,
             shard_bytes_per_sec: 1 << 20,
+            memory_max_age: Duration::from_secs(2),
         },
         None,
     );

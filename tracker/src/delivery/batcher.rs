@@ -45,6 +45,9 @@ pub struct KRecord {
     /// When its oldest event's linger is over: the record goes in the next
     /// call by then, even if that call is not full.
     pub due: Instant,
+    /// When its oldest event reached the engine: how long memory has held
+    /// it (events older than the memory age bound are moved to the spool).
+    pub since: Instant,
 }
 
 impl KRecord {
@@ -131,7 +134,8 @@ impl Batcher {
             return;
         }
         let units = std::mem::take(&mut self.open);
-        let due = self.open_since.take().unwrap_or(now) + self.linger;
+        let since = self.open_since.take().unwrap_or(now);
+        let due = since + self.linger;
         if self.aggregate {
             let shard = self.pick_shard(now, map, budgets);
             let target = map.shard(shard);
@@ -145,6 +149,7 @@ impl Batcher {
                 units,
                 attempts: 0,
                 due,
+                since,
             });
         } else {
             for unit in units {
@@ -157,6 +162,7 @@ impl Batcher {
                     units: vec![unit],
                     attempts: 0,
                     due,
+                    since,
                 });
             }
         }

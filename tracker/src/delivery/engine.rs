@@ -36,6 +36,13 @@ const FAILURES_BEFORE_DOWN: u32 = 3;
 const MAP_REFRESH: Duration = Duration::from_secs(60);
 /// Most spooled events held in memory at once while replaying.
 const SPOOL_WINDOW: u64 = 20_000;
+/// Spooled events held at once while Kinesis is not keeping up: a call's
+/// worth, which probes whether it has recovered (memory holds nothing old
+/// enough to do so: it moved to the spool).
+const PROBE_EVENTS: u64 = 500;
+/// How often the engine looks for events memory has held past
+/// [`DeliverySettings::memory_max_age`].
+const AGE_SWEEP: Duration = Duration::from_millis(100);
 /// How often the engine looks at the spool while it holds events.
 const SPOOL_TICK: Duration = Duration::from_millis(50);
 /// A call goes out once it would carry about this many bytes of records,
@@ -60,6 +67,8 @@ struct Meters {
     call_duration: Histogram,
     queue_events: Gauge,
     queue_bytes: Gauge,
+    spooled_aged: Counter,
+    behind: Gauge,
 }
 
 impl Meters {
@@ -77,6 +86,8 @@ impl Meters {
             call_duration: metrics::histogram!(metric::KINESIS_CALL_DURATION),
             queue_events: metrics::gauge!(metric::QUEUE_EVENTS),
             queue_bytes: metrics::gauge!(metric::QUEUE_BYTES),
+            spooled_aged: metrics::counter!(metric::EVENTS_SPOOLED, "cause" => "aged"),
+            behind: metrics::gauge!(metric::KINESIS_BEHIND),
         }
     }
 }
@@ -135,6 +146,7 @@ struct Run<S: RecordStream> {
     meters: Meters,
     intake: Vec<Outgoing>,
     beat: Option<Arc<Beat>>,
+    next_sweep: Instant,
 }
 
 impl Engine {
@@ -193,6 +205,7 @@ impl Engine {
             meters: Meters::new(),
             intake: Vec::new(),
             beat: self.beat,
+            next_sweep: now + AGE_SWEEP,
         };
         run.budgets = run.new_budgets(now);
         run.main_loop(give_up).await
@@ -258,8 +271,14 @@ impl<S: RecordStream> Run<S> {
             self.batcher
                 .seal_if_due(closed, now, &self.map, &self.budgets, &mut self.ready);
             self.dispatch(closed, now);
+            if now >= self.next_sweep {
+                self.next_sweep = now + AGE_SWEEP;
+                self.spool_aged(now);
+            }
             if now >= next_gauges {
                 next_gauges = now + Duration::from_millis(250);
+                let behind = self.shared.kinesis_down.load(Ordering::Acquire);
+                self.meters.behind.set(if behind { 1.0 } else { 0.0 });
                 self.meters.queue_events.set(self.held_events() as f64);
                 self.meters
                     .queue_bytes
@@ -346,14 +365,15 @@ impl<S: RecordStream> Run<S> {
         let Some(spool) = self.shared.spool.clone() else {
             return;
         };
-        if !memory_empty
-            || self.shared.kinesis_down.load(Ordering::Acquire)
-            || self.spool_held >= SPOOL_WINDOW
-            || spool.pending() == 0
-        {
+        let window = if self.shared.kinesis_down.load(Ordering::Acquire) {
+            PROBE_EVENTS
+        } else {
+            SPOOL_WINDOW
+        };
+        if !memory_empty || self.spool_held >= window || spool.pending() == 0 {
             return;
         }
-        match spool.read_batch(2_000) {
+        match spool.read_batch((window - self.spool_held).min(2_000) as usize) {
             Ok(batch) => {
                 for (seg, ev) in batch {
                     self.spool_held += 1;
@@ -537,8 +557,14 @@ impl<S: RecordStream> Run<S> {
     }
 
     fn settle(&mut self, records: Vec<KRecord>, entries: Vec<EntryResult>, now: Instant) {
-        self.failures = 0;
-        self.shared.kinesis_down.store(false, Ordering::Release);
+        if entries.iter().any(|e| e.error_code.is_none()) {
+            self.failures = 0;
+            self.shared.kinesis_down.store(false, Ordering::Release);
+        } else {
+            // Every entry refused (throttled): as far as keeping up goes,
+            // a call that delivered nothing is a failed call.
+            self.fell_behind("every entry of a PutRecords call was refused");
+        }
         let failed = entries.iter().any(|e| e.error_code.is_some());
         if failed {
             self.meters.calls_partial.increment(1);
@@ -570,19 +596,91 @@ impl<S: RecordStream> Run<S> {
         }
     }
 
-    fn call_failed(&mut self, records: Vec<KRecord>, e: CallError, now: Instant) {
+    /// Counts a call that delivered nothing; after a few in a row, new
+    /// events go to the spool before they are answered.
+    fn fell_behind(&mut self, why: &str) {
         self.failures += 1;
+        if self.failures >= FAILURES_BEFORE_DOWN {
+            self.mark_behind(why);
+        }
+    }
+
+    /// Kinesis is not keeping up: new events go to the spool before they
+    /// are answered, until a call delivers again.
+    fn mark_behind(&self, why: &str) {
+        if !self.shared.kinesis_down.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                why,
+                "Kinesis is not keeping up (unreachable or throttling); new events go to the spool"
+            );
+        }
+    }
+
+    /// Moves events memory has held longer than the age bound (records
+    /// waiting for a retry, a shard's budget or a call slot) to the spool,
+    /// so that a crash cannot lose them. Spooled events in the same records
+    /// are packed again. Records in a call in flight are left alone; the
+    /// call settles within its attempt timeout.
+    fn spool_aged(&mut self, now: Instant) {
+        let Some(spool) = self.shared.spool.clone() else {
+            return;
+        };
+        let max_age = self.settings.memory_max_age;
+        let aged = |r: &KRecord| {
+            now.saturating_duration_since(r.since) >= max_age
+                && r.units.iter().any(|u| u.origin.is_none())
+        };
+        if !self.ready.iter().any(aged) && !self.delayed.iter().any(|d| aged(&d.0.rec)) {
+            return;
+        }
+        let mut old = Vec::new();
+        for r in std::mem::take(&mut self.ready) {
+            if aged(&r) {
+                old.push(r);
+            } else {
+                self.ready.push_back(r);
+            }
+        }
+        for d in std::mem::take(&mut self.delayed).into_vec() {
+            if aged(&d.0.rec) {
+                old.push(d.0.rec);
+            } else {
+                self.delayed.push(d);
+            }
+        }
+        let (memory, mut again): (Vec<Unit>, Vec<Unit>) = old
+            .into_iter()
+            .flat_map(|r| r.units)
+            .partition(|u| u.origin.is_none());
+        let events: Vec<Outgoing> = memory.into_iter().map(|u| u.ev).collect();
+        match spool.append_all(&events) {
+            Ok(()) => {
+                for ev in &events {
+                    self.shared.release(ev.size());
+                }
+                self.meters.spooled_aged.increment(events.len() as u64);
+                self.mark_behind("events were not delivered within TRACKER_MEMORY_MAX_AGE_MS");
+            }
+            Err(e) => {
+                // Kept in memory (and tried again at the next sweep).
+                tracing::warn!(error = %e, events = events.len(), "cannot move old events to the spool");
+                again.extend(events.into_iter().map(|ev| Unit { ev, origin: None }));
+            }
+        }
+        for unit in again {
+            self.batcher
+                .place(unit, now, &self.map, &self.budgets, &mut self.ready);
+        }
+    }
+
+    fn call_failed(&mut self, records: Vec<KRecord>, e: CallError, now: Instant) {
+        self.fell_behind("PutRecords calls fail");
         self.meters.calls_error.increment(1);
         self.meters
             .retry_call_failed
             .increment(records.len() as u64);
         if self.failures == 1 || self.failures.is_power_of_two() {
             tracing::warn!(error = %e.message, records = records.len(), failures = self.failures, "PutRecords failed; retrying");
-        }
-        if self.failures >= FAILURES_BEFORE_DOWN
-            && !self.shared.kinesis_down.swap(true, Ordering::AcqRel)
-        {
-            tracing::warn!("Kinesis unreachable; new events go to the spool");
         }
         if e.failure == CallFailure::StreamChanged {
             self.need_refresh = true;
@@ -633,6 +731,10 @@ impl<S: RecordStream> Run<S> {
             wake = wake.min(r.due);
         }
         let spool_waiting = self.shared.spool.as_ref().is_some_and(|s| s.pending() > 0);
+        // Held records may come of age: look again at the next sweep.
+        if self.shared.spool.is_some() && !(self.ready.is_empty() && self.delayed.is_empty()) {
+            wake = wake.min(self.next_sweep);
+        }
         if closed || spool_waiting {
             wake = wake.min(now + SPOOL_TICK);
         }

@@ -7,6 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
@@ -19,10 +20,15 @@ pub enum Refused {
     Full,
     /// Closed for shutdown.
     Closed,
+    /// The engine has not taken what waits for longer than the memory age
+    /// bound (it is starved or stuck): new events should go to disk.
+    Stale,
 }
 
 struct List {
     events: Vec<Outgoing>,
+    /// When the oldest waiting event was pushed.
+    since: Option<Instant>,
     closed: bool,
 }
 
@@ -35,17 +41,23 @@ pub struct Inbox {
     /// The engine asked to be woken by the next event.
     wake_next: AtomicBool,
     wake: Notify,
+    /// Longest events may wait before [`Refused::Stale`].
+    max_wait: Duration,
 }
 
 impl Inbox {
-    pub fn new(max_events: usize, wake_at: usize) -> Self {
+    /// `max_wait`: how long the engine may leave events untaken before new
+    /// ones are refused as [`Refused::Stale`] (`Duration::MAX`: never).
+    pub fn new(max_events: usize, wake_at: usize, max_wait: Duration) -> Self {
         Self {
             list: Mutex::new(List {
                 events: Vec::new(),
+                since: None,
                 closed: false,
             }),
             max_events: max_events.max(1),
             wake_at: wake_at.max(1),
+            max_wait,
             wake_next: AtomicBool::new(false),
             wake: Notify::new(),
         }
@@ -57,7 +69,27 @@ impl Inbox {
     }
 
     /// Appends all events or none; refused events come back untouched.
+    /// Refused as [`Refused::Stale`] when the engine has left what waits
+    /// untaken longer than the bound (looked at only once the list is past
+    /// the size that wakes the engine, so a healthy engine costs no clock
+    /// read).
     pub fn push_all<I>(&self, events: I) -> Result<(), (Refused, I)>
+    where
+        I: ExactSizeIterator<Item = Outgoing>,
+    {
+        self.push(events, true)
+    }
+
+    /// The same, whatever the age of what waits (memory is the only place
+    /// left for the events).
+    pub fn push_all_any_age<I>(&self, events: I) -> Result<(), (Refused, I)>
+    where
+        I: ExactSizeIterator<Item = Outgoing>,
+    {
+        self.push(events, false)
+    }
+
+    fn push<I>(&self, events: I, check_age: bool) -> Result<(), (Refused, I)>
     where
         I: ExactSizeIterator<Item = Outgoing>,
     {
@@ -69,6 +101,17 @@ impl Inbox {
             }
             if list.events.len() + n > self.max_events {
                 return Err((Refused::Full, events));
+            }
+            match list.since {
+                None => list.since = Some(Instant::now()),
+                Some(since)
+                    if check_age
+                        && list.events.len() >= self.wake_at
+                        && since.elapsed() > self.max_wait =>
+                {
+                    return Err((Refused::Stale, events));
+                }
+                Some(_) => {}
             }
             list.events.extend(events);
             list.events.len()
@@ -88,6 +131,7 @@ impl Inbox {
     pub fn take(&self, into: &mut Vec<Outgoing>) -> bool {
         let mut list = self.lock();
         std::mem::swap(&mut list.events, into);
+        list.since = None;
         list.closed
     }
 
@@ -131,7 +175,7 @@ mod tests {
 
     #[test]
     fn all_or_nothing_within_the_bound() {
-        let inbox = Inbox::new(3, 100);
+        let inbox = Inbox::new(3, 100, Duration::MAX);
         assert!(inbox.push_all((0..2).map(ev)).is_ok());
         let (refused, back) = inbox.push_all((2..4).map(ev)).expect_err("over the bound");
         assert_eq!(refused, Refused::Full);
@@ -151,9 +195,27 @@ mod tests {
     }
 
     #[test]
+    fn events_left_untaken_past_the_bound_refuse_new_ones() {
+        let inbox = Inbox::new(100, 2, Duration::from_millis(20));
+        assert!(inbox.push_all((0..2).map(ev)).is_ok());
+        std::thread::sleep(Duration::from_millis(30));
+        let (refused, back) = inbox.push_all((2..3).map(ev)).expect_err("stale");
+        assert_eq!(refused, Refused::Stale);
+        assert_eq!(back.len(), 1);
+        assert!(
+            inbox.push_all_any_age(back).is_ok(),
+            "memory as last resort"
+        );
+        let mut got = Vec::new();
+        inbox.take(&mut got);
+        assert_eq!(got.len(), 3);
+        assert!(inbox.push_all((0..3).map(ev)).is_ok(), "taken: fresh again");
+    }
+
+    #[test]
     fn wakes_at_the_threshold_and_on_request() {
         use futures_util::FutureExt;
-        let inbox = Inbox::new(100, 3);
+        let inbox = Inbox::new(100, 3, Duration::MAX);
         assert!(inbox.push_all((0..2).map(ev)).is_ok());
         // Below the threshold and nobody asked: no wake-up is stored.
         assert!(

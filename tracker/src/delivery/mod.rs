@@ -52,6 +52,9 @@ pub struct DeliverySettings {
     pub max_aggregate_bytes: usize,
     pub shard_records_per_sec: u32,
     pub shard_bytes_per_sec: u32,
+    /// Longest an event is held only in memory before it is moved to the
+    /// spool (with a spool).
+    pub memory_max_age: Duration,
 }
 
 /// What the engine did by the time it stopped.
@@ -80,7 +83,14 @@ impl DeliveryReport {
 
 /// Creates the request side and the engine that drains it.
 pub fn channel(settings: DeliverySettings, spool: Option<Arc<Spool>>) -> (EventSink, Engine) {
-    let inbox = Arc::new(Inbox::new(settings.queue_events, WAKE_AT_EVENTS));
+    // With a spool, events the engine leaves untaken past the memory age
+    // bound send new ones to disk; without one, memory is the only place.
+    let max_wait = if spool.is_some() {
+        settings.memory_max_age
+    } else {
+        Duration::MAX
+    };
+    let inbox = Arc::new(Inbox::new(settings.queue_events, WAKE_AT_EVENTS, max_wait));
     let shared = Arc::new(Shared {
         mem_bytes: AtomicU64::new(0),
         max_mem_bytes: settings.queue_bytes,

@@ -95,6 +95,7 @@ fn settings(linger_ms: u64) -> DeliverySettings {
         max_aggregate_bytes: 51_200,
         shard_records_per_sec: 1_000,
         shard_bytes_per_sec: 1 << 20,
+        memory_max_age: Duration::from_secs(2),
     }
 }
 
