@@ -183,31 +183,41 @@ pub fn build_event(
     Ok(Some(event))
 }
 
-/// Queues one event; counts a drop with its cause. Returns the event id,
-/// as the reply's header carries it.
-pub fn ship_one(event: Outgoing, state: &AppState) -> Result<HeaderValue, QueueError> {
-    // An event id is a UUID: always a valid header value.
-    let event_id =
-        HeaderValue::from_str(&event.partition_key).unwrap_or(HeaderValue::from_static(""));
-    state
-        .sink
-        .try_send(event)
-        .inspect_err(|e| state.meters.dropped(e.cause(), 1))?;
-    Ok(event_id)
+/// Queues events (all or none) and waits until they are stored (only the
+/// spool takes a moment); counts a drop with its cause.
+pub async fn store(events: Vec<Outgoing>, state: &AppState) -> Result<(), QueueError> {
+    let n = events.len() as u64;
+    let stored = match state.sink.try_send_all(events) {
+        Ok(accepted) => accepted.settled().await,
+        Err(e) => Err(e),
+    };
+    stored.inspect_err(|e| state.meters.dropped(e.cause(), n))
 }
 
-/// Builds and queues the event for a hit; returns its id.
-pub fn ship(
+/// Builds and stores the event for a hit; returns its id, as the reply's
+/// header carries it.
+pub async fn ship(
     parts: EventParts<'_>,
     client: &ClientInfo<'_>,
     state: &AppState,
 ) -> Result<HeaderValue, NotShipped> {
-    match build_event(parts, client, state) {
+    let event = match build_event(parts, client, state) {
+        Ok(Some(ev)) => ev,
         Ok(None) => {
             state.meters.dropped("privacy_opt_out", 1);
-            Err(NotShipped::OptedOut)
+            return Err(NotShipped::OptedOut);
         }
-        Ok(Some(ev)) => ship_one(ev, state).map_err(NotShipped::Queue),
-        Err(TooLarge(n)) => Err(NotShipped::TooLarge(n)),
-    }
+        Err(TooLarge(n)) => return Err(NotShipped::TooLarge(n)),
+    };
+    // An event id is a UUID: always a valid header value.
+    let event_id =
+        HeaderValue::from_str(&event.partition_key).unwrap_or(HeaderValue::from_static(""));
+    let stored = match state.sink.try_send(event) {
+        Ok(accepted) => accepted.settled().await,
+        Err(e) => Err(e),
+    };
+    stored
+        .inspect_err(|e| state.meters.dropped(e.cause(), 1))
+        .map_err(NotShipped::Queue)?;
+    Ok(event_id)
 }

@@ -24,6 +24,7 @@ pub mod server;
 pub mod shard_map;
 pub mod shipper;
 pub mod spool;
+pub mod spool_writer;
 pub mod sync;
 
 use std::sync::Arc;
@@ -92,7 +93,8 @@ pub async fn run(
             memory_max_age: config.memory_max_age(),
         },
         spool.clone(),
-    );
+    )
+    .context("starting the spool writer")?;
 
     let give_up = CancellationToken::new();
     let background = CancellationToken::new();
@@ -104,7 +106,7 @@ pub async fn run(
         background.clone(),
     )
     .context("starting the delivery thread")?;
-    let spool_task = spool.map(|spool| tokio::spawn(sync_spool(spool, background.clone())));
+    let spool_task = spool.map(|spool| tokio::spawn(spool_gauges(spool, background.clone())));
     let sync_task = tokio::spawn(sync::run(
         redis,
         cache.clone(),
@@ -243,8 +245,9 @@ fn open_spool(config: &Config) -> Result<Option<Arc<Spool>>> {
     Ok(Some(Arc::new(spool)))
 }
 
-/// Flushes the spool to disk regularly and publishes its size.
-async fn sync_spool(spool: Arc<Spool>, stop: CancellationToken) {
+/// Publishes the spool's size (the spool writer flushes it to the device);
+/// a last flush at the end covers what the engine spooled on its way out.
+async fn spool_gauges(spool: Arc<Spool>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
@@ -253,12 +256,6 @@ async fn sync_spool(spool: Arc<Spool>, stop: CancellationToken) {
         }
         metrics::gauge!(metric::SPOOL_EVENTS).set(spool.pending() as f64);
         metrics::gauge!(metric::SPOOL_BYTES).set(spool.bytes() as f64);
-        if spool.pending() > 0 {
-            let s = spool.clone();
-            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.sync()).await {
-                tracing::warn!(error = %e, "spool sync failed");
-            }
-        }
     }
-    let _ = spool.sync();
+    let _ = tokio::task::spawn_blocking(move || spool.sync()).await;
 }

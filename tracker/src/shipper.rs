@@ -1,8 +1,9 @@
-//! The request side of delivery: where a handler puts an event. Never waits:
-//! the event goes to the bounded in-memory inbox, or, past its bounds or
-//! while Kinesis is unreachable (or older events are still spooled), to the
-//! disk spool; past the spool's bound it is refused and the caller counts
-//! the drop with its cause.
+//! The request side of delivery: where a handler puts an event. Never
+//! blocks: the event goes to the bounded in-memory inbox, or, past its
+//! bounds, while Kinesis is behind or while older events are still spooled,
+//! to the disk spool through its writer thread (the handler's answer then
+//! waits until the event is on disk); past the spool's bound it is refused
+//! and the caller counts the drop with its cause.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,7 +13,8 @@ use metrics::Counter;
 use crate::delivery::{Inbox, Refused};
 use crate::metric;
 use crate::outgoing::Outgoing;
-use crate::spool::{Spool, SpoolError};
+use crate::spool::Spool;
+use crate::spool_writer::{Refused as SubmitRefused, SpoolWriter, Written};
 
 /// Why an event was not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -59,14 +61,54 @@ impl Shared {
         true
     }
 
-    /// New events go to disk while Kinesis is down or older ones wait there.
+    /// New events go to disk while Kinesis is behind or older ones wait
+    /// there (written, or queued to be).
     fn spool_first(&self) -> bool {
         self.kinesis_down.load(Ordering::Acquire)
-            || self.spool.as_ref().is_some_and(|s| s.pending() > 0)
+            || self
+                .spool
+                .as_ref()
+                .is_some_and(|s| s.pending() > 0 || s.queued() > 0)
     }
 
     pub fn release(&self, size: u64) {
         self.mem_bytes.fetch_sub(size, Ordering::AcqRel);
+    }
+}
+
+/// An accepted event's way to safety: already in the memory queue, or
+/// queued for the spool, where the answer waits until it is on disk.
+#[must_use = "a spooled event is accepted only once it is written"]
+pub enum Accepted {
+    Memory,
+    Spool {
+        written: Written,
+        events: u64,
+        accepted: Counter,
+        spooled: Counter,
+    },
+}
+
+impl Accepted {
+    /// Waits (only for the spool) until the events are stored; counts them.
+    pub async fn settled(self) -> Result<(), QueueError> {
+        match self {
+            Self::Memory => Ok(()),
+            Self::Spool {
+                written,
+                events,
+                accepted,
+                spooled,
+            } => {
+                if written.wait().await {
+                    accepted.increment(events);
+                    spooled.increment(events);
+                    Ok(())
+                } else {
+                    Err(QueueError::SpoolIo)
+                }
+            }
+        }
     }
 }
 
@@ -75,94 +117,110 @@ impl Shared {
 pub struct EventSink {
     inbox: Arc<Inbox>,
     shared: Arc<Shared>,
+    writer: Option<Arc<SpoolWriter>>,
     accepted: Counter,
     spooled: Counter,
 }
 
 impl EventSink {
-    pub fn new(inbox: Arc<Inbox>, shared: Arc<Shared>) -> Self {
+    pub fn new(inbox: Arc<Inbox>, shared: Arc<Shared>, writer: Option<Arc<SpoolWriter>>) -> Self {
         Self {
             inbox,
             shared,
+            writer,
             accepted: metrics::counter!(metric::EVENTS_ACCEPTED),
             spooled: metrics::counter!(metric::EVENTS_SPOOLED, "cause" => "ingress"),
         }
     }
 
-    /// Queues an event without waiting.
-    pub fn try_send(&self, ev: Outgoing) -> Result<(), QueueError> {
+    /// Queues an event without waiting on anything but a short lock; a
+    /// spooled event is stored once [`Accepted::settled`] says so.
+    pub fn try_send(&self, ev: Outgoing) -> Result<Accepted, QueueError> {
         let size = ev.size();
-        self.offer(std::iter::once(ev), size)
+        self.offer(vec![ev], size)
     }
 
     /// Queues all events or none (a batch request's events go together).
-    pub fn try_send_all(&self, events: Vec<Outgoing>) -> Result<(), QueueError> {
+    pub fn try_send_all(&self, events: Vec<Outgoing>) -> Result<Accepted, QueueError> {
         if events.is_empty() {
-            return Ok(());
+            return Ok(Accepted::Memory);
         }
         let size = events.iter().map(Outgoing::size).sum();
-        self.offer(events.into_iter(), size)
+        self.offer(events, size)
     }
 
-    /// Refuses new events from now on (shutdown); the engine drains the rest.
+    /// Refuses new events from now on (shutdown); the engine drains the
+    /// rest, the spool writer writes what is queued.
     pub fn close(&self) {
         self.inbox.close();
+        if let Some(w) = &self.writer {
+            w.stop();
+        }
     }
 
-    fn offer<I>(&self, mut events: I, size: u64) -> Result<(), QueueError>
-    where
-        I: ExactSizeIterator<Item = Outgoing>,
-    {
-        let n = events.len() as u64;
-        if (!self.shared.spool_first() || self.shared.spool.is_none())
-            && self.shared.try_reserve(size)
-        {
-            match self.inbox.push_all(events) {
-                Ok(()) => {
-                    self.accepted.increment(n);
-                    return Ok(());
-                }
-                Err((refused, back)) => {
-                    self.shared.release(size);
-                    if refused == Refused::Closed {
-                        return Err(QueueError::Closed);
-                    }
-                    events = back;
-                }
-            }
+    fn to_memory(
+        &self,
+        events: Vec<Outgoing>,
+        size: u64,
+        any_age: bool,
+    ) -> Result<(), (QueueError, Vec<Outgoing>)> {
+        if !self.shared.try_reserve(size) {
+            return Err((QueueError::Full, events));
         }
-        let Some(spool) = &self.shared.spool else {
-            return Err(QueueError::Full);
+        let n = events.len() as u64;
+        let pushed = if any_age {
+            self.inbox.push_all_any_age(events.into_iter())
+        } else {
+            self.inbox.push_all(events.into_iter())
         };
-        let events: Vec<Outgoing> = events.collect();
-        match spool.append_all(&events) {
+        match pushed {
             Ok(()) => {
                 self.accepted.increment(n);
-                self.spooled.increment(n);
                 Ok(())
             }
+            Err((refused, back)) => {
+                self.shared.release(size);
+                let e = if refused == Refused::Closed {
+                    QueueError::Closed
+                } else {
+                    QueueError::Full
+                };
+                Err((e, back.collect()))
+            }
+        }
+    }
+
+    fn offer(&self, events: Vec<Outgoing>, size: u64) -> Result<Accepted, QueueError> {
+        let Some(writer) = &self.writer else {
+            return self
+                .to_memory(events, size, true)
+                .map(|()| Accepted::Memory)
+                .map_err(|(e, _)| e);
+        };
+        let events = if self.shared.spool_first() {
+            events
+        } else {
+            match self.to_memory(events, size, false) {
+                Ok(()) => return Ok(Accepted::Memory),
+                Err((QueueError::Closed, _)) => return Err(QueueError::Closed),
+                Err((_, back)) => back,
+            }
+        };
+        let n = events.len() as u64;
+        match writer.submit(events) {
+            Ok(written) => Ok(Accepted::Spool {
+                written,
+                events: n,
+                accepted: self.accepted.clone(),
+                spooled: self.spooled.clone(),
+            }),
             // The spool is full (replaying, or Kinesis down): memory may still have room.
-            Err(SpoolError::Full) if self.shared.try_reserve(size) => {
-                match self.inbox.push_all_any_age(events.into_iter()) {
-                    Ok(()) => {
-                        self.accepted.increment(n);
-                        Ok(())
-                    }
-                    Err((refused, _)) => {
-                        self.shared.release(size);
-                        Err(if refused == Refused::Closed {
-                            QueueError::Closed
-                        } else {
-                            QueueError::SpoolFull
-                        })
-                    }
-                }
-            }
-            Err(SpoolError::Full) => Err(QueueError::SpoolFull),
-            Err(SpoolError::Io(e)) => {
-                tracing::error!(error = %e, "cannot write the spool");
-                Err(QueueError::SpoolIo)
-            }
+            Err(SubmitRefused::Full(back)) => match self.to_memory(back, size, true) {
+                Ok(()) => Ok(Accepted::Memory),
+                Err((QueueError::Closed, _)) => Err(QueueError::Closed),
+                Err(_) => Err(QueueError::SpoolFull),
+            },
+            Err(SubmitRefused::Closed) => Err(QueueError::Closed),
         }
     }
 }

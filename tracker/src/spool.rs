@@ -10,9 +10,10 @@
 //! payload = u16 LE partition-key length | partition key | event bytes
 //! ```
 //!
-//! An entry is written with one `write` call, so a killed process leaves at
-//! most one torn entry at the tail; on open, every segment is scanned and cut
-//! at the first entry whose length or checksum does not hold. A segment is
+//! Entries are appended with one `write` call per group (the spool writer
+//! thread's group commit), so a killed process leaves at most a torn tail;
+//! on open, every segment is scanned and cut at the first entry whose
+//! length or checksum does not hold. A segment is
 //! deleted once every entry in it is delivered; when all are delivered the
 //! spool is left empty. Entries read back but not yet acknowledged when the
 //! process dies are read again on the next start (at least once; the
@@ -87,6 +88,9 @@ pub struct Spool {
     reader: Mutex<ReadPos>,
     total_bytes: AtomicU64,
     unacked: AtomicU64,
+    /// Bytes and events promised to writes not yet made (see [`Self::reserve`]).
+    reserved: AtomicU64,
+    queued: AtomicU64,
     _lock: File,
 }
 
@@ -231,6 +235,8 @@ impl Spool {
             }),
             total_bytes: AtomicU64::new(total),
             unacked: AtomicU64::new(unacked),
+            reserved: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
             _lock: lock,
         };
         Ok((spool, recovery))
@@ -250,15 +256,58 @@ impl Spool {
         self.total_bytes.load(Ordering::Acquire)
     }
 
+    /// Bytes `events` take on disk.
+    pub fn framed_len(events: &[Outgoing]) -> u64 {
+        events
+            .iter()
+            .map(|e| (HEADER + 2 + e.partition_key.len() + e.data.len()) as u64)
+            .sum()
+    }
+
+    /// Promises room for a later [`Self::write_reserved`] of `bytes`
+    /// (`events` events), within the bound; false when the spool is full.
+    pub fn reserve(&self, bytes: u64, events: u64) -> bool {
+        let before = self.reserved.fetch_add(bytes, Ordering::AcqRel);
+        if self.total_bytes.load(Ordering::Acquire) + before + bytes > self.max_bytes {
+            self.reserved.fetch_sub(bytes, Ordering::AcqRel);
+            return false;
+        }
+        self.queued.fetch_add(events, Ordering::AcqRel);
+        true
+    }
+
+    /// Events reserved for and not yet written.
+    pub fn queued(&self) -> u64 {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    /// Writes events room was reserved for (`bytes`, as reserved), all or
+    /// none; the reservation is given back either way.
+    pub fn write_reserved(&self, events: &[Outgoing], bytes: u64) -> Result<(), SpoolError> {
+        let result = self.write(events, false);
+        self.reserved.fetch_sub(bytes, Ordering::AcqRel);
+        self.queued.fetch_sub(events.len() as u64, Ordering::AcqRel);
+        result
+    }
+
     /// Appends events, all or none (the bound is checked for the whole set).
     pub fn append_all(&self, events: &[Outgoing]) -> Result<(), SpoolError> {
+        self.write(events, true)
+    }
+
+    fn write(&self, events: &[Outgoing], check_bound: bool) -> Result<(), SpoolError> {
         let frames: Vec<Vec<u8>> = events
             .iter()
             .map(|e| frame(&e.partition_key, &e.data))
             .collect();
         let size: u64 = frames.iter().map(|f| f.len() as u64).sum();
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        if self.total_bytes.load(Ordering::Acquire) + size > self.max_bytes {
+        if check_bound
+            && self.total_bytes.load(Ordering::Acquire)
+                + self.reserved.load(Ordering::Acquire)
+                + size
+                > self.max_bytes
+        {
             return Err(SpoolError::Full);
         }
         if w.len > 0 && w.len + size > self.segment_bytes {
@@ -305,6 +354,12 @@ impl Spool {
         };
         Self::collect(&self.dir, &mut segs, old, &self.total_bytes);
         Ok(())
+    }
+
+    /// Holds the file as a stalled write would (tests).
+    #[cfg(test)]
+    pub(crate) fn hold_file_for_test(&self) -> impl Sized + '_ {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Flushes the active segment to stable storage.

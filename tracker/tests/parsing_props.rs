@@ -54,7 +54,8 @@ async fn state(redis: &Redis) -> (Arc<AppState>, delivery::Engine) {
             memory_max_age: Duration::from_secs(2),
         },
         None,
-    );
+    )
+    .expect("channel");
     let health = Arc::new(Health::default());
     health.set_cache_warm();
     health.set_stream_ok();

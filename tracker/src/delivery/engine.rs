@@ -358,7 +358,11 @@ impl<S: RecordStream> Run<S> {
             && self.ready.is_empty()
             && self.delayed.is_empty()
             && self.inbox.is_empty()
-            && self.shared.spool.as_ref().is_none_or(|s| s.pending() == 0)
+            && self
+                .shared
+                .spool
+                .as_ref()
+                .is_none_or(|s| s.pending() == 0 && s.queued() == 0)
     }
 
     fn intake_spool(&mut self, memory_empty: bool, now: Instant) {

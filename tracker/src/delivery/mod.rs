@@ -33,6 +33,7 @@ pub use retry::CallFailure;
 use crate::health::Health;
 use crate::shipper::{EventSink, Shared};
 use crate::spool::Spool;
+use crate::spool_writer::SpoolWriter;
 
 /// The inbox wakes the engine once it holds this many events (about an
 /// aggregate's worth), so full aggregates leave without waiting.
@@ -81,8 +82,16 @@ impl DeliveryReport {
     }
 }
 
-/// Creates the request side and the engine that drains it.
-pub fn channel(settings: DeliverySettings, spool: Option<Arc<Spool>>) -> (EventSink, Engine) {
+/// Creates the request side and the engine that drains it (and, with a
+/// spool, starts the spool's writer thread).
+pub fn channel(
+    settings: DeliverySettings,
+    spool: Option<Arc<Spool>>,
+) -> std::io::Result<(EventSink, Engine)> {
+    let writer = match &spool {
+        Some(spool) => Some(SpoolWriter::start(spool.clone())?.0),
+        None => None,
+    };
     // With a spool, events the engine leaves untaken past the memory age
     // bound send new ones to disk; without one, memory is the only place.
     let max_wait = if spool.is_some() {
@@ -98,15 +107,15 @@ pub fn channel(settings: DeliverySettings, spool: Option<Arc<Spool>>) -> (EventS
         kinesis_down: AtomicBool::new(true),
         spool,
     });
-    (
-        EventSink::new(inbox.clone(), shared.clone()),
+    Ok((
+        EventSink::new(inbox.clone(), shared.clone(), writer),
         Engine {
             inbox,
             shared,
             settings,
             beat: None,
         },
-    )
+    ))
 }
 
 /// The engine running on its own thread.

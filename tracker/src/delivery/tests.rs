@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 use crate::outgoing::Outgoing;
 use crate::shard_map::ShardMap;
+use crate::shipper::Accepted;
 
 type Script = Box<dyn FnMut(usize, &[Entry]) -> Result<Vec<EntryResult>, CallError> + Send>;
 
@@ -116,11 +117,17 @@ fn id_of(data: &[u8]) -> String {
     String::from_utf8_lossy(&data[..end]).into_owned()
 }
 
+/// Queues an event and waits until it is stored.
+async fn store(sink: &EventSink, ev: Outgoing) {
+    let accepted = sink.try_send(ev).expect("queued");
+    accepted.settled().await.expect("stored");
+}
+
 /// Queues `n` events, closes, runs the engine to its end.
 async fn deliver(stream: Arc<Scripted>, s: DeliverySettings, n: usize) -> DeliveryReport {
-    let (sink, engine) = channel(s, None);
+    let (sink, engine) = channel(s, None).expect("channel");
     for i in 0..n {
-        sink.try_send(event(i)).expect("queued");
+        store(&sink, event(i)).await;
     }
     sink.close();
     engine.run(stream, CancellationToken::new()).await
@@ -255,13 +262,13 @@ async fn events_wait_their_linger_unless_a_call_fills() {
         1,
         Box::new(|_, entries| Ok(vec![EntryResult::default(); entries.len()])),
     );
-    let (sink, engine) = channel(settings(100), None);
+    let (sink, engine) = channel(settings(100), None).expect("channel");
     let started = Instant::now();
     let give_up = CancellationToken::new();
     let s2 = stream.clone();
     let runner = tokio::spawn(engine.run(s2, give_up));
     for i in 0..10 {
-        sink.try_send(event(i)).expect("queued");
+        store(&sink, event(i)).await;
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(
@@ -276,7 +283,7 @@ async fn events_wait_their_linger_unless_a_call_fills() {
     }
     // A few full aggregates wait for their linger, to share a call.
     for i in 10..1_000 {
-        sink.try_send(event(i)).expect("queued");
+        store(&sink, event(i)).await;
     }
     tokio::time::sleep(Duration::from_millis(1)).await;
     assert_eq!(
@@ -286,7 +293,7 @@ async fn events_wait_their_linger_unless_a_call_fills() {
     );
     // Enough full aggregates to fill a call: it leaves at once, in one piece.
     for i in 1_000..7_000 {
-        sink.try_send(event(i)).expect("queued");
+        store(&sink, event(i)).await;
     }
     tokio::time::sleep(Duration::from_millis(1)).await;
     {
@@ -321,7 +328,7 @@ async fn a_drained_spool_gives_its_bytes_back_while_running() {
         2,
         Box::new(|_, entries| Ok(vec![EntryResult::default(); entries.len()])),
     );
-    let (sink, engine) = channel(settings(5), Some(spool.clone()));
+    let (sink, engine) = channel(settings(5), Some(spool.clone())).expect("channel");
     let runner = tokio::spawn(engine.run(stream.clone(), CancellationToken::new()));
     for _ in 0..200 {
         if stream.stored().len() == 100 {
@@ -345,14 +352,13 @@ async fn a_full_spool_falls_back_to_memory() {
     let dir = tempfile::tempdir().expect("dir");
     let spool = spool_in(dir.path(), 65_536, 32_768);
     // Before the engine has reached Kinesis, events go to the spool first.
-    let (sink, _engine) = channel(settings(5), Some(spool.clone()));
+    let (sink, _engine) = channel(settings(5), Some(spool.clone())).expect("channel");
     let mut i = 0;
     while spool.append_all(&[event(i)]).is_ok() {
         i += 1;
     }
-    assert_eq!(
-        sink.try_send(event(i)),
-        Ok(()),
+    assert!(
+        matches!(sink.try_send(event(i)), Ok(Accepted::Memory)),
         "refused with room in memory"
     );
 }

@@ -30,7 +30,9 @@ use crate::api_error::{ApiError, Body, json_response};
 use crate::app_state::AppState;
 use crate::cache::Lookup;
 use crate::hit::{MAX_HEADER_COPY, MAX_PARAM_NAME, MAX_PARAM_VALUE, MAX_PARAMS, Params};
-use crate::ingest::{ClientInfo, EventParts, build_event, check_id, now, outcome_of, usable};
+use crate::ingest::{
+    ClientInfo, EventParts, build_event, check_id, now, outcome_of, store, usable,
+};
 use crate::metric::{self, Outcome};
 
 #[derive(Debug, Deserialize)]
@@ -426,8 +428,7 @@ where
     }
     results.sort_by_key(|r| r.index);
     let accepted = outgoing.len();
-    if let Err(e) = state.sink.try_send_all(outgoing) {
-        state.meters.dropped(e.cause(), accepted as u64);
+    if store(outgoing, state).await.is_err() {
         return Err(ApiError::Overloaded);
     }
     #[derive(Serialize)]

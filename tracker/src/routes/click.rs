@@ -57,7 +57,7 @@ pub async fn handle<B>(
         params,
         destination_url: url.as_str().to_owned(),
     };
-    let shipped = ship(parts, &client, state);
+    let shipped = ship(parts, &client, state).await;
     if let Err(NotShipped::TooLarge(n)) = shipped {
         return Err(ApiError::EventTooLarge(n));
     }

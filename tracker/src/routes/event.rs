@@ -54,7 +54,7 @@ pub async fn handle<B>(
         params,
         destination_url: String::new(),
     };
-    let event_id = match ship(parts, &client, state) {
+    let event_id = match ship(parts, &client, state).await {
         Ok(id) => id,
         Err(NotShipped::OptedOut) => http::HeaderValue::from_static(""),
         Err(NotShipped::Queue(_)) => return Err(ApiError::Overloaded),

@@ -73,7 +73,7 @@ pub async fn handle<B>(
             destination_url: String::new(),
         };
         // A full queue still answers the GIF; the drop is counted with its cause.
-        if let Ok(event_id) = ship(parts, &client, state) {
+        if let Ok(event_id) = ship(parts, &client, state).await {
             resp.headers_mut().insert(EVENT_ID_HEADER, event_id);
         }
     }
