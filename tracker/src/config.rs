@@ -134,7 +134,8 @@ pub struct Config {
     #[arg(long, env = "TRACKER_MAX_INFLIGHT_BATCHES", value_name = "TRACKER_MAX_INFLIGHT_BATCHES", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
     pub max_inflight_batches: u64,
 
-    /// Time allowed after SIGTERM to finish requests and flush events, in seconds.
+    /// Time allowed after SIGTERM to finish requests (the first half of it)
+    /// and flush events, in seconds.
     #[arg(long, env = "TRACKER_DRAIN_DEADLINE_SECS", value_name = "TRACKER_DRAIN_DEADLINE_SECS", default_value_t = 25, value_parser = clap::value_parser!(u64).range(0..=3_600))]
     pub drain_deadline_secs: u64,
 

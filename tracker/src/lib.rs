@@ -49,6 +49,11 @@ use crate::spool::Spool;
 /// fails (they report every second; see [`health`]).
 pub const LOOP_DEADLINE: Duration = Duration::from_secs(30);
 
+/// The share of the drain deadline open connections get to finish their
+/// requests; the rest is the delivery engine's alone, so a slow client
+/// cannot leave nothing for flushing.
+pub const CONNECTIONS_SHARE: f64 = 0.5;
+
 /// Runs the tracker until `shutdown` fires, then drains: readiness goes false,
 /// the listener closes, in-flight requests finish, queued events are sent
 /// within the drain deadline. Returns what was delivered and what was not.
@@ -164,7 +169,8 @@ pub async fn run(
             max_header_bytes: config.max_header_bytes as usize,
         },
         stop_accepting.clone(),
-        deadline,
+        // Requests in flight get their share; the rest is for flushing.
+        deadline.mul_f64(CONNECTIONS_SHARE),
     ));
 
     shutdown.cancelled().await;
@@ -175,8 +181,9 @@ pub async fn run(
         "draining: not ready, closing the listener"
     );
     stop_accepting.cancel();
-    // Once the server is done, the inbox closes and the engine flushes what
-    // is left; anything a late handler offers now is refused and counted.
+    // Once the server is done (every connection task has ended), the inbox
+    // closes and the engine flushes what is left; nothing can be offered
+    // after that (it would be refused and counted as `shutting_down`).
     let _ = server_task.await;
     sink.close();
     let remaining = deadline.saturating_sub(drain_started.elapsed());

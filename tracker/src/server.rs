@@ -1,6 +1,8 @@
 //! The accept loop: bounded connections (503 past the bound), header and
 //! idle timeouts, keep-alive, and a graceful stop that lets in-flight
-//! requests finish.
+//! requests finish within their share of the drain deadline, then closes
+//! what is left and waits for every connection task to end, so nothing is
+//! queued after the final flush begins.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::conn_timeouts::{ConnPhase, Deadlines, TimedIo};
 use crate::metric;
@@ -35,7 +38,9 @@ pub struct ServerSettings {
 const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
 /// Serves until `stop` fires, then stops accepting and waits up to
-/// `grace` for open connections to finish their requests.
+/// `grace` for open connections to finish their requests; connections
+/// still open then are closed (their requests unanswered, counted). Returns
+/// once every connection task has ended.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
@@ -44,6 +49,8 @@ pub async fn serve(
     grace: Duration,
 ) {
     let graceful = GracefulShutdown::new();
+    let tasks = TaskTracker::new();
+    let cut = CancellationToken::new();
     let limit = Arc::new(Semaphore::new(settings.max_connections));
     let mut builder = http1::Builder::new();
     builder
@@ -70,7 +77,7 @@ pub async fn serve(
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             metrics::counter!(metric::BOUNDS_BREACHED, "bound" => "connections").increment(1);
             metrics::counter!(metric::REQUESTS, "route" => "none", "status" => "503").increment(1);
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 let _ = stream.write_all(OVER_CAPACITY).await;
                 let _ = stream.shutdown().await;
             });
@@ -92,9 +99,16 @@ pub async fn serve(
         let svc = service_fn(move |req| handle(req, state.clone(), peer, phase.clone()));
         let conn = graceful.watch(builder.serve_connection(io, svc));
         metrics::gauge!(metric::CONNECTIONS_OPEN).increment(1.0);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                count_connection_error(&e);
+        let cut = cut.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    count_connection_error(&e);
+                },
+                // Dropping the connection closes it.
+                _ = cut.cancelled() => {
+                    metrics::counter!(metric::BOUNDS_BREACHED, "bound" => "drain_grace").increment(1);
+                }
             }
             metrics::gauge!(metric::CONNECTIONS_OPEN).decrement(1.0);
             drop(permit);
@@ -104,9 +118,15 @@ pub async fn serve(
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(grace) => {
-            tracing::warn!("connections still open at the drain deadline; closing them");
+            tracing::warn!(
+                connections = tasks.len(),
+                "connections still open at their share of the drain deadline; closing them"
+            );
+            cut.cancel();
         }
     }
+    tasks.close();
+    tasks.wait().await;
 }
 
 /// hyper answers malformed heads itself (400, 431, 414); count them.

@@ -413,3 +413,53 @@ async fn sigkill_under_throttling_loses_nothing_older_than_the_memory_age_bound(
     );
     assert!(acknowledged.len() > 100);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_still_in_flight_cannot_take_the_flush_time() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stack = Stack::start(1).expect("stack");
+    load_programs(&stack).await;
+    // 6 s to drain: 3 s for requests in flight, the rest for flushing.
+    let mut t = Tracker::start(
+        &stack,
+        &[
+            ("TRACKER_DRAIN_DEADLINE_SECS", "6"),
+            ("TRACKER_BODY_TIMEOUT_SECS", "60"),
+        ],
+    )
+    .await;
+    let load = Load::start(&t.base, 2, Duration::from_millis(2));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let acknowledged = load.finish().await;
+
+    // A client that sends half its body, then stalls.
+    let body = br#"[{"programId":"212312","type":"click"}]"#;
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", t.port))
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    slow.write_all(head.as_bytes()).await.expect("head");
+    slow.write_all(&body[..10]).await.expect("part of the body");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    t.proc.signal(15);
+    // Past the connections' share of the deadline, before its end, the
+    // client finishes its request: the tracker has closed it unanswered
+    // instead of taking an event it might not have time to deliver.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let _ = slow.write_all(&body[10..]).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        !answer.starts_with("HTTP/1.1 200"),
+        "a request still in flight at its share of the deadline was answered: {answer}"
+    );
+    let status = t.proc.wait_exit(Duration::from_secs(30)).expect("exits");
+    assert_eq!(status.code(), Some(0), "clean exit: everything delivered");
+    assert!(!acknowledged.is_empty());
+    wait_all_in_stream(&stack, &acknowledged, Duration::from_secs(10)).await;
+}
