@@ -43,6 +43,14 @@ ensure_tools() {
   fi
 }
 
+# cargo fuzz, for dev/fuzz (built from the crate registry once).
+ensure_cargo_fuzz() {
+  if ! cargo fuzz --version >/dev/null 2>&1; then
+    say "installing cargo-fuzz"
+    cargo install cargo-fuzz --locked --version 0.13.2 --quiet || die "cargo install cargo-fuzz failed"
+  fi
+}
+
 # Is a TCP port on 127.0.0.1 taken?
 port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 

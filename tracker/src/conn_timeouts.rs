@@ -26,10 +26,29 @@ use std::time::Duration;
 
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::metric;
+
+/// A connection's byte stream: a socket, or an in-memory pipe (fuzzing).
+pub trait Stream: AsyncRead + AsyncWrite + Unpin {
+    /// Writes a short answer if it fits without waiting (best effort).
+    fn write_now(&self, buf: &[u8]);
+}
+
+impl Stream for TcpStream {
+    fn write_now(&self, buf: &[u8]) {
+        let _ = self.try_write(buf);
+    }
+}
+
+impl Stream for tokio::io::DuplexStream {
+    /// An in-memory pipe cannot be written without a task context: the
+    /// answer is left out, the connection still closes.
+    fn write_now(&self, _buf: &[u8]) {}
+}
 
 /// Shared between a connection's IO wrapper and its request handler:
 /// requests whose head arrived, and requests answered.
@@ -80,8 +99,8 @@ enum Local {
 }
 
 /// A TCP stream with header and idle deadlines.
-pub struct TimedIo {
-    inner: TokioIo<TcpStream>,
+pub struct TimedIo<S = TcpStream> {
+    inner: TokioIo<S>,
     phase: Arc<ConnPhase>,
     local: Local,
     seen_started: u32,
@@ -99,8 +118,8 @@ pub struct TimedIo {
     max_line: usize,
 }
 
-impl TimedIo {
-    pub fn new(stream: TcpStream, phase: Arc<ConnPhase>, d: Deadlines) -> Self {
+impl<S: Stream> TimedIo<S> {
+    pub fn new(stream: S, phase: Arc<ConnPhase>, d: Deadlines) -> Self {
         let deadline = Instant::now() + d.header;
         Self {
             inner: TokioIo::new(stream),
@@ -144,7 +163,7 @@ impl TimedIo {
         };
         self.line_len = if self.in_line { seen } else { 0 };
         if seen > self.max_line {
-            let _ = self.inner.inner().try_write(
+            self.inner.inner().write_now(
                 b"HTTP/1.1 414 URI Too Long\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
             );
             metrics::counter!(metric::REQUESTS, "route" => "none", "status" => "414").increment(1);
@@ -223,7 +242,7 @@ impl TimedIo {
             return Poll::Ready(match self.local {
                 Local::Receiving => {
                     // Best effort: the socket buffer is empty, this fits.
-                    let _ = self.inner.inner().try_write(
+                    self.inner.inner().write_now(
                         b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
                     );
                     metrics::counter!(metric::REQUESTS, "route" => "none", "status" => "408")
@@ -249,7 +268,7 @@ impl TimedIo {
     }
 }
 
-impl Read for TimedIo {
+impl<S: Stream> Read for TimedIo<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -285,7 +304,7 @@ impl Read for TimedIo {
     }
 }
 
-impl Write for TimedIo {
+impl<S: Stream> Write for TimedIo<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -30,9 +30,7 @@ use crate::api_error::{ApiError, Body, json_response};
 use crate::app_state::AppState;
 use crate::cache::Lookup;
 use crate::hit::{MAX_HEADER_COPY, MAX_PARAM_NAME, MAX_PARAM_VALUE, MAX_PARAMS, Params};
-use crate::ingest::{
-    ClientInfo, EventParts, build_event, check_id, now, outcome_of, store, usable,
-};
+use crate::ingest::{ClientInfo, EventParts, build_event, now, outcome_of, store, usable};
 use crate::metric::{self, Outcome};
 
 #[derive(Debug, Deserialize)]
@@ -261,32 +259,22 @@ struct Prepared {
     referrer: Option<String>,
 }
 
-/// Checks one event of a batch; the rejection otherwise.
-fn prepare(index: usize, value: Value, state: &AppState) -> Result<Prepared, ItemResult> {
-    let item: BatchEvent = serde_json::from_value(value).map_err(|e| {
-        state.meters.hit(Outcome::Malformed);
-        ItemResult::rejected(index, &ApiError::BadBody(e.to_string()))
-    })?;
-    let id = check_id(&item.program_id, state).map_err(|e| {
-        let e = if matches!(e, ApiError::NotFound) {
-            state.meters.hit(Outcome::Malformed);
-            ApiError::MalformedId("program id may not contain '/'".into())
-        } else {
-            e
-        };
-        ItemResult::rejected(index, &e)
-    })?;
-    let mut params = check_params(item.params.unwrap_or_default()).map_err(|reason| {
-        state.meters.hit(Outcome::Malformed);
-        ItemResult::rejected(index, &ApiError::BadBody(reason))
-    })?;
+/// Checks one event of a batch (nothing looked up).
+fn parse_event(index: usize, value: Value) -> Result<Prepared, ApiError> {
+    let item: BatchEvent =
+        serde_json::from_value(value).map_err(|e| ApiError::BadBody(e.to_string()))?;
+    if item.program_id.contains('/') {
+        return Err(ApiError::MalformedId(
+            "program id may not contain '/'".into(),
+        ));
+    }
+    let id =
+        ProgramId::parse(&item.program_id).map_err(|e| ApiError::MalformedId(e.to_string()))?;
+    let mut params = check_params(item.params.unwrap_or_default()).map_err(ApiError::BadBody)?;
     let event_type = match item.event_type.as_deref() {
         None => EventType::Custom,
-        Some(t) => EventType::from_param(t).ok_or_else(|| {
-            state.meters.hit(Outcome::Malformed);
-            let e = ApiError::BadQuery(crate::hit::QueryError::BadType(t.to_owned()));
-            ItemResult::rejected(index, &e)
-        })?,
+        Some(t) => EventType::from_param(t)
+            .ok_or_else(|| ApiError::BadQuery(crate::hit::QueryError::BadType(t.to_owned())))?,
     };
     if let Some(page) = item.page {
         params.0.insert("page".into(), truncate(page));
@@ -298,6 +286,24 @@ fn prepare(index: usize, value: Value, state: &AppState) -> Result<Prepared, Ite
         params,
         referrer: item.referrer,
     })
+}
+
+/// Checks one event of a batch; the rejection (counted) otherwise.
+fn prepare(index: usize, value: Value, state: &AppState) -> Result<Prepared, ItemResult> {
+    parse_event(index, value).map_err(|e| {
+        state.meters.hit(Outcome::Malformed);
+        ItemResult::rejected(index, &e)
+    })
+}
+
+/// Everything a batch body goes through before any lookup: the body
+/// refused whole, or each event accepted or refused. For fuzzing and tests.
+pub fn parse_body(body: &[u8], max_events: u64) -> Result<Vec<Result<(), ApiError>>, ApiError> {
+    Ok(parse_values(body, max_events)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| parse_event(i, v).map(|_| ()))
+        .collect())
 }
 
 /// Looks up every distinct program of a batch at once (at most
