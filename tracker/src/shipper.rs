@@ -81,33 +81,18 @@ impl Shared {
 #[must_use = "a spooled event is accepted only once it is written"]
 pub enum Accepted {
     Memory,
-    Spool {
-        written: Written,
-        events: u64,
-        accepted: Counter,
-        spooled: Counter,
-    },
+    Spool(Written),
 }
 
 impl Accepted {
-    /// Waits (only for the spool) until the events are stored; counts them.
+    /// Waits (only for the spool) until the events are stored.
     pub async fn settled(self) -> Result<(), QueueError> {
         match self {
             Self::Memory => Ok(()),
-            Self::Spool {
-                written,
-                events,
-                accepted,
-                spooled,
-            } => {
-                if written.wait().await {
-                    accepted.increment(events);
-                    spooled.increment(events);
-                    Ok(())
-                } else {
-                    Err(QueueError::SpoolIo)
-                }
-            }
+            Self::Spool(written) => match written.wait().await {
+                true => Ok(()),
+                false => Err(QueueError::SpoolIo),
+            },
         }
     }
 }
@@ -119,7 +104,6 @@ pub struct EventSink {
     shared: Arc<Shared>,
     writer: Option<Arc<SpoolWriter>>,
     accepted: Counter,
-    spooled: Counter,
 }
 
 impl EventSink {
@@ -129,7 +113,6 @@ impl EventSink {
             shared,
             writer,
             accepted: metrics::counter!(metric::EVENTS_ACCEPTED),
-            spooled: metrics::counter!(metric::EVENTS_SPOOLED, "cause" => "ingress"),
         }
     }
 
@@ -206,14 +189,8 @@ impl EventSink {
                 Err((_, back)) => back,
             }
         };
-        let n = events.len() as u64;
         match writer.submit(events) {
-            Ok(written) => Ok(Accepted::Spool {
-                written,
-                events: n,
-                accepted: self.accepted.clone(),
-                spooled: self.spooled.clone(),
-            }),
+            Ok(written) => Ok(Accepted::Spool(written)),
             // The spool is full (replaying, or Kinesis down): memory may still have room.
             Err(SubmitRefused::Full(back)) => match self.to_memory(back, size, true) {
                 Ok(()) => Ok(Accepted::Memory),

@@ -9,8 +9,10 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use metrics::Counter;
 use tokio::sync::oneshot;
 
+use crate::metric;
 use crate::outgoing::Outgoing;
 use crate::spool::Spool;
 
@@ -44,6 +46,9 @@ pub struct SpoolWriter {
     spool: Arc<Spool>,
     queue: Mutex<Queue>,
     wake: Condvar,
+    /// Counted here, once written, whether or not the handler still waits.
+    accepted: Counter,
+    spooled: Counter,
 }
 
 /// Resolves once queued events are on disk (true) or could not be written.
@@ -62,6 +67,8 @@ impl SpoolWriter {
             spool,
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
+            accepted: metrics::counter!(metric::EVENTS_ACCEPTED),
+            spooled: metrics::counter!(metric::EVENTS_SPOOLED, "cause" => "ingress"),
         });
         let w = writer.clone();
         let thread = std::thread::Builder::new()
@@ -152,7 +159,11 @@ impl SpoolWriter {
             done.push(job.done);
         }
         let ok = match self.spool.write_reserved(&events, bytes) {
-            Ok(()) => true,
+            Ok(()) => {
+                self.accepted.increment(events.len() as u64);
+                self.spooled.increment(events.len() as u64);
+                true
+            }
             Err(e) => {
                 tracing::error!(error = %e, events = events.len(), "cannot write the spool");
                 false
