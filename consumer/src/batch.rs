@@ -1,10 +1,13 @@
 //! The core both front-ends share: a batch of Kinesis records in (KPL
 //! aggregates and plain records), every event written to the events table,
-//! every record or event that cannot be one written to the dead-letter
-//! table, and, when writing fails for good, the first record not fully
-//! written, so the caller resumes exactly there.
+//! one dead letter per record that held anything that cannot be an event
+//! (or that DynamoDB refused for good), and, when writing fails, the first
+//! record not fully written, so the caller resumes exactly there. Memory is
+//! bounded whatever a page holds: items are written in parts of at most
+//! 2,000.
 
-use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use aws_sdk_dynamodb::Client;
@@ -16,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::item::{decode_record, to_item};
 use crate::metric;
-use crate::writer::{Item, MAX_ITEMS_PER_CALL, write_chunk};
+use crate::writer::{Item, MAX_ITEMS_PER_CALL, Refused, WriteFailed, write_chunk};
 
 /// One Kinesis record as a front-end received it.
 #[derive(Debug, Clone)]
@@ -54,6 +57,30 @@ struct Pending {
     record: usize,
 }
 
+/// Items held at once: a page whose records decode into more is written in
+/// parts, so memory stays bounded whatever the page holds (one 1 MiB
+/// aggregate can carry tens of thousands of events).
+const FLUSH_ITEMS: usize = 2_000;
+/// Longest `reason` of a dead letter.
+const MAX_REASON: usize = 512;
+/// Raw bytes a dead letter keeps (DynamoDB items are at most 400 KB).
+const MAX_DEAD_DATA: usize = 300 * 1024;
+
+/// What a batch has decoded and not yet written.
+#[derive(Default)]
+struct Held {
+    // Kinesis may deliver an event twice; one item per event id per call
+    // (BatchWriteItem refuses duplicate keys in one call).
+    items: HashMap<String, Pending>,
+    dead: Vec<(usize, Item)>,
+}
+
+impl Held {
+    fn len(&self) -> usize {
+        self.items.len() + self.dead.len()
+    }
+}
+
 /// Processes one batch, in order.
 pub async fn process(
     client: &Client,
@@ -62,148 +89,251 @@ pub async fn process(
     stop: &CancellationToken,
 ) -> BatchOutcome {
     let mut outcome = BatchOutcome::default();
-    // Kinesis may deliver an event twice; one item per event id per batch
-    // (BatchWriteItem refuses duplicate keys in one call).
-    let mut items: HashMap<String, Pending> = HashMap::new();
-    let mut dead: Vec<(usize, Item)> = Vec::new();
+    let mut held = Held::default();
     for (index, r) in records.iter().enumerate() {
         metrics::counter!(metric::RECORDS_READ).increment(1);
-        for (n, ev) in decode_record(&r.data).into_iter().enumerate() {
+        let events = decode_record(&r.data);
+        let total = events.len();
+        let mut bad = 0;
+        let mut first_fault = None;
+        for ev in events {
             match ev {
                 Ok(ev) => {
                     let id = ev.message_id.clone();
                     let item = to_item(ev, &r.shard_id, &r.sequence_number, tables.ttl_days);
-                    items
-                        .entry(id)
-                        .and_modify(|p| p.item = item.clone())
-                        .or_insert(Pending {
-                            item,
-                            record: index,
-                        });
+                    match held.items.entry(id) {
+                        Entry::Occupied(mut o) => o.get_mut().item = item,
+                        Entry::Vacant(v) => {
+                            v.insert(Pending {
+                                item,
+                                record: index,
+                            });
+                        }
+                    }
+                    if held.len() >= FLUSH_ITEMS
+                        && !flush(client, tables, records, &mut held, stop, &mut outcome).await
+                    {
+                        return outcome;
+                    }
                 }
                 Err(e) => {
                     metrics::counter!(metric::RECORDS_BAD, "reason" => e.reason()).increment(1);
-                    tracing::warn!(
-                        shard = r.shard_id,
-                        sequence = r.sequence_number,
-                        error = %e,
-                        "dead-lettering data that is not a valid event"
-                    );
-                    dead.push((index, dead_letter_item(r, n, &e.to_string())));
+                    bad += 1;
+                    first_fault.get_or_insert(e);
                 }
             }
         }
-    }
-    // Which record each item belongs to (by table and key), for failures.
-    let mut record_of: HashMap<(bool, String), usize> = HashMap::new();
-    for (id, p) in &items {
-        record_of.insert((true, id.clone()), p.record);
-    }
-    for (i, item) in &dead {
-        if let Some(AttributeValue::S(k)) = item.get("deadLetterId") {
-            record_of.insert((false, k.clone()), *i);
+        if let Some(e) = first_fault {
+            let reason = if total == 1 {
+                e.to_string()
+            } else {
+                format!("{bad} of {total} user records are not valid events; the first: {e}")
+            };
+            tracing::warn!(
+                shard = r.shard_id,
+                sequence = r.sequence_number,
+                bad,
+                events = total,
+                reason = bounded(&reason),
+                "dead-lettering a record that holds data that is not a valid event"
+            );
+            held.dead
+                .push((index, dead_letter_item(r, &reason, bad, total)));
         }
     }
-    let mut pending: Vec<Pending> = items.into_values().collect();
+    flush(client, tables, records, &mut held, stop, &mut outcome).await;
+    outcome
+}
+
+/// Writes what is held; false when some of it could not be written
+/// (`outcome.first_failed` then names the first record not durable).
+/// Events DynamoDB refuses for good are dead-lettered with their record.
+async fn flush(
+    client: &Client,
+    tables: &Tables,
+    records: &[InRecord],
+    held: &mut Held,
+    stop: &CancellationToken,
+    outcome: &mut BatchOutcome,
+) -> bool {
+    let mut pending: Vec<Pending> = std::mem::take(&mut held.items).into_values().collect();
     pending.sort_by_key(|p| p.record);
-    let dead_count = dead.len();
-    let mut all: Vec<(String, usize, Item)> = pending
+    let mut all: Vec<(bool, usize, Item)> = pending
         .into_iter()
-        .map(|p| (tables.events.clone(), p.record, p.item))
+        .map(|p| (true, p.record, p.item))
         .collect();
     all.extend(
-        dead.into_iter()
-            .map(|(i, item)| (tables.dead_letters.clone(), i, item)),
+        std::mem::take(&mut held.dead)
+            .into_iter()
+            .map(|(i, item)| (false, i, item)),
     );
+    let refused = write_all(client, tables, all, stop, outcome).await;
+    if outcome.first_failed.is_some() {
+        return false;
+    }
+    // Events refused for good: one dead letter per record they came from.
+    let mut by_record: BTreeMap<usize, (usize, String)> = BTreeMap::new();
+    for (is_event, record, r) in refused {
+        if is_event {
+            let entry = by_record.entry(record).or_insert((0, r.reason));
+            entry.0 += 1;
+        } else {
+            metrics::counter!(metric::RECORDS_BAD, "reason" => "dead_letter_refused").increment(1);
+            tracing::error!(
+                reason = r.reason,
+                "DynamoDB refused a dead letter; it is dropped"
+            );
+        }
+    }
+    if by_record.is_empty() {
+        return true;
+    }
+    let dead: Vec<(bool, usize, Item)> = by_record
+        .into_iter()
+        .map(|(i, (n, reason))| {
+            let r = &records[i];
+            let reason = format!("DynamoDB refused {n} event(s) of this record: {reason}");
+            tracing::warn!(
+                shard = r.shard_id,
+                sequence = r.sequence_number,
+                reason,
+                "dead-lettering a record"
+            );
+            let total = decode_record(&r.data).len();
+            (false, i, dead_letter_item(r, &reason, n, total))
+        })
+        .collect();
+    for (_, _, r) in write_all(client, tables, dead, stop, outcome).await {
+        metrics::counter!(metric::RECORDS_BAD, "reason" => "dead_letter_refused").increment(1);
+        tracing::error!(
+            reason = r.reason,
+            "DynamoDB refused a dead letter; it is dropped"
+        );
+    }
+    outcome.first_failed.is_none()
+}
 
-    // Chunks of 25 per table, several calls in flight.
-    let mut chunks: Vec<(String, Vec<usize>, Vec<Item>)> = Vec::new();
-    for (table, record, item) in all {
+/// Writes items (events and dead letters, each with its record), 25 per
+/// call, several calls in flight; counts what was written into `outcome`
+/// and sets `first_failed` for what could not be. Returns the items
+/// refused for good.
+async fn write_all(
+    client: &Client,
+    tables: &Tables,
+    all: Vec<(bool, usize, Item)>,
+    stop: &CancellationToken,
+    outcome: &mut BatchOutcome,
+) -> Vec<(bool, usize, Refused)> {
+    // Which record each item belongs to (by table and key), for failures.
+    let key_of = |is_event: bool, item: &Item| -> Option<String> {
+        let key = if is_event { "eventId" } else { "deadLetterId" };
+        item.get(key).and_then(|v| v.as_s().ok()).cloned()
+    };
+    let mut record_of: HashMap<(bool, String), usize> = HashMap::new();
+    for (is_event, record, item) in &all {
+        if let Some(k) = key_of(*is_event, item) {
+            record_of.entry((*is_event, k)).or_insert(*record);
+        }
+    }
+    let mut chunks: Vec<(bool, Vec<usize>, Vec<Item>)> = Vec::new();
+    for (is_event, record, item) in all {
         match chunks.last_mut() {
-            Some((t, recs, its)) if *t == table && its.len() < MAX_ITEMS_PER_CALL => {
+            Some((t, recs, its)) if *t == is_event && its.len() < MAX_ITEMS_PER_CALL => {
                 recs.push(record);
                 its.push(item);
             }
-            _ => chunks.push((table, vec![record], vec![item])),
+            _ => chunks.push((is_event, vec![record], vec![item])),
         }
     }
     let client = Arc::new(client.clone());
-    let results: Vec<(
-        String,
-        Vec<usize>,
-        Result<usize, crate::writer::WriteFailed>,
-    )> = futures_util::stream::iter(chunks.into_iter().map(|(table, recs, its)| {
-        let client = client.clone();
-        let stop = stop.clone();
-        let attempts = tables.max_attempts;
-        let label = if table == tables.events {
-            "events"
-        } else {
-            "dead_letters"
+    let results: Vec<ChunkResult> =
+        futures_util::stream::iter(chunks.into_iter().map(|(is_event, recs, its)| {
+            let client = client.clone();
+            let stop = stop.clone();
+            let attempts = tables.max_attempts;
+            let (table, label) = if is_event {
+                (tables.events.clone(), "events")
+            } else {
+                (tables.dead_letters.clone(), "dead_letters")
+            };
+            async move {
+                let r = write_chunk(&client, &table, label, its, attempts, &stop).await;
+                (is_event, recs, r)
+            }
+        }))
+        .buffer_unordered(tables.write_concurrency.max(1))
+        .collect()
+        .await;
+    let mut refused_all = Vec::new();
+    for (is_event, recs, r) in results {
+        let count = |outcome: &mut BatchOutcome, n: usize| {
+            if is_event {
+                outcome.events_written += n;
+            } else {
+                outcome.dead_letters += n;
+            }
         };
-        async move {
-            let n = its.len();
-            let r = write_chunk(&client, &table, label, its, attempts, &stop)
-                .await
-                .map(|()| n);
-            (table, recs, r)
-        }
-    }))
-    .buffer_unordered(tables.write_concurrency.max(1))
-    .collect()
-    .await;
-    for (table, recs, r) in results {
         match r {
-            Ok(n) if table == tables.events => outcome.events_written += n,
-            Ok(n) => outcome.dead_letters += n,
+            Ok(refused) => {
+                count(outcome, recs.len() - refused.len());
+                for r in refused {
+                    let record = key_of(is_event, &r.item)
+                        .and_then(|k| record_of.get(&(is_event, k)).copied())
+                        .unwrap_or_else(|| recs.iter().copied().min().unwrap_or(0));
+                    refused_all.push((is_event, record, r));
+                }
+            }
             Err(e) => {
                 // The earliest record with an item left unwritten.
-                let key = if table == tables.events {
-                    "eventId"
-                } else {
-                    "deadLetterId"
-                };
                 let first = e
                     .unwritten
                     .iter()
-                    .filter_map(|item| item.get(key).and_then(|v| v.as_s().ok()))
-                    .filter_map(|k| record_of.get(&(table == tables.events, k.clone())))
-                    .copied()
+                    .filter_map(|item| key_of(is_event, item))
+                    .filter_map(|k| record_of.get(&(is_event, k)).copied())
                     .min()
                     .unwrap_or_else(|| recs.iter().copied().min().unwrap_or(0));
-                let written = recs.len() - e.unwritten.len();
-                if table == tables.events {
-                    outcome.events_written += written;
-                } else {
-                    outcome.dead_letters += written;
-                }
+                count(outcome, recs.len().saturating_sub(e.unwritten.len()));
+                let table = if is_event { "events" } else { "dead_letters" };
                 tracing::warn!(table, error = %e, first_record = first, "items not written");
                 outcome.first_failed = Some(outcome.first_failed.map_or(first, |f| f.min(first)));
             }
         }
     }
-    debug_assert!(outcome.dead_letters <= dead_count);
-    outcome
+    refused_all
 }
 
-fn dead_letter_item(r: &InRecord, n: usize, reason: &str) -> Item {
+/// One call's items: events (true) or dead letters, their records, and
+/// what became of them.
+type ChunkResult = (bool, Vec<usize>, Result<Vec<Refused>, WriteFailed>);
+
+fn bounded(text: &str) -> String {
+    let mut cut = text.len().min(MAX_REASON);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text[..cut].to_owned()
+}
+
+fn dead_letter_item(r: &InRecord, reason: &str, bad: usize, total: usize) -> Item {
+    use md5::{Digest, Md5};
     let mut item = HashMap::new();
     item.insert(
         "deadLetterId".to_owned(),
-        AttributeValue::S(format!("{}/{}/{n}", r.shard_id, r.sequence_number)),
+        AttributeValue::S(format!("{}/{}", r.shard_id, r.sequence_number)),
     );
     item.insert("shardId".to_owned(), AttributeValue::S(r.shard_id.clone()));
     item.insert(
         "sequenceNumber".to_owned(),
         AttributeValue::S(r.sequence_number.clone()),
     );
-    item.insert("reason".to_owned(), AttributeValue::S(reason.to_owned()));
+    item.insert("reason".to_owned(), AttributeValue::S(bounded(reason)));
+    item.insert("badEvents".to_owned(), AttributeValue::N(bad.to_string()));
+    item.insert("events".to_owned(), AttributeValue::N(total.to_string()));
     item.insert(
         "failedAt".to_owned(),
         AttributeValue::N(time::OffsetDateTime::now_utc().unix_timestamp().to_string()),
     );
-    // DynamoDB items are bounded (400 KB): keep the first 300 KB of the raw bytes.
-    let raw = &r.data[..r.data.len().min(300 * 1024)];
+    let raw = &r.data[..r.data.len().min(MAX_DEAD_DATA)];
     item.insert(
         "data".to_owned(),
         AttributeValue::B(Blob::new(raw.to_vec())),
@@ -212,5 +342,10 @@ fn dead_letter_item(r: &InRecord, n: usize, reason: &str) -> Item {
         "dataBytes".to_owned(),
         AttributeValue::N(r.data.len().to_string()),
     );
+    let md5: String = Md5::digest(&r.data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    item.insert("dataMd5".to_owned(), AttributeValue::S(md5));
     item
 }

@@ -29,8 +29,13 @@
 //! `SHARD_END`), and the poller lease: `leaseOwner`, `leaseExpiresAt` (ms).
 //!
 //! Dead-letter table: partition key `deadLetterId` =
-//! `{shardId}/{sequenceNumber}/{n}`, with the raw record bytes (`data`),
-//! `shardId`, `sequenceNumber`, `reason`, `failedAt`.
+//! `{shardId}/{sequenceNumber}`, one item per Kinesis record that held
+//! anything that could not be written as an event (its good events are
+//! written all the same), with the record's raw bytes (`data`, at most the
+//! first 300 KiB, so the item always fits DynamoDB's 400 KB), the original
+//! length and MD5 (`dataBytes`, `dataMd5`), `shardId`, `sequenceNumber`,
+//! `badEvents` of `events` user records, `reason` (the first fault, at most
+//! 512 bytes, never a copy of the input) and `failedAt`.
 
 use std::collections::HashMap;
 
@@ -54,8 +59,8 @@ pub enum RecordError {
     Decode(#[from] prost::DecodeError),
     #[error("event has no event id")]
     NoEventId,
-    #[error("event id {0:?} is longer than 64 bytes")]
-    BadEventId(String),
+    #[error("event id is {0} bytes, longer than 64")]
+    BadEventId(usize),
     #[error("{0}")]
     Aggregate(#[from] adtrack_proto::kpl::BadAggregate),
     #[error("event has no program id, or one longer than {MAX_PROGRAM_ID} bytes")]
@@ -96,7 +101,7 @@ pub fn decode(data: &[u8]) -> Result<TrackingEvent, RecordError> {
         return Err(RecordError::NoEventId);
     }
     if ev.message_id.len() > 64 {
-        return Err(RecordError::BadEventId(ev.message_id));
+        return Err(RecordError::BadEventId(ev.message_id.len()));
     }
     if ev.programid.is_empty() || ev.programid.len() > MAX_PROGRAM_ID {
         return Err(RecordError::BadProgramId);

@@ -6,7 +6,10 @@ pub const RECORDS_READ: &str = "adtrack_consumer_records_read_total";
 pub const RECORDS_BAD: &str = "adtrack_consumer_records_bad_total";
 /// Items written, label `table` (`events`, `dead_letters`).
 pub const ITEMS_WRITTEN: &str = "adtrack_consumer_items_written_total";
-/// Items resent, label `cause` (`unprocessed`, `call_failed`).
+/// Items DynamoDB refused for good, labels `table`, `code` (never retried;
+/// an event refused so is dead-lettered with its record).
+pub const ITEMS_REFUSED: &str = "adtrack_consumer_items_refused_total";
+/// Items resent, label `cause` (`unprocessed`, `throttled`, `call_failed`).
 pub const WRITE_RETRIES: &str = "adtrack_consumer_write_retries_total";
 /// Checkpoints stored.
 pub const CHECKPOINTS: &str = "adtrack_consumer_checkpoints_total";

@@ -1,11 +1,16 @@
 //! BatchWriteItem with retries: unprocessed items and failed calls (throttling
 //! included) retried with exponential backoff and full jitter, a bounded
-//! number of attempts.
+//! number of attempts. An error retrying cannot fix (DynamoDB's
+//! `ValidationException`: the item itself is wrong) is never retried: the
+//! call's items are written one by one to find the refused ones, which come
+//! back to the caller to be dead-lettered. Errors are told apart by their
+//! code, never by their text.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::error::ProvideErrorMetadata;
 use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +38,42 @@ pub struct WriteFailed {
     pub last_error: String,
 }
 
+/// An item DynamoDB refused for good, and why (its message, bounded).
+#[derive(Debug)]
+pub struct Refused {
+    pub item: Item,
+    pub reason: String,
+}
+
+/// Error codes that no retry can fix: the request (an item) is wrong.
+const PERMANENT: &[&str] = &[
+    "ValidationException",
+    "SerializationException",
+    "ItemCollectionSizeLimitExceededException",
+];
+/// Error codes of throttling (retried, counted as such).
+const THROTTLED: &[&str] = &[
+    "ProvisionedThroughputExceededException",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+];
+/// Longest error message kept in a reason.
+const MAX_MESSAGE: usize = 256;
+
+enum Failure {
+    /// The call was refused for good: these items, this reason.
+    Permanent(Vec<Item>, String),
+    Gave(WriteFailed),
+}
+
+fn bounded(text: &str) -> String {
+    let mut cut = text.len().min(MAX_MESSAGE);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text[..cut].to_owned()
+}
+
 fn items_of(requests: Vec<WriteRequest>) -> Vec<Item> {
     requests
         .into_iter()
@@ -41,7 +82,8 @@ fn items_of(requests: Vec<WriteRequest>) -> Vec<Item> {
 }
 
 /// Writes up to 25 items (unique keys) to `table`; `label` names the table
-/// in metrics. `max_attempts` 0 retries until `stop`.
+/// in metrics. `max_attempts` 0 retries until `stop`. Returns the items
+/// DynamoDB refused for good (each written alone to tell which).
 pub async fn write_chunk(
     client: &Client,
     table: &str,
@@ -49,7 +91,49 @@ pub async fn write_chunk(
     items: Vec<Item>,
     max_attempts: u32,
     stop: &CancellationToken,
-) -> Result<(), WriteFailed> {
+) -> Result<Vec<Refused>, WriteFailed> {
+    let (items, reason) = match write_call(client, table, label, items, max_attempts, stop).await {
+        Ok(()) => return Ok(Vec::new()),
+        Err(Failure::Gave(e)) => return Err(e),
+        Err(Failure::Permanent(items, reason)) => (items, reason),
+    };
+    if items.len() == 1 {
+        let item = items.into_iter().next().expect("one item");
+        return Ok(vec![Refused { item, reason }]);
+    }
+    tracing::warn!(
+        table,
+        items = items.len(),
+        reason,
+        "a write was refused for good; writing its items one by one"
+    );
+    let mut refused = Vec::new();
+    let mut rest = items.into_iter();
+    while let Some(item) = rest.next() {
+        match write_call(client, table, label, vec![item], max_attempts, stop).await {
+            Ok(()) => {}
+            Err(Failure::Permanent(mut one, reason)) => {
+                if let Some(item) = one.pop() {
+                    refused.push(Refused { item, reason });
+                }
+            }
+            Err(Failure::Gave(mut e)) => {
+                e.unwritten.extend(rest);
+                return Err(e);
+            }
+        }
+    }
+    Ok(refused)
+}
+
+async fn write_call(
+    client: &Client,
+    table: &str,
+    label: &'static str,
+    items: Vec<Item>,
+    max_attempts: u32,
+    stop: &CancellationToken,
+) -> Result<(), Failure> {
     let mut pending: Vec<WriteRequest> = items
         .into_iter()
         .filter_map(|item| {
@@ -83,8 +167,15 @@ pub async fn write_chunk(
                 pending = left;
             }
             Err(e) => {
+                let code = e.code().unwrap_or_default();
+                if PERMANENT.contains(&code) {
+                    metrics::counter!(metric::ITEMS_REFUSED, "table" => label, "code" => code.to_owned())
+                        .increment(n as u64);
+                    let reason = format!("{code}: {}", bounded(e.message().unwrap_or_default()));
+                    return Err(Failure::Permanent(items_of(pending), reason));
+                }
                 last_error = aws_sdk_dynamodb::error::DisplayErrorContext(&e).to_string();
-                let cause = if last_error.contains("Throughput") || last_error.contains("Throttl") {
+                let cause = if THROTTLED.contains(&code) {
                     "throttled"
                 } else {
                     "call_failed"
@@ -97,18 +188,18 @@ pub async fn write_chunk(
         }
         attempt = attempt.saturating_add(1);
         if max_attempts > 0 && attempt >= max_attempts {
-            return Err(WriteFailed {
+            return Err(Failure::Gave(WriteFailed {
                 unwritten: items_of(pending),
                 attempts: attempt,
                 last_error,
-            });
+            }));
         }
         if backoff(attempt, stop).await.is_err() {
-            return Err(WriteFailed {
+            return Err(Failure::Gave(WriteFailed {
                 unwritten: items_of(pending),
                 attempts: attempt,
                 last_error: "stopped by shutdown".into(),
-            });
+            }));
         }
     }
 }

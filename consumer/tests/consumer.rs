@@ -333,6 +333,7 @@ async fn unprocessing_proxy(upstream: String, refused: Arc<AtomicU64>) -> u16 {
         Intercept {
             forward,
             answer: br#"{"UnprocessedItems":{}}"#.to_vec(),
+            status: 200,
             patch,
         }
     })
@@ -451,4 +452,158 @@ async fn lambda_reports_the_first_record_not_written() {
     let ok = kinesis_event(&[("200", event("ok-3")), ("201", event("ok-4"))]);
     let response = adtrack_consumer::lambda::handle(&client, &lambda_tables(), ok).await;
     assert!(response.batch_item_failures.is_empty());
+}
+
+/// Peak resident memory of a process, in KiB (`VmHWM`).
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn checkpoint_reaches(stack: &Stack, seq: &str) {
+    let ddb = dynamodb_client(&stack.dynamodb.url());
+    wait_until(
+        "checkpoint past the poison",
+        Duration::from_secs(60),
+        || async {
+            scan_table(&ddb, CHECKPOINT_TABLE)
+                .await
+                .unwrap_or_default()
+                .iter()
+                .any(|c| attr_s(c, "sequenceNumber") == seq)
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_records_neither_stall_nor_bloat_the_consumer() {
+    let stack = Stack::start(1).expect("stack");
+    let mut records = Vec::new();
+    // An aggregate with a valid magic and MD5 holding 8,000 empty user records.
+    let mut agg = Aggregator::new(1 << 20);
+    for _ in 0..8_000 {
+        agg.push(UserRecord {
+            partition_key: "empty".into(),
+            explicit_hash_key: None,
+            data: Bytes::new(),
+        })
+        .expect("fits");
+    }
+    records.push((agg.finish().to_vec(), "empty-records".into()));
+    // An event whose id is 60,000 control characters, alone and aggregated.
+    let long_id = "\u{1}".repeat(60_000);
+    records.push((event(&long_id), "long-id".into()));
+    let mut agg = Aggregator::new(1 << 20);
+    for _ in 0..15 {
+        agg.push(UserRecord {
+            partition_key: "long-ids".into(),
+            explicit_hash_key: None,
+            data: Bytes::from(event(&long_id)),
+        })
+        .expect("fits");
+    }
+    records.push((agg.finish().to_vec(), "long-ids".into()));
+    let sizes: Vec<usize> = records.iter().map(|(d, _)| d.len()).collect();
+    // Then 300 valid events.
+    records.extend(mixed("valid", 300));
+    let seqs = put(&stack, records).await;
+    let mut poller = start_poller(&stack, &[]);
+
+    let sent: HashSet<String> = (0..300).map(|i| format!("valid-{i}")).collect();
+    wait_until(
+        "the 300 valid events written",
+        Duration::from_secs(90),
+        || async { event_ids(&stack).await.len() >= 300 },
+    )
+    .await;
+    let landed: HashSet<String> = event_ids(&stack).await.into_iter().collect();
+    assert_eq!(landed, sent, "exactly the valid events, each once");
+    checkpoint_reaches(&stack, seqs.last().expect("seq")).await;
+
+    let ddb = dynamodb_client(&stack.dynamodb.url());
+    let dead = scan_table(&ddb, DEAD_LETTER_TABLE).await.expect("scan");
+    assert_eq!(dead.len(), 3, "one dead letter per poison record");
+    for d in &dead {
+        let reason = attr_s(d, "reason");
+        assert!(
+            reason.len() <= 512,
+            "a bounded reason: {} bytes",
+            reason.len()
+        );
+        assert!(!reason.contains('\u{1}'), "the reason copies no input");
+        assert!(d["data"].as_b().expect("raw bytes").as_ref().len() <= 300 * 1024);
+        let n: usize = d["dataBytes"]
+            .as_n()
+            .expect("length")
+            .parse()
+            .expect("number");
+        assert!(sizes.contains(&n), "the original length is kept");
+        assert_eq!(attr_s(d, "dataMd5").len(), 32);
+    }
+    let empties = dead
+        .iter()
+        .find(|d| d["events"].as_n().ok().map(String::as_str) == Some("8000"))
+        .expect("the aggregate of empty records");
+    assert_eq!(empties["badEvents"].as_n().expect("count"), "8000");
+
+    let peak = peak_rss_kib(poller.proc.pid());
+    assert!(peak > 0 && peak < 128 * 1024, "peak RSS {peak} KiB");
+    assert!(
+        poller.proc.wait_exit(Duration::ZERO).is_none(),
+        "the same process keeps running"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_dynamodb_refuses_for_good_is_dead_lettered_not_retried() {
+    let stack = Stack::start(1).expect("stack");
+    // DynamoDB refuses any call carrying an event whose id starts with
+    // `refused-` as invalid, as it does an item it cannot store.
+    let port = intercepting_proxy(stack.dynamodb.url(), |target, body| {
+        let refused = target.ends_with(".BatchWriteItem")
+            && String::from_utf8_lossy(body).contains(r#""S":"refused-"#);
+        if refused {
+            Intercept::error(
+                "ValidationException",
+                "One or more parameter values were invalid",
+            )
+        } else {
+            Intercept::pass(body)
+        }
+    })
+    .await;
+    let mut records = mixed("ok-a", 30);
+    records.push((event("refused-1"), "refused-1".into()));
+    records.push((event("refused-2"), "refused-2".into()));
+    records.extend(mixed("ok-b", 30));
+    let seqs = put(&stack, records).await;
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut poller = start_poller(&stack, &[("AWS_ENDPOINT_URL_DYNAMODB", endpoint.as_str())]);
+
+    let sent: HashSet<String> = (0..30)
+        .flat_map(|i| [format!("ok-a-{i}"), format!("ok-b-{i}")])
+        .collect();
+    wait_until(
+        "every other event written",
+        Duration::from_secs(60),
+        || async { event_ids(&stack).await.len() >= 60 },
+    )
+    .await;
+    let landed: HashSet<String> = event_ids(&stack).await.into_iter().collect();
+    assert_eq!(landed, sent);
+    checkpoint_reaches(&stack, seqs.last().expect("seq")).await;
+    let ddb = dynamodb_client(&stack.dynamodb.url());
+    let dead = scan_table(&ddb, DEAD_LETTER_TABLE).await.expect("scan");
+    assert_eq!(dead.len(), 2, "one dead letter per refused event's record");
+    assert!(
+        dead.iter()
+            .all(|d| attr_s(d, "reason").contains("ValidationException")),
+        "{dead:?}"
+    );
+    assert!(poller.proc.wait_exit(Duration::ZERO).is_none());
 }

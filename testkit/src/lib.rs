@@ -617,8 +617,10 @@ pub type Patch = Box<dyn FnOnce(Vec<u8>) -> Vec<u8> + Send>;
 pub struct Intercept {
     /// The body to forward upstream; `None` answers without forwarding.
     pub forward: Option<Vec<u8>>,
-    /// The body answered (status 200) when nothing is forwarded.
+    /// The body answered when nothing is forwarded, with `status`.
     pub answer: Vec<u8>,
+    /// The status answered when nothing is forwarded (usually 200).
+    pub status: u16,
     /// Rewrites the body of a 200 answer, forwarded or not.
     pub patch: Option<Patch>,
 }
@@ -629,6 +631,21 @@ impl Intercept {
         Self {
             forward: Some(body.to_vec()),
             answer: Vec::new(),
+            status: 200,
+            patch: None,
+        }
+    }
+
+    /// Answer an AWS JSON-protocol error without forwarding (status 400).
+    pub fn error(code: &str, message: &str) -> Self {
+        Self {
+            forward: None,
+            answer: serde_json::to_vec(&serde_json::json!({
+                "__type": format!("com.amazon.coral.validate#{code}"),
+                "message": message,
+            }))
+            .unwrap_or_default(),
+            status: 400,
             patch: None,
         }
     }
@@ -692,7 +709,7 @@ where
                                     .expect("upstream");
                                 (r.status, r.body.to_vec())
                             }
-                            None => (200, intercept.answer),
+                            None => (intercept.status, intercept.answer),
                         };
                         if status == 200
                             && let Some(patch) = intercept.patch

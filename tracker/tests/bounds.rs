@@ -64,12 +64,8 @@ async fn every_bound_has_its_status() {
         .await
         .expect("get");
     assert_eq!(r.status, 414);
-    // 431: head too large.
+    // 431: head too large (read raw: the server closes after answering).
     let big = "b".repeat(3000);
-    let r = http
-        .request("GET", &t.url("/v1/pixel/212312"), &[("x-big", &big)], b"")
-        .await;
-    assert!(r.map(|r| r.status == 431).unwrap_or(true), "431 or closed");
     let resp = raw(
         t.port,
         format!("GET /v1/pixel/1 HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n").as_bytes(),

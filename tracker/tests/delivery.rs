@@ -216,6 +216,7 @@ async fn failing_proxy(upstream: String) -> FailingProxy {
         Intercept {
             forward,
             answer: br#"{"FailedRecordCount":0,"Records":[]}"#.to_vec(),
+            status: 200,
             patch: Some(Box::new(patch)),
         }
     })
@@ -346,6 +347,7 @@ async fn throttling_proxy(upstream: String, calls: Arc<AtomicU64>) -> u16 {
         Intercept {
             forward: None,
             answer: serde_json::to_vec(&answer).expect("json"),
+            status: 200,
             patch: None,
         }
     })
