@@ -15,8 +15,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::conn_timeouts::{ConnPhase, Deadlines, TimedIo};
 use crate::metric;
@@ -49,8 +49,10 @@ pub async fn serve(
     grace: Duration,
 ) {
     let graceful = GracefulShutdown::new();
-    let tasks = TaskTracker::new();
-    let cut = CancellationToken::new();
+    // Every connection task, so the drain can close what is left and wait
+    // for all of them (aborting a task costs its connection nothing while it
+    // runs, unlike a cancellation branch polled at every wake-up).
+    let mut tasks = JoinSet::new();
     let limit = Arc::new(Semaphore::new(settings.max_connections));
     let mut builder = http1::Builder::new();
     builder
@@ -81,6 +83,7 @@ pub async fn serve(
                 let _ = stream.write_all(OVER_CAPACITY).await;
                 let _ = stream.shutdown().await;
             });
+            reap(&mut tasks);
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -99,34 +102,47 @@ pub async fn serve(
         let svc = service_fn(move |req| handle(req, state.clone(), peer, phase.clone()));
         let conn = graceful.watch(builder.serve_connection(io, svc));
         metrics::gauge!(metric::CONNECTIONS_OPEN).increment(1.0);
-        let cut = cut.clone();
         tasks.spawn(async move {
-            tokio::select! {
-                r = conn => if let Err(e) = r {
-                    count_connection_error(&e);
-                },
-                // Dropping the connection closes it.
-                _ = cut.cancelled() => {
-                    metrics::counter!(metric::BOUNDS_BREACHED, "bound" => "drain_grace").increment(1);
-                }
+            // Dropped (the connection closed) if the drain aborts the task.
+            let _open = OpenConnection { _slot: permit };
+            if let Err(e) = conn.await {
+                count_connection_error(&e);
             }
-            metrics::gauge!(metric::CONNECTIONS_OPEN).decrement(1.0);
-            drop(permit);
         });
+        reap(&mut tasks);
     }
     drop(listener);
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(grace) => {
+            reap(&mut tasks);
             tracing::warn!(
                 connections = tasks.len(),
                 "connections still open at their share of the drain deadline; closing them"
             );
-            cut.cancel();
+            metrics::counter!(metric::BOUNDS_BREACHED, "bound" => "drain_grace")
+                .increment(tasks.len() as u64);
+            tasks.abort_all();
         }
     }
-    tasks.close();
-    tasks.wait().await;
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Forgets connection tasks that have ended.
+fn reap(tasks: &mut JoinSet<()>) {
+    while tasks.try_join_next().is_some() {}
+}
+
+/// An open connection: its slot and its place in the gauge, given back
+/// however the connection ends.
+struct OpenConnection {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        metrics::gauge!(metric::CONNECTIONS_OPEN).decrement(1.0);
+    }
 }
 
 /// hyper answers malformed heads itself (400, 431, 414); count them.
