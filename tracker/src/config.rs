@@ -113,12 +113,13 @@ pub struct Config {
     )]
     pub spool_dir: String,
 
-    /// Longest an event stays only in memory, in milliseconds: an event not
-    /// delivered by then (Kinesis throttling or unreachable) is moved to the
-    /// spool, and new events go to the spool before they are answered, so a
-    /// crash loses at most about this much of the newest traffic. Must be
-    /// longer than TRACKER_BATCH_LINGER_MS. Without a spool there is no age
-    /// bound, only TRACKER_QUEUE_BYTES.
+    /// Longest an event Kinesis refuses or cannot take yet stays only in
+    /// memory, in milliseconds: then it is moved to the spool, and new events
+    /// go to the spool before they are answered until Kinesis delivers
+    /// again, so a crash while Kinesis throttles or fails loses at most about
+    /// this much of the newest traffic. Must be longer than
+    /// TRACKER_BATCH_LINGER_MS. Without a spool there is no age bound, only
+    /// TRACKER_QUEUE_BYTES.
     #[arg(long, env = "TRACKER_MEMORY_MAX_AGE_MS", value_name = "TRACKER_MEMORY_MAX_AGE_MS", default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
     pub memory_max_age_ms: u64,
 

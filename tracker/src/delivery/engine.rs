@@ -620,11 +620,14 @@ impl<S: RecordStream> Run<S> {
         }
     }
 
-    /// Moves events memory has held longer than the age bound (records
-    /// waiting for a retry, a shard's budget or a call slot) to the spool,
-    /// so that a crash cannot lose them. Spooled events in the same records
-    /// are packed again. Records in a call in flight are left alone; the
-    /// call settles within its attempt timeout.
+    /// Moves events memory has held longer than the age bound while
+    /// Kinesis was not taking them (records waiting for a retry or for a
+    /// throttled shard's budget) to the spool, so that a crash cannot lose
+    /// them. Spooled events in the same records are packed again. Records
+    /// that only wait for the engine (a call slot, CPU under saturation)
+    /// stay: spooling them would cost the CPU that is short, and they are
+    /// bounded by the memory queue's bytes. Records in a call in flight are
+    /// left alone; the call settles within its attempt timeout.
     fn spool_aged(&mut self, now: Instant) {
         let Some(spool) = self.shared.spool.clone() else {
             return;
@@ -634,17 +637,10 @@ impl<S: RecordStream> Run<S> {
             now.saturating_duration_since(r.since) >= max_age
                 && r.units.iter().any(|u| u.origin.is_none())
         };
-        if !self.ready.iter().any(aged) && !self.delayed.iter().any(|d| aged(&d.0.rec)) {
+        if !self.delayed.iter().any(|d| aged(&d.0.rec)) {
             return;
         }
         let mut old = Vec::new();
-        for r in std::mem::take(&mut self.ready) {
-            if aged(&r) {
-                old.push(r);
-            } else {
-                self.ready.push_back(r);
-            }
-        }
         for d in std::mem::take(&mut self.delayed).into_vec() {
             if aged(&d.0.rec) {
                 old.push(d.0.rec);
@@ -735,8 +731,8 @@ impl<S: RecordStream> Run<S> {
             wake = wake.min(r.due);
         }
         let spool_waiting = self.shared.spool.as_ref().is_some_and(|s| s.pending() > 0);
-        // Held records may come of age: look again at the next sweep.
-        if self.shared.spool.is_some() && !(self.ready.is_empty() && self.delayed.is_empty()) {
+        // Records waiting for Kinesis may come of age: look again then.
+        if self.shared.spool.is_some() && !self.delayed.is_empty() {
             wake = wake.min(self.next_sweep);
         }
         if closed || spool_waiting {

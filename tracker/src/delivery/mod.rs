@@ -39,6 +39,10 @@ use crate::spool_writer::SpoolWriter;
 /// aggregate's worth), so full aggregates leave without waiting.
 const WAKE_AT_EVENTS: usize = 128;
 
+/// How long the engine may leave the hand-over list untaken before it
+/// counts as stuck and new events are spooled (at least the memory age bound).
+const STUCK_ENGINE: Duration = Duration::from_secs(10);
+
 /// Engine settings.
 #[derive(Debug, Clone)]
 pub struct DeliverySettings {
@@ -92,10 +96,12 @@ pub fn channel(
         Some(spool) => Some(SpoolWriter::start(spool.clone())?.0),
         None => None,
     };
-    // With a spool, events the engine leaves untaken past the memory age
-    // bound send new ones to disk; without one, memory is the only place.
+    // With a spool, an engine that leaves the hand-over list untaken this
+    // long is stuck (at idle priority under saturation it still takes the
+    // list now and then): new events go to disk. Without a spool, memory is
+    // the only place.
     let max_wait = if spool.is_some() {
-        settings.memory_max_age
+        settings.memory_max_age.max(STUCK_ENGINE)
     } else {
         Duration::MAX
     };
