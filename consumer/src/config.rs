@@ -73,7 +73,8 @@ pub struct Config {
     pub max_records: i32,
 
     /// Where a shard without a checkpoint starts: `trim_horizon` (oldest
-    /// record kept) or `latest`.
+    /// record kept) or `latest` (only the shards there at the first start;
+    /// the children of a reshard always start at their beginning).
     #[arg(long, env = "CONSUMER_START_POSITION", value_name = "CONSUMER_START_POSITION", default_value = "trim_horizon", value_parser = ["trim_horizon", "latest"])]
     pub start_position: String,
 

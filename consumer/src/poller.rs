@@ -17,6 +17,13 @@ use crate::lease::{Leases, SHARD_END};
 use crate::writer::{Interrupted, backoff};
 use crate::{Config, metric};
 
+/// A shard's parents: the split or merged shard, and the merge's other one.
+fn parents(s: &Shard) -> impl Iterator<Item = &str> {
+    [s.parent_shard_id(), s.adjacent_parent_shard_id()]
+        .into_iter()
+        .flatten()
+}
+
 /// Clients and settings every shard task shares.
 pub struct Poller {
     pub kinesis: aws_sdk_kinesis::Client,
@@ -76,16 +83,13 @@ impl Poller {
         let (rows, workers) = self.leases.snapshot().await?;
         let ids: HashSet<&str> = shards.iter().map(|s| s.shard_id()).collect();
         let done = |id: &str| rows.get(id).and_then(|r| r.checkpoint.as_deref()) == Some(SHARD_END);
-        // Workable: not read to its end, and its parent (if still in the
-        // stream) is: children wait for their parent so order is kept.
-        let workable: Vec<&str> = shards
+        // Workable: not read to its end, and its parents (if still in the
+        // stream) are: children wait for both parents of a merge, and for the
+        // parent of a split, so order is kept.
+        let workable: Vec<&Shard> = shards
             .iter()
             .filter(|s| !done(s.shard_id()))
-            .filter(|s| {
-                s.parent_shard_id()
-                    .is_none_or(|p| !ids.contains(p) || done(p))
-            })
-            .map(|s| s.shard_id())
+            .filter(|s| parents(s).all(|p| !ids.contains(p) || done(p)))
             .collect();
         let target = workable.len().div_ceil(workers.len().max(1));
 
@@ -127,7 +131,8 @@ impl Poller {
             tracing::info!(shard, "lease released to share the stream");
         }
         // Take free or expired shards up to our part.
-        for shard in workable {
+        for s in workable {
+            let shard = s.shard_id();
             if worked.len() >= target {
                 break;
             }
@@ -145,7 +150,11 @@ impl Poller {
                 let token = stop.child_token();
                 let t = token.clone();
                 let id = shard.to_owned();
-                let task = tokio::spawn(async move { me.work_shard(id, t).await });
+                // A child of a shard this stream's consumers have read starts
+                // at its beginning, whatever CONSUMER_START_POSITION says:
+                // `latest` is for the shards there at the first start.
+                let from_start = parents(s).any(|p| rows.contains_key(p));
+                let task = tokio::spawn(async move { me.work_shard(id, from_start, t).await });
                 worked.insert(shard.to_owned(), Worked { stop: token, task });
             }
         }
@@ -182,6 +191,7 @@ impl Poller {
         &self,
         shard: &str,
         after: Option<&str>,
+        from_start: bool,
         stop: &CancellationToken,
     ) -> Result<String, Interrupted> {
         let mut attempt = 0;
@@ -195,7 +205,7 @@ impl Poller {
                 Some(seq) => req
                     .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
                     .starting_sequence_number(seq),
-                None if self.config.start_position == "latest" => {
+                None if self.config.start_position == "latest" && !from_start => {
                     req.shard_iterator_type(ShardIteratorType::Latest)
                 }
                 None => req.shard_iterator_type(ShardIteratorType::TrimHorizon),
@@ -218,8 +228,8 @@ impl Poller {
     }
 
     /// Works one leased shard until it ends, the lease is lost, or `stop`.
-    async fn work_shard(&self, shard: String, stop: CancellationToken) {
-        match self.work_shard_inner(&shard, &stop).await {
+    async fn work_shard(&self, shard: String, from_start: bool, stop: CancellationToken) {
+        match self.work_shard_inner(&shard, from_start, &stop).await {
             Ok(()) => {
                 let _ = self.leases.release(&shard).await;
                 tracing::info!(shard, "shard read to its end; children may start");
@@ -231,6 +241,7 @@ impl Poller {
     async fn work_shard_inner(
         &self,
         shard: &str,
+        from_start: bool,
         stop: &CancellationToken,
     ) -> Result<(), Interrupted> {
         let mut attempt = 0;
@@ -251,7 +262,9 @@ impl Poller {
             tracing::info!(shard, sequence = %seq, "resuming after checkpoint");
         }
         let tables = self.tables();
-        let mut iterator = self.iterator(shard, checkpoint.as_deref(), stop).await?;
+        let mut iterator = self
+            .iterator(shard, checkpoint.as_deref(), from_start, stop)
+            .await?;
         let mut attempt = 0;
         // The next page, read while the previous one was being written.
         let mut prefetched = None;
@@ -278,7 +291,9 @@ impl Poller {
                         attempt += 1;
                         backoff(attempt, stop).await?;
                     }
-                    iterator = self.iterator(shard, checkpoint.as_deref(), stop).await?;
+                    iterator = self
+                        .iterator(shard, checkpoint.as_deref(), from_start, stop)
+                        .await?;
                     continue;
                 }
             };

@@ -643,3 +643,81 @@ async fn an_event_dynamodb_refuses_for_good_is_dead_lettered_not_retried() {
     );
     assert!(poller.proc.wait_exit(Duration::ZERO).is_none());
 }
+
+/// Waits until the stream is ACTIVE again after a reshard.
+async fn stream_active(stack: &Stack) {
+    let client = kinesis_client(&stack.kinesis.url());
+    wait_until("stream active", Duration::from_secs(30), || async {
+        client
+            .describe_stream_summary()
+            .stream_name(EVENTS_STREAM)
+            .send()
+            .await
+            .ok()
+            .and_then(|o| o.stream_description_summary)
+            .is_some_and(|d| d.stream_status == aws_sdk_kinesis::types::StreamStatus::Active)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_split_and_a_merge_latest_skips_nothing_in_the_children() {
+    let stack = Stack::start(1).expect("stack");
+    // Started at `latest` on an empty stream: the first shard starts at its tip.
+    let _poller = start_poller(
+        &stack,
+        &[
+            ("CONSUMER_START_POSITION", "latest"),
+            ("CONSUMER_LEASE_SECS", "3"),
+        ],
+    );
+    wait_until("the shard leased", Duration::from_secs(30), || async {
+        !lease_owners(&stack).await.is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    put(&stack, mixed("parent", 50)).await;
+    wait_until("the parent's events", Duration::from_secs(60), || async {
+        event_ids(&stack).await.len() >= 50
+    })
+    .await;
+
+    // Split the shard; events go to the children at once, before the
+    // poller has read the parent to its end and started them.
+    let client = kinesis_client(&stack.kinesis.url());
+    client
+        .split_shard()
+        .stream_name(EVENTS_STREAM)
+        .shard_to_split("shardId-000000000000")
+        .new_starting_hash_key((1u128 << 127).to_string())
+        .send()
+        .await
+        .expect("split");
+    stream_active(&stack).await;
+    put(&stack, mixed("child", 200)).await;
+    // Merge the two children; the merged shard has two parents.
+    client
+        .merge_shards()
+        .stream_name(EVENTS_STREAM)
+        .shard_to_merge("shardId-000000000001")
+        .adjacent_shard_to_merge("shardId-000000000002")
+        .send()
+        .await
+        .expect("merge");
+    stream_active(&stack).await;
+    put(&stack, mixed("merged", 100)).await;
+
+    let sent: HashSet<String> = (0..50)
+        .map(|i| format!("parent-{i}"))
+        .chain((0..200).map(|i| format!("child-{i}")))
+        .chain((0..100).map(|i| format!("merged-{i}")))
+        .collect();
+    wait_until(
+        "every event after the reshards",
+        Duration::from_secs(90),
+        || async { event_ids(&stack).await.len() >= sent.len() },
+    )
+    .await;
+    let landed: HashSet<String> = event_ids(&stack).await.into_iter().collect();
+    assert_eq!(landed, sent, "every event of every shard, each once");
+}
