@@ -120,6 +120,25 @@ impl EventSink {
     /// spooled event is stored once [`Accepted::settled`] says so.
     pub fn try_send(&self, ev: Outgoing) -> Result<Accepted, QueueError> {
         let size = ev.size();
+        // The common case, one event into memory, allocates nothing.
+        if (self.writer.is_none() || !self.shared.spool_first()) && self.shared.try_reserve(size) {
+            match self.inbox.push_all(std::iter::once(ev)) {
+                Ok(()) => {
+                    self.accepted.increment(1);
+                    return Ok(Accepted::Memory);
+                }
+                Err((refused, mut back)) => {
+                    self.shared.release(size);
+                    if refused == Refused::Closed {
+                        return Err(QueueError::Closed);
+                    }
+                    return match back.next() {
+                        Some(ev) => self.offer(vec![ev], size),
+                        None => Err(QueueError::Full),
+                    };
+                }
+            }
+        }
         self.offer(vec![ev], size)
     }
 
