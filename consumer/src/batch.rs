@@ -90,10 +90,13 @@ pub async fn process(
 ) -> BatchOutcome {
     let mut outcome = BatchOutcome::default();
     let mut held = Held::default();
+    // User records per record, for the dead letters of refused events.
+    let mut totals = Vec::with_capacity(records.len());
     for (index, r) in records.iter().enumerate() {
         metrics::counter!(metric::RECORDS_READ).increment(1);
         let events = decode_record(&r.data);
         let total = events.len();
+        totals.push(total);
         let mut bad = 0;
         let mut first_fault = None;
         for ev in events {
@@ -111,7 +114,16 @@ pub async fn process(
                         }
                     }
                     if held.len() >= FLUSH_ITEMS
-                        && !flush(client, tables, records, &mut held, stop, &mut outcome).await
+                        && !flush(
+                            client,
+                            tables,
+                            records,
+                            &totals,
+                            &mut held,
+                            stop,
+                            &mut outcome,
+                        )
+                        .await
                     {
                         return outcome;
                     }
@@ -141,7 +153,16 @@ pub async fn process(
                 .push((index, dead_letter_item(r, &reason, bad, total)));
         }
     }
-    flush(client, tables, records, &mut held, stop, &mut outcome).await;
+    flush(
+        client,
+        tables,
+        records,
+        &totals,
+        &mut held,
+        stop,
+        &mut outcome,
+    )
+    .await;
     outcome
 }
 
@@ -152,6 +173,7 @@ async fn flush(
     client: &Client,
     tables: &Tables,
     records: &[InRecord],
+    totals: &[usize],
     held: &mut Held,
     stop: &CancellationToken,
     outcome: &mut BatchOutcome,
@@ -199,8 +221,7 @@ async fn flush(
                 reason,
                 "dead-lettering a record"
             );
-            let total = decode_record(&r.data).len();
-            (false, i, dead_letter_item(r, &reason, n, total))
+            (false, i, dead_letter_item(r, &reason, n, totals[i]))
         })
         .collect();
     for (_, _, r) in write_all(client, tables, dead, stop, outcome).await {

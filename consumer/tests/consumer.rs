@@ -190,12 +190,7 @@ async fn stalling_proxy(upstream: String, pass: u64) -> u16 {
         }
         let j: serde_json::Value = serde_json::from_slice(body).expect("json");
         let answer = serde_json::json!({ "UnprocessedItems": j["RequestItems"] });
-        Intercept {
-            forward: None,
-            answer: serde_json::to_vec(&answer).expect("json"),
-            status: 200,
-            patch: None,
-        }
+        Intercept::answer(&answer)
     })
     .await
 }

@@ -636,6 +636,16 @@ impl Intercept {
         }
     }
 
+    /// Answer this JSON (status 200) without forwarding.
+    pub fn answer(json: &serde_json::Value) -> Self {
+        Self {
+            forward: None,
+            answer: serde_json::to_vec(json).unwrap_or_default(),
+            status: 200,
+            patch: None,
+        }
+    }
+
     /// Answer an AWS JSON-protocol error without forwarding (status 400).
     pub fn error(code: &str, message: &str) -> Self {
         Self {

@@ -187,11 +187,11 @@ pub fn build_event(
 /// spool takes a moment); counts a drop with its cause.
 pub async fn store(events: Vec<Outgoing>, state: &AppState) -> Result<(), QueueError> {
     let n = events.len() as u64;
-    let stored = match state.sink.try_send_all(events) {
-        Ok(accepted) => accepted.settled().await,
-        Err(e) => Err(e),
-    };
-    stored.inspect_err(|e| state.meters.dropped(e.cause(), n))
+    state
+        .sink
+        .send_all(events)
+        .await
+        .inspect_err(|e| state.meters.dropped(e.cause(), n))
 }
 
 /// Builds and stores the event for a hit; returns its id, as the reply's
@@ -212,11 +212,10 @@ pub async fn ship(
     // An event id is a UUID: always a valid header value.
     let event_id =
         HeaderValue::from_str(&event.partition_key).unwrap_or(HeaderValue::from_static(""));
-    let stored = match state.sink.try_send(event) {
-        Ok(accepted) => accepted.settled().await,
-        Err(e) => Err(e),
-    };
-    stored
+    state
+        .sink
+        .send(event)
+        .await
         .inspect_err(|e| state.meters.dropped(e.cause(), 1))
         .map_err(NotShipped::Queue)?;
     Ok(event_id)

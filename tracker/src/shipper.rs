@@ -120,26 +120,7 @@ impl EventSink {
     /// spooled event is stored once [`Accepted::settled`] says so.
     pub fn try_send(&self, ev: Outgoing) -> Result<Accepted, QueueError> {
         let size = ev.size();
-        // The common case, one event into memory, allocates nothing.
-        if (self.writer.is_none() || !self.shared.spool_first()) && self.shared.try_reserve(size) {
-            match self.inbox.push_all(std::iter::once(ev)) {
-                Ok(()) => {
-                    self.accepted.increment(1);
-                    return Ok(Accepted::Memory);
-                }
-                Err((refused, mut back)) => {
-                    self.shared.release(size);
-                    if refused == Refused::Closed {
-                        return Err(QueueError::Closed);
-                    }
-                    return match back.next() {
-                        Some(ev) => self.offer(vec![ev], size),
-                        None => Err(QueueError::Full),
-                    };
-                }
-            }
-        }
-        self.offer(vec![ev], size)
+        self.offer(std::iter::once(ev), size)
     }
 
     /// Queues all events or none (a batch request's events go together).
@@ -148,7 +129,18 @@ impl EventSink {
             return Ok(Accepted::Memory);
         }
         let size = events.iter().map(Outgoing::size).sum();
-        self.offer(events, size)
+        self.offer(events.into_iter(), size)
+    }
+
+    /// Queues an event and waits until it is stored: at once in memory, or
+    /// once the spool writer has written it.
+    pub async fn send(&self, ev: Outgoing) -> Result<(), QueueError> {
+        self.try_send(ev)?.settled().await
+    }
+
+    /// [`Self::send`] for events that go all together or not at all.
+    pub async fn send_all(&self, events: Vec<Outgoing>) -> Result<(), QueueError> {
+        self.try_send_all(events)?.settled().await
     }
 
     /// Refuses new events from now on (shutdown); the engine drains the
@@ -160,20 +152,18 @@ impl EventSink {
         }
     }
 
-    fn to_memory(
-        &self,
-        events: Vec<Outgoing>,
-        size: u64,
-        any_age: bool,
-    ) -> Result<(), (QueueError, Vec<Outgoing>)> {
+    fn to_memory<I>(&self, events: I, size: u64, any_age: bool) -> Result<(), (QueueError, I)>
+    where
+        I: ExactSizeIterator<Item = Outgoing>,
+    {
         if !self.shared.try_reserve(size) {
             return Err((QueueError::Full, events));
         }
         let n = events.len() as u64;
         let pushed = if any_age {
-            self.inbox.push_all_any_age(events.into_iter())
+            self.inbox.push_all_any_age(events)
         } else {
-            self.inbox.push_all(events.into_iter())
+            self.inbox.push_all(events)
         };
         match pushed {
             Ok(()) => {
@@ -187,12 +177,17 @@ impl EventSink {
                 } else {
                     QueueError::Full
                 };
-                Err((e, back.collect()))
+                Err((e, back))
             }
         }
     }
 
-    fn offer(&self, events: Vec<Outgoing>, size: u64) -> Result<Accepted, QueueError> {
+    /// Memory first unless the spool must be (nothing is allocated for the
+    /// common case of memory); the spool, then memory as a last resort.
+    fn offer<I>(&self, events: I, size: u64) -> Result<Accepted, QueueError>
+    where
+        I: ExactSizeIterator<Item = Outgoing>,
+    {
         let Some(writer) = &self.writer else {
             return self
                 .to_memory(events, size, true)
@@ -208,10 +203,10 @@ impl EventSink {
                 Err((_, back)) => back,
             }
         };
-        match writer.submit(events) {
+        match writer.submit(events.collect()) {
             Ok(written) => Ok(Accepted::Spool(written)),
             // The spool is full (replaying, or Kinesis down): memory may still have room.
-            Err(SubmitRefused::Full(back)) => match self.to_memory(back, size, true) {
+            Err(SubmitRefused::Full(back)) => match self.to_memory(back.into_iter(), size, true) {
                 Ok(()) => Ok(Accepted::Memory),
                 Err((QueueError::Closed, _)) => Err(QueueError::Closed),
                 Err(_) => Err(QueueError::SpoolFull),

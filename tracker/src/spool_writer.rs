@@ -77,10 +77,6 @@ impl SpoolWriter {
         Ok((writer, thread))
     }
 
-    pub fn spool(&self) -> &Arc<Spool> {
-        &self.spool
-    }
-
     fn lock(&self) -> MutexGuard<'_, Queue> {
         // Nothing holding the lock can leave the queue half-changed.
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)

@@ -344,12 +344,7 @@ async fn throttling_proxy(upstream: String, calls: Arc<AtomicU64>) -> u16 {
             "FailedRecordCount": n,
             "Records": vec![refused; n],
         });
-        Intercept {
-            forward: None,
-            answer: serde_json::to_vec(&answer).expect("json"),
-            status: 200,
-            patch: None,
-        }
+        Intercept::answer(&answer)
     })
     .await
 }

@@ -119,8 +119,7 @@ fn id_of(data: &[u8]) -> String {
 
 /// Queues an event and waits until it is stored.
 async fn store(sink: &EventSink, ev: Outgoing) {
-    let accepted = sink.try_send(ev).expect("queued");
-    accepted.settled().await.expect("stored");
+    sink.send(ev).await.expect("stored");
 }
 
 /// Queues `n` events, closes, runs the engine to its end.
