@@ -76,12 +76,15 @@ return {1, vs}
 "#;
 
 /// Delete, atomically: `KEYS[1]` program hash, `KEYS[2]` version counter;
-/// `ARGV[1]` channel, `ARGV[2]` program id (JSON string). Leaves a tombstone
-/// and publishes the deletion. Returns `{1, version}`, or `{0, 0}` when
-/// there was no such program.
+/// `ARGV[1]` channel, `ARGV[2]` program id (JSON string). Leaves a versioned
+/// tombstone and publishes the deletion, also for an id Redis does not hold
+/// (so a late write of an older version cannot create it). Returns
+/// `{1, version, existed}` (`existed` 1 when a program was there), or
+/// `{0, version, 0}` when it was already deleted (its tombstone's version).
 pub const DELETE_SCRIPT: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HGET', KEYS[1], 'deleted') == '1' then return {0, '0'} end
 local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+if redis.call('HGET', KEYS[1], 'deleted') == '1' then return {0, string.format('%.0f', stored), 0} end
+local existed = redis.call('EXISTS', KEYS[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local v = math.max(tonumber(redis.call('GET', KEYS[2]) or '0') + 1, now, stored + 1)
@@ -90,7 +93,7 @@ redis.call('SET', KEYS[2], vs)
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'version', vs, 'deleted', '1')
 redis.call('PUBLISH', ARGV[1], '{"op":"delete","version":' .. vs .. ',"programId":' .. ARGV[2] .. '}')
-return {1, vs}
+return {1, vs, existed}
 "#;
 
 /// A change announced on [`CHANGES_CHANNEL`].

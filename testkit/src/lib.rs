@@ -742,3 +742,129 @@ where
     });
     port
 }
+
+/// A TCP proxy on a free loopback port in front of `upstream` (Redis, for
+/// the tracker's tests), with the faults a test must control exactly: cut
+/// every connection and refuse new ones, and hold back the replies of one
+/// connection (numbered in the order they were accepted, from 0).
+pub struct TcpProxy {
+    pub port: u16,
+    state: std::sync::Arc<ProxyState>,
+}
+
+struct ProxyState {
+    /// False while cut: new connections are closed at once.
+    open: std::sync::atomic::AtomicBool,
+    /// Bumped by every cut; connections of an older generation end.
+    generation: tokio::sync::watch::Sender<u64>,
+    /// The connection whose replies are held back, if any.
+    held: tokio::sync::watch::Sender<Option<usize>>,
+    /// Bytes held back so far.
+    held_bytes: std::sync::atomic::AtomicU64,
+    accepted: std::sync::atomic::AtomicUsize,
+}
+
+impl TcpProxy {
+    pub async fn start(upstream: std::net::SocketAddr) -> Self {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let state = std::sync::Arc::new(ProxyState {
+            open: std::sync::atomic::AtomicBool::new(true),
+            generation: tokio::sync::watch::channel(0).0,
+            held: tokio::sync::watch::channel(None).0,
+            held_bytes: std::sync::atomic::AtomicU64::new(0),
+            accepted: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let st = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                if !st.open.load(SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let n = st.accepted.fetch_add(1, SeqCst);
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let mut cut = st.generation.subscribe();
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = tokio::io::copy(&mut cr, &mut sw);
+                    let down = async {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let read = sr.read(&mut buf).await?;
+                            if read == 0 {
+                                return Ok::<_, std::io::Error>(());
+                            }
+                            let mut held = st.held.subscribe();
+                            if *held.borrow() == Some(n) {
+                                st.held_bytes.fetch_add(read as u64, SeqCst);
+                            }
+                            let _ = held.wait_for(|h| *h != Some(n)).await;
+                            cw.write_all(&buf[..read]).await?;
+                        }
+                    };
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Self { port, state }
+    }
+
+    /// The proxy's address as a Redis URL.
+    pub fn redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Closes every connection and refuses new ones until [`Self::restore`].
+    pub fn cut(&self) {
+        self.state
+            .open
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.state.generation.send_modify(|g| *g += 1);
+    }
+
+    pub fn restore(&self) {
+        self.state
+            .open
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Holds back what the upstream sends on connection `n` until
+    /// [`Self::release`].
+    pub fn hold_replies(&self, n: usize) {
+        self.state.held.send_replace(Some(n));
+    }
+
+    pub fn release(&self) {
+        self.state.held.send_replace(None);
+    }
+
+    /// Bytes held back so far (replies that arrived while holding).
+    pub fn held_bytes(&self) -> u64 {
+        self.state
+            .held_bytes
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.state
+            .accepted
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+}

@@ -1,8 +1,12 @@
 //! The program cache: moka in process (L1) in front of Redis (L2).
 //!
 //! Known programs and unknown ids are both cached (separate TTLs). Concurrent
-//! misses for one id share a single Redis read. Pushed changes are applied
-//! only when their version is newer than what the cache holds.
+//! misses for one id share a single Redis read. Every write into the cache
+//! (a pushed change, a miss's read, a reload) goes through one
+//! version-checked step ([`ProgramCache::put_if_newer`], moka's
+//! `and_compute_with`, serialised per key), so an older answer never
+//! replaces a newer one whatever order they arrive in. A reload also drops
+//! programs that vanished from Redis, unless Redis itself lost its data.
 //!
 //! The cache is keyed by a keyed 64-bit hash of the program id, not the id
 //! itself: a lookup compares integers instead of chasing a key string per
@@ -14,15 +18,17 @@
 //! program, so TinyLFU's admission sketch would be bookkeeping per hit for
 //! nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use adtrack_proto::redis_layout::{
-    PROGRAM_KEY_PATTERN, PROGRAM_KEY_PREFIX, ProgramChange, StoredProgram,
+    PROGRAM_KEY_PATTERN, PROGRAM_KEY_PREFIX, ProgramChange, StoredProgram, VERSION_KEY,
 };
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
 use metrics::Counter;
 use moka::Expiry;
 use moka::future::Cache;
@@ -67,6 +73,15 @@ impl Cached {
         Self::Missing {
             id: Arc::from(id),
             version,
+        }
+    }
+
+    /// The very same entry (not only an equal one).
+    fn same(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Known(a), Self::Known(b)) => Arc::ptr_eq(a, b),
+            (Self::Missing { id: a, .. }, Self::Missing { id: b, .. }) => Arc::ptr_eq(a, b),
+            _ => false,
         }
     }
 }
@@ -134,12 +149,31 @@ pub struct ProgramCache {
     /// An id's key: a hash keyed at random per process, so ids cannot be
     /// chosen to collide.
     key_of: KeyFn,
-    /// Set after the first full load (before it, loads insert without
-    /// version checks; pushes during it are applied again shortly after).
-    warmed: AtomicBool,
+    /// Set once the first full load has completed. Until then only that
+    /// load writes into the cache (misses answer without caching, pushes
+    /// wait for the load), so it can insert without version checks.
+    warm: AtomicBool,
     redis: OnceCell<ConnectionManager>,
     timeout: Duration,
+    /// Redis reads of misses in flight, by id: concurrent misses for one
+    /// id share one read.
+    reads: Mutex<HashMap<String, Read>>,
     lookups: LookupMeters,
+}
+
+/// A miss's Redis read, shareable by every miss for the same id.
+type Read = Shared<BoxFuture<'static, Result<Cached, Arc<FetchError>>>>;
+
+/// What one full load did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Loaded {
+    /// Programs read (tombstones and unreadable hashes not counted).
+    pub programs: usize,
+    /// Cached programs dropped because Redis no longer has them.
+    pub vanished: usize,
+    /// Redis held no version counter: it lost its data (a failover to an
+    /// empty replica, a FLUSHALL), so nothing cached was dropped.
+    pub redis_lost_data: bool,
 }
 
 /// Handles for the per-lookup counters, registered once.
@@ -149,14 +183,20 @@ struct LookupMeters {
     miss: Counter,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum FetchError {
     #[error("Redis is not connected yet")]
     NotConnected,
     #[error("Redis did not answer within {0:?}")]
     Timeout(Duration),
     #[error("Redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    Redis(Arc<redis::RedisError>),
+}
+
+impl From<redis::RedisError> for FetchError {
+    fn from(e: redis::RedisError) -> Self {
+        Self::Redis(Arc::new(e))
+    }
 }
 
 impl ProgramCache {
@@ -188,9 +228,10 @@ impl ProgramCache {
         Self {
             cache,
             key_of,
-            warmed: AtomicBool::new(false),
+            warm: AtomicBool::new(false),
             redis: OnceCell::new(),
             timeout: settings.redis_timeout,
+            reads: Mutex::new(HashMap::new()),
             lookups: LookupMeters {
                 hit: metrics::counter!(metric::CACHE_LOOKUPS, "result" => "hit"),
                 negative_hit: metrics::counter!(metric::CACHE_LOOKUPS, "result" => "negative_hit"),
@@ -221,15 +262,7 @@ impl ProgramCache {
     pub async fn lookup(&self, id: &str, now: OffsetDateTime) -> Lookup {
         let key = self.key(id);
         let cached = match self.cache.get(&key).await {
-            Some(c) if !c.is_for(id) => {
-                // Another id with the same key hash: ask Redis, cache nothing.
-                self.lookups.miss.increment(1);
-                match self.fetch(id).await {
-                    Ok(c) => c,
-                    Err(e) => return Self::unverified(&e),
-                }
-            }
-            Some(c) => {
+            Some(c) if c.is_for(id) => {
                 if matches!(c, Cached::Known(_)) {
                     self.lookups.hit.increment(1);
                 } else {
@@ -237,15 +270,15 @@ impl ProgramCache {
                 }
                 c
             }
-            None => {
+            // Not cached, or another id with the same key hash is.
+            _ => {
                 self.lookups.miss.increment(1);
-                match self.cache.try_get_with(key, self.fetch(id)).await {
-                    Ok(c) if c.is_for(id) => c,
-                    // Filled concurrently by a colliding id: ask Redis again.
-                    Ok(_) => match self.fetch(id).await {
-                        Ok(c) => c,
-                        Err(e) => return Self::unverified(&e),
-                    },
+                match self.read_shared(id).await {
+                    Ok(read) if self.warm.load(Ordering::Acquire) => {
+                        self.put_if_newer(id, read).await.current
+                    }
+                    // The first load is still running (see `warm`).
+                    Ok(read) => read,
                     Err(e) => return Self::unverified(&e),
                 }
             }
@@ -255,6 +288,30 @@ impl ProgramCache {
             Cached::Known(p) => Lookup::Inactive(p),
             Cached::Missing { .. } => Lookup::Unknown,
         }
+    }
+
+    /// Reads `id` from Redis, sharing the read with every other miss for
+    /// it that is in flight.
+    async fn read_shared(&self, id: &str) -> Result<Cached, Arc<FetchError>> {
+        let read = {
+            let mut reads = self.reads.lock().unwrap_or_else(|e| e.into_inner());
+            reads
+                .entry(id.to_owned())
+                .or_insert_with(|| {
+                    let conn = self.redis.get().cloned();
+                    fetch(conn, id.to_owned(), self.timeout)
+                        .map(|r| r.map_err(Arc::new))
+                        .boxed()
+                        .shared()
+                })
+                .clone()
+        };
+        let result = read.clone().await;
+        let mut reads = self.reads.lock().unwrap_or_else(|e| e.into_inner());
+        if reads.get(id).is_some_and(|r| r.ptr_eq(&read)) {
+            reads.remove(id);
+        }
+        result
     }
 
     /// Counts a failed Redis read; the hit is unverified.
@@ -268,109 +325,213 @@ impl ProgramCache {
         Lookup::Unverified
     }
 
-    /// Reads one program from Redis, within the timeout.
-    async fn fetch(&self, id: &str) -> Result<Cached, FetchError> {
-        let mut conn = self.redis.get().cloned().ok_or(FetchError::NotConnected)?;
-        let key = format!("{PROGRAM_KEY_PREFIX}{id}");
-        let mut cmd = redis::cmd("HGETALL");
-        cmd.arg(&key);
-        let read = cmd.query_async::<BTreeMap<String, String>>(&mut conn);
-        let fields = tokio::time::timeout(self.timeout, read)
-            .await
-            .map_err(|_| FetchError::Timeout(self.timeout))??;
-        Ok(interpret(id, &key, &fields))
-    }
-
     /// Applies a pushed change if it is newer than what is cached.
     /// Returns false when it was stale and ignored.
-    ///
-    /// A cache miss that read Redis just before this change was written may
-    /// insert its older answer just after; so the change is applied once more
-    /// after that read's timeout has surely passed ([`Self::reapply_later`]).
     pub async fn apply(&self, change: &ProgramChange) -> bool {
         let id = change.program_id().as_str();
         let new = match change {
             ProgramChange::Upsert(p) => Cached::Known(Arc::new(ProgramEntry::new(p))),
             ProgramChange::Delete { version, .. } => Cached::missing(id, *version),
         };
-        self.put_if_newer(id, new).await
+        self.put_if_newer(id, new).await.written
     }
 
-    /// Applies `change` again after twice the Redis timeout (see [`Self::apply`]).
-    pub fn reapply_later(self: &Arc<Self>, change: ProgramChange) {
-        let me = self.clone();
-        let delay = self.timeout * 2 + Duration::from_millis(50);
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            me.apply(&change).await;
-        });
-    }
-
-    async fn put_if_newer(&self, id: &str, new: Cached) -> bool {
+    /// The one way anything enters the cache: `new` replaces what is cached
+    /// for `id` only if it is newer (a colliding id's entry is replaced).
+    /// Serialised per key by moka, so of two writes racing (a miss's read
+    /// and a push, a reload and a miss) the newer always stays.
+    async fn put_if_newer(&self, id: &str, new: Cached) -> Put {
         let version = new.version();
+        let mut kept = None;
         let result = self
             .cache
             .entry(self.key(id))
             .and_compute_with(|current| {
                 let op = match current {
-                    // A colliding id's entry is not this one's to keep.
-                    Some(e) if e.value().is_for(id) && e.value().version() >= version => Op::Nop,
-                    _ => Op::Put(new),
+                    Some(e) if e.value().is_for(id) && e.value().version() >= version => {
+                        kept = Some(e.into_value());
+                        Op::Nop
+                    }
+                    _ => Op::Put(new.clone()),
                 };
                 std::future::ready(op)
             })
             .await;
-        !matches!(result, CompResult::Unchanged(_))
+        match (result, kept) {
+            (CompResult::Unchanged(_), Some(current)) => Put {
+                written: false,
+                current,
+            },
+            _ => Put {
+                written: true,
+                current: new,
+            },
+        }
     }
 
-    /// Loads every program in Redis (SCAN), keeping newer cached versions.
-    /// Used for the warm start and after every pub/sub reconnect.
-    pub async fn load_all(&self) -> Result<usize, FetchError> {
+    /// Drops `old` if it is still what the cache holds for its key.
+    async fn remove_if_same(&self, key: Key, old: &Cached) -> bool {
+        let result = self
+            .cache
+            .entry(key)
+            .and_compute_with(|current| {
+                std::future::ready(match current {
+                    Some(e) if e.value().same(old) => Op::Remove,
+                    _ => Op::Nop,
+                })
+            })
+            .await;
+        matches!(result, CompResult::Removed(_))
+    }
+
+    /// Loads every program in Redis (SCAN) through the version-checked
+    /// write, then drops the cached programs Redis no longer has (unless it
+    /// lost its data, see [`Loaded::redis_lost_data`]). Used for the warm
+    /// start, after every pub/sub reconnect and periodically. The first
+    /// load inserts directly: nothing else writes until it is done.
+    ///
+    /// Reading runs ahead of writing into the cache: one task scans and
+    /// reads pages of hashes while this one applies the page before.
+    pub async fn load_all(&self) -> Result<Loaded, FetchError> {
         let mut conn = self.redis.get().cloned().ok_or(FetchError::NotConnected)?;
-        let mut cursor: u64 = 0;
-        let mut loaded = 0usize;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(PROGRAM_KEY_PATTERN)
-                .arg("COUNT")
-                .arg(5000)
-                .query_async(&mut conn)
-                .await?;
-            if !keys.is_empty() {
-                let mut pipe = redis::pipe();
-                for k in &keys {
-                    pipe.cmd("HGETALL").arg(k);
+        // Before the scan: whether Redis still has its data, and its clock
+        // (a program written after this instant may be missed by the scan
+        // and is never dropped for it).
+        let (counter, (secs, micros)): (Option<u64>, (u64, u64)) = redis::pipe()
+            .get(VERSION_KEY)
+            .cmd("TIME")
+            .query_async(&mut conn)
+            .await?;
+        let scan_started = secs * 1_000_000 + micros;
+        let (tx, mut pages) = tokio::sync::mpsc::channel(2);
+        let reader = tokio::spawn(read_pages(conn, tx));
+        let mut loaded = Loaded {
+            // Only worth saying when there is something cached to keep.
+            redis_lost_data: counter.is_none() && self.cache.iter().next().is_some(),
+            ..Loaded::default()
+        };
+        let first = !self.warm.load(Ordering::Acquire);
+        let mut seen = HashSet::new();
+        let capacity = self.cache.policy().max_capacity().unwrap_or(u64::MAX);
+        while let Some(page) = pages.recv().await {
+            for (id, cached) in page {
+                if let Cached::Known(_) = cached {
+                    loaded.programs += 1;
                 }
-                let hashes: Vec<BTreeMap<String, String>> = pipe.query_async(&mut conn).await?;
-                for (key, fields) in keys.into_iter().zip(hashes) {
-                    let Some(id) = key.strip_prefix(PROGRAM_KEY_PREFIX) else {
-                        continue;
-                    };
-                    let cached = interpret(id, &key, &fields);
-                    if let Cached::Known(_) = cached {
-                        loaded += 1;
+                if first {
+                    if loaded.programs as u64 <= capacity {
+                        self.cache.insert(self.key(&id), cached).await;
                     }
-                    if loaded as u64 <= self.cache.policy().max_capacity().unwrap_or(u64::MAX) {
-                        if !self.warmed.load(Ordering::Acquire) {
-                            // First load into an empty cache: nothing newer to keep.
-                            self.cache.insert(self.key(id), cached).await;
-                        } else {
-                            self.put_if_newer(id, cached).await;
-                        }
-                    }
+                    continue;
                 }
-            }
-            cursor = next;
-            if cursor == 0 {
-                break;
+                seen.insert(self.key(&id));
+                if loaded.programs as u64 <= capacity {
+                    self.put_if_newer(&id, cached).await;
+                }
             }
         }
-        self.warmed.store(true, Ordering::Release);
-        metrics::counter!(metric::PROGRAMS_LOADED).increment(loaded as u64);
+        // The reader's result: an error ends the load before anything is dropped.
+        reader
+            .await
+            .map_err(|e| FetchError::from(redis::RedisError::from(std::io::Error::other(e))))??;
+        if first {
+            self.warm.store(true, Ordering::Release);
+        } else if !loaded.redis_lost_data {
+            loaded.vanished = self.drop_vanished(&seen, scan_started).await;
+        }
+        metrics::counter!(metric::PROGRAMS_LOADED).increment(loaded.programs as u64);
+        metrics::counter!(metric::PROGRAMS_VANISHED).increment(loaded.vanished as u64);
         metrics::gauge!(metric::CACHE_ENTRIES).set(self.cache.entry_count() as f64);
         Ok(loaded)
+    }
+
+    /// Drops cached programs the scan did not see and that were cached
+    /// before it started; the next hit for one reads Redis again.
+    async fn drop_vanished(&self, seen: &HashSet<Key>, scan_started: u64) -> usize {
+        let gone: Vec<(Key, Cached)> = self
+            .cache
+            .iter()
+            .filter(|(key, value)| {
+                matches!(value, Cached::Known(p) if p.version() < scan_started)
+                    && !seen.contains(&**key)
+            })
+            .map(|(key, value)| (*key, value))
+            .collect();
+        let mut dropped = 0;
+        for (key, value) in gone {
+            if self.remove_if_same(key, &value).await {
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+}
+
+/// The outcome of [`ProgramCache::put_if_newer`].
+struct Put {
+    /// Whether the offered value was written.
+    written: bool,
+    /// What the cache holds for the id now (the offered value on a collision).
+    current: Cached,
+}
+
+/// Reads one program from Redis, within `timeout`.
+async fn fetch(
+    conn: Option<ConnectionManager>,
+    id: String,
+    timeout: Duration,
+) -> Result<Cached, FetchError> {
+    let mut conn = conn.ok_or(FetchError::NotConnected)?;
+    let key = format!("{PROGRAM_KEY_PREFIX}{id}");
+    let mut cmd = redis::cmd("HGETALL");
+    cmd.arg(&key);
+    let read = cmd.query_async::<BTreeMap<String, String>>(&mut conn);
+    let fields = tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| FetchError::Timeout(timeout))??;
+    Ok(interpret(&id, &key, &fields))
+}
+
+/// Scans every program hash and reads each page of them in one pipeline,
+/// sending the interpreted page on; ends at the end of the scan, at the
+/// first error, or when nobody takes the pages any more.
+async fn read_pages(
+    mut conn: ConnectionManager,
+    pages: tokio::sync::mpsc::Sender<Vec<(String, Cached)>>,
+) -> Result<(), FetchError> {
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(PROGRAM_KEY_PATTERN)
+            .arg("COUNT")
+            .arg(5000)
+            .query_async(&mut conn)
+            .await?;
+        if !keys.is_empty() {
+            let mut pipe = redis::pipe();
+            for k in &keys {
+                pipe.cmd("HGETALL").arg(k);
+            }
+            let hashes: Vec<BTreeMap<String, String>> = pipe.query_async(&mut conn).await?;
+            let page = keys
+                .into_iter()
+                .zip(hashes)
+                .filter_map(|(key, fields)| {
+                    let id = key.strip_prefix(PROGRAM_KEY_PREFIX)?;
+                    let cached = interpret(id, &key, &fields);
+                    Some((id.to_owned(), cached))
+                })
+                .collect();
+            if pages.send(page).await.is_err() {
+                return Ok(());
+            }
+        }
+        cursor = next;
+        if cursor == 0 {
+            return Ok(());
+        }
     }
 }
 
@@ -393,5 +554,89 @@ fn interpret(id: &str, key: &str, fields: &BTreeMap<String, String>) -> Cached {
             tracing::warn!(key, error = %e, "unreadable program hash in Redis; treating as unknown");
             Cached::missing(id, 0)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache() -> ProgramCache {
+        ProgramCache::new(&CacheSettings {
+            capacity: 100,
+            positive_ttl: Duration::from_secs(600),
+            negative_ttl: Duration::from_secs(600),
+            redis_timeout: Duration::from_millis(100),
+        })
+    }
+
+    fn known(name: &str, version: u64) -> Cached {
+        let p = adtrack_proto::program::Program::from_json(&serde_json::json!({
+            "programId": "p", "programName": name, "checksum": "1",
+            "customerId": 1, "customerName": "c", "version": version
+        }))
+        .expect("program");
+        Cached::Known(Arc::new(ProgramEntry::new(&p)))
+    }
+
+    fn name(c: &Cached) -> String {
+        match c {
+            Cached::Known(p) => p.program_name().to_owned(),
+            Cached::Missing { version, .. } => format!("missing@{version}"),
+        }
+    }
+
+    async fn held(cache: &ProgramCache) -> String {
+        name(&cache.cache.get(&cache.key("p")).await.expect("cached"))
+    }
+
+    /// Whatever order a miss's read, a push and a reload arrive in, the
+    /// newest version is what stays and what the late writer answers.
+    #[tokio::test]
+    async fn every_write_keeps_the_newest_version() {
+        let cache = cache();
+        assert!(cache.put_if_newer("p", known("v2", 2)).await.written);
+        // A miss (or a reload) that read version 1 before version 2 was written.
+        let late = cache.put_if_newer("p", known("v1", 1)).await;
+        assert!(!late.written);
+        assert_eq!(
+            name(&late.current),
+            "v2",
+            "the late reader answers the newer value"
+        );
+        assert_eq!(held(&cache).await, "v2");
+        // A read that found no hash (before the program existed) changes nothing.
+        assert!(
+            !cache
+                .put_if_newer("p", Cached::missing("p", 0))
+                .await
+                .written
+        );
+        assert_eq!(held(&cache).await, "v2");
+        // A deletion at version 3 wins, and an older write cannot undo it.
+        assert!(
+            cache
+                .put_if_newer("p", Cached::missing("p", 3))
+                .await
+                .written
+        );
+        assert!(!cache.put_if_newer("p", known("v2", 2)).await.written);
+        assert_eq!(held(&cache).await, "missing@3");
+        assert!(cache.put_if_newer("p", known("v4", 4)).await.written);
+        assert_eq!(held(&cache).await, "v4");
+    }
+
+    /// A reload drops an entry only if it is still the one it looked at.
+    #[tokio::test]
+    async fn a_vanished_entry_is_dropped_only_if_unchanged() {
+        let cache = cache();
+        let first = known("v1", 1);
+        cache.put_if_newer("p", first.clone()).await;
+        cache.put_if_newer("p", known("v2", 2)).await;
+        assert!(!cache.remove_if_same(cache.key("p"), &first).await);
+        assert_eq!(held(&cache).await, "v2");
+        let now = cache.cache.get(&cache.key("p")).await.expect("cached");
+        assert!(cache.remove_if_same(cache.key("p"), &now).await);
+        assert!(cache.cache.get(&cache.key("p")).await.is_none());
     }
 }

@@ -43,6 +43,8 @@ pub const PUBSUB_RECONNECTS: &str = "adtrack_pubsub_reconnects_total";
 pub const PUBSUB_CHANGES: &str = "adtrack_pubsub_changes_total";
 /// Programs loaded by warm-up and resync.
 pub const PROGRAMS_LOADED: &str = "adtrack_programs_loaded_total";
+/// Cached programs dropped by a reload because Redis no longer has them.
+pub const PROGRAMS_VANISHED: &str = "adtrack_programs_vanished_total";
 /// PutRecords calls, label `result` (`ok`, `partial`, `error`).
 pub const KINESIS_CALLS: &str = "adtrack_kinesis_put_records_calls_total";
 /// Kinesis records acknowledged.
@@ -64,7 +66,8 @@ pub const BOUNDS_BREACHED: &str = "adtrack_bounds_breached_total";
 pub const REDIRECTS_REFUSED: &str = "adtrack_redirects_refused_total";
 /// Programs evicted from the cache, label `cause` (`size`, `expired`, `replaced`, `explicit`).
 pub const CACHE_EVICTIONS: &str = "adtrack_cache_evictions_total";
-/// Full reconciliations of the cache with Redis, label `result`.
+/// Full reconciliations of the cache with Redis, label `result` (`ok`,
+/// `error`, `redis_lost_data`).
 pub const RECONCILES: &str = "adtrack_cache_reconciles_total";
 /// 1 when ready to take traffic.
 pub const READY: &str = "adtrack_ready";

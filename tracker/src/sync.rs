@@ -11,7 +11,7 @@ use rand::Rng;
 use redis::aio::ConnectionManagerConfig;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::ProgramCache;
+use crate::cache::{Loaded, ProgramCache};
 use crate::health::{BEAT_EVERY, Beat, Health};
 use crate::metric;
 
@@ -89,11 +89,16 @@ async fn session(
     // versions make the order of the two harmless.
     let mut pubsub = client.get_async_pubsub().await?;
     pubsub.subscribe(CHANGES_CHANNEL).await?;
-    let loaded = cache.load_all().await.map_err(|e| match e {
-        crate::cache::FetchError::Redis(r) => r,
-        other => redis::RedisError::from(std::io::Error::other(other.to_string())),
-    })?;
-    tracing::info!(programs = loaded, "program cache loaded from Redis");
+    let loaded = cache
+        .load_all()
+        .await
+        .map_err(|e| redis::RedisError::from(std::io::Error::other(e.to_string())))?;
+    report_lost_data(&loaded);
+    tracing::info!(
+        programs = loaded.programs,
+        vanished = loaded.vanished,
+        "program cache loaded from Redis"
+    );
     health.set_cache_warm();
     let mut messages = pubsub.into_on_message();
     let mut reconcile = tokio::time::interval_at(
@@ -109,8 +114,16 @@ async fn session(
             _ = alive.tick() => {}
             _ = reconcile.tick() => {
                 let result = match cache.load_all().await {
-                    Ok(n) => {
-                        tracing::debug!(programs = n, "cache reconciled with Redis");
+                    Ok(loaded) if loaded.redis_lost_data => {
+                        report_lost_data(&loaded);
+                        "redis_lost_data"
+                    }
+                    Ok(loaded) => {
+                        tracing::debug!(
+                            programs = loaded.programs,
+                            vanished = loaded.vanished,
+                            "cache reconciled with Redis"
+                        );
                         "ok"
                     }
                     Err(e) => {
@@ -127,9 +140,6 @@ async fn session(
                         let applied = cache.apply(&change).await;
                         let result = if applied { "applied" } else { "stale" };
                         metrics::counter!(metric::PUBSUB_CHANGES, "result" => result).increment(1);
-                        if applied {
-                            cache.reapply_later(change);
-                        }
                     }
                     Err(e) => {
                         metrics::counter!(metric::PUBSUB_CHANGES, "result" => "invalid").increment(1);
@@ -138,5 +148,16 @@ async fn session(
                 },
             }
         }
+    }
+}
+
+/// A Redis without its version counter lost its data: the cache keeps what
+/// it holds rather than take an emptied Redis for the truth.
+fn report_lost_data(loaded: &Loaded) {
+    if loaded.redis_lost_data {
+        tracing::warn!(
+            programs = loaded.programs,
+            "Redis has no program version counter (it lost its data): keeping every cached program"
+        );
     }
 }

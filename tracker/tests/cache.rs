@@ -9,7 +9,7 @@ use std::time::Duration;
 use adtrack_proto::program::{Program, parse_program_file};
 use adtrack_proto::redis_layout::CHANGES_CHANNEL;
 use adtrack_proto::v1::TrackingEvent;
-use adtrack_testkit::{Http, Stack, metric_sum, read_stream_events};
+use adtrack_testkit::{Http, Stack, TcpProxy, metric_sum, read_stream_events};
 use adtrack_updater::ProgramStore;
 use prost::Message;
 use support::{PROGRAMS, Tracker, load_programs, wait_status, wait_until};
@@ -67,29 +67,57 @@ async fn stale_pushes_are_ignored() {
     assert_eq!(r.json()["programName"], "program1");
 }
 
+/// Writes a program hash straight into Redis, as nothing but a reload or a
+/// miss can see it (no version counter moved, nothing published).
+async fn write_behind(url: &str, id: &str, name: &str, valid: bool, version: u64) {
+    let key = format!("adtrack:program:{id}");
+    let version = version.to_string();
+    redis_cmd(
+        url,
+        &[
+            "HSET",
+            &key,
+            "programId",
+            id,
+            "programName",
+            name,
+            "checksum",
+            "1",
+            "customerId",
+            "1",
+            "customerName",
+            "c",
+            "valid",
+            if valid { "true" } else { "false" },
+            "version",
+            &version,
+        ],
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resynchronises_after_redis_restart() {
     let mut stack = Stack::start(1).expect("stack");
     let _ = load_programs(&stack).await;
-    let t = Tracker::start(&stack, &[]).await;
+    let redis_addr = ([127, 0, 0, 1], stack.redis.port).into();
+    let proxy = TcpProxy::start(redis_addr).await;
+    let t = Tracker::start(&stack, &[("REDIS_URL", &proxy.redis_url())]).await;
     let http = Http::new();
     assert_eq!(
         http.get(&t.url("/event/212312")).await.expect("get").status,
         200
     );
 
-    // Redis restarts empty; while the tracker reconnects, the operator reloads
-    // with changes. Their pushes may be missed; the resync must not be.
+    // The tracker loses Redis; Redis restarts empty and gets new content
+    // while the tracker cannot reach it, written without any push: only
+    // the reload after the reconnect can bring it in.
+    proxy.cut();
     stack.redis.restart().expect("restart redis");
-    let mut store = ProgramStore::connect(&stack.redis.url())
-        .await
-        .expect("redis");
-    let mut programs = parse_program_file(PROGRAMS).expect("programs");
-    programs[0].valid = false;
-    programs.push(program(serde_json::json!({
-        "programId":"after-restart","programName":"n","checksum":"1","customerId":5,"customerName":"c"
-    })));
-    store.load(&programs).await.expect("load");
+    let url = stack.redis.url();
+    write_behind(&url, "212312", "disabled now", false, u64::MAX / 2).await;
+    write_behind(&url, "after-restart", "n", true, 1).await;
+    proxy.restore();
 
     wait_status(&http, &t.url("/event/after-restart"), 200).await;
     wait_status(&http, &t.url("/event/212312"), 404).await;
@@ -97,6 +125,99 @@ async fn resynchronises_after_redis_restart() {
         metric_sum(&t.metrics().await, "adtrack_pubsub_reconnects_total", &[]) >= 1.0
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_never_overwrites_a_newer_push_that_overtook_its_read() {
+    let stack = Stack::start(1).expect("stack");
+    let mut store = load_programs(&stack).await;
+    let redis_addr = ([127, 0, 0, 1], stack.redis.port).into();
+    let proxy = TcpProxy::start(redis_addr).await;
+    let t = Tracker::start(&stack, &[("REDIS_URL", &proxy.redis_url())]).await;
+    // The cache's connection is the first the tracker opens, pub/sub's the second.
+    assert!(proxy.accepted() >= 2, "both connections open");
+    let http = Http::new();
+
+    // Not cached: the first hit misses and reads version 1 from Redis...
+    write_behind(&stack.redis.url(), "race", "old", true, 1).await;
+    proxy.hold_replies(0);
+    let hit = {
+        let (http, url) = (http.clone(), t.url("/event/race"));
+        tokio::spawn(async move { http.get(&url).await })
+    };
+    wait_until(
+        "the miss's read answered",
+        Duration::from_secs(10),
+        || async { proxy.held_bytes() > 0 },
+    )
+    .await;
+    // ...and before its answer reaches the tracker, version 2 is pushed.
+    let applied = |m: &str| metric_sum(m, "adtrack_pubsub_changes_total", &["result=\"applied\""]);
+    let before = applied(&t.metrics().await);
+    let mut newer = program(serde_json::json!({
+        "programId":"race","programName":"new","checksum":"1","customerId":1,"customerName":"c"
+    }));
+    newer.version = 2;
+    store.put(&newer).await.expect("put");
+    wait_until("the push applied", Duration::from_secs(10), || async {
+        applied(&t.metrics().await) > before
+    })
+    .await;
+    proxy.release();
+
+    let r = hit.await.expect("task").expect("get");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json()["programName"],
+        "new",
+        "the miss answers the newer push"
+    );
+    let r = http.get(&t.url("/event/race")).await.expect("get");
+    assert_eq!(r.json()["programName"], "new", "and the cache keeps it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_drops_vanished_programs_but_not_when_redis_lost_its_data() {
+    let stack = Stack::start(1).expect("stack");
+    let _store = load_programs(&stack).await;
+    let t = Tracker::start(&stack, &[("TRACKER_RECONCILE_SECS", "1")]).await;
+    let http = Http::new();
+    for id in ["212312", "212313"] {
+        assert_eq!(
+            http.get(&t.url(&format!("/event/{id}")))
+                .await
+                .expect("get")
+                .status,
+            200
+        );
+    }
+
+    // Removed behind the tracker's back (no tombstone, nothing published):
+    // the next reload drops it.
+    redis_cmd(&stack.redis.url(), &["DEL", "adtrack:program:212312"]).await;
+    wait_status(&http, &t.url("/event/212312"), 404).await;
+    assert!(metric_sum(&t.metrics().await, "adtrack_programs_vanished_total", &[]) >= 1.0);
+
+    // Redis loses everything: the tracker keeps serving what it cached.
+    redis_cmd(&stack.redis.url(), &["FLUSHALL"]).await;
+    let lost = |m: &str| {
+        metric_sum(
+            m,
+            "adtrack_cache_reconciles_total",
+            &["result=\"redis_lost_data\""],
+        )
+    };
+    wait_until(
+        "a reload finds Redis emptied",
+        Duration::from_secs(20),
+        || async { lost(&t.metrics().await) >= 1.0 },
+    )
+    .await;
+    let r = http.get(&t.url("/event/212313")).await.expect("get");
+    assert_eq!(
+        r.status, 200,
+        "a cached program outlives Redis losing its data"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,6 +18,18 @@ pub enum WriteOutcome {
     Stale(u64),
 }
 
+/// What one delete did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    /// The program was deleted; its tombstone has this version.
+    Deleted(u64),
+    /// There was no such program; a tombstone with this version now says
+    /// so, and a later write of an older version is refused.
+    Tombstoned(u64),
+    /// It was deleted before, at this version; nothing changed.
+    AlreadyDeleted(u64),
+}
+
 /// A connection to the program store.
 pub struct ProgramStore {
     conn: MultiplexedConnection,
@@ -97,11 +109,11 @@ impl ProgramStore {
         Ok(outcome(reply))
     }
 
-    /// Deletes a program (leaving a versioned tombstone) and publishes it.
-    /// Returns the deletion's version, or `None` when there was no such program.
-    pub async fn delete(&mut self, id: &ProgramId) -> Result<Option<u64>> {
+    /// Deletes a program, leaving a versioned tombstone (also when there
+    /// was no such program), and publishes the deletion.
+    pub async fn delete(&mut self, id: &ProgramId) -> Result<DeleteOutcome> {
         let id_json = serde_json::Value::String(id.to_string()).to_string();
-        let (done, version): (i64, u64) = redis::cmd("EVALSHA")
+        let (done, version, existed): (i64, u64, i64) = redis::cmd("EVALSHA")
             .arg(&self.delete_sha)
             .arg(2)
             .arg(program_key(id))
@@ -111,7 +123,11 @@ impl ProgramStore {
             .query_async(&mut self.conn)
             .await
             .context("deleting program in Redis")?;
-        Ok((done == 1).then_some(version))
+        Ok(match (done, existed) {
+            (0, _) => DeleteOutcome::AlreadyDeleted(version),
+            (_, 1) => DeleteOutcome::Deleted(version),
+            _ => DeleteOutcome::Tombstoned(version),
+        })
     }
 
     /// Reads one program as stored.

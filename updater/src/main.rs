@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use adtrack_proto::program::{Program, ProgramId, parse_program_file};
 use adtrack_proto::redis_layout::StoredProgram;
-use adtrack_updater::{ProgramStore, WriteOutcome};
+use adtrack_updater::{DeleteOutcome, ProgramStore, WriteOutcome};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
@@ -123,12 +123,18 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let id = parse_id(&program_id)?;
             let mut store = ProgramStore::connect(&cli.redis_url).await?;
             match store.delete(&id).await? {
-                Some(v) => {
+                DeleteOutcome::Deleted(v) => {
                     println!("program {id} deleted, version {v}");
                     Ok(ExitCode::SUCCESS)
                 }
-                None => {
-                    eprintln!("updater: no program {id}");
+                DeleteOutcome::Tombstoned(v) => {
+                    eprintln!(
+                        "updater: no program {id}; recorded its deletion (version {v}) so an older write cannot create it"
+                    );
+                    Ok(ExitCode::from(4))
+                }
+                DeleteOutcome::AlreadyDeleted(v) => {
+                    eprintln!("updater: program {id} was already deleted (version {v})");
                     Ok(ExitCode::from(4))
                 }
             }

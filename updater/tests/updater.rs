@@ -6,7 +6,7 @@ use std::process::Command;
 use adtrack_proto::program::{ProgramId, parse_program_file};
 use adtrack_proto::redis_layout::{CHANGES_CHANNEL, ProgramChange, StoredProgram};
 use adtrack_testkit::{Redis, binary};
-use adtrack_updater::{ProgramStore, WriteOutcome};
+use adtrack_updater::{DeleteOutcome, ProgramStore, WriteOutcome};
 
 const REFERENCE: &str = r#"[{"programId":"212312","programName":"program1","checksum":"123","customerId":"9123","customerName":"Customer1","valid":true},
 {"programId":"212313","programName":"program2","checksum":"124","customerId":"9124","customerName":"Customer2","valid":true}]"#;
@@ -69,12 +69,18 @@ async fn load_put_delete_get_and_versions() {
         WriteOutcome::Written(far + 1)
     );
 
-    assert_eq!(store.delete(&id).await.expect("delete"), Some(far + 2));
+    assert_eq!(
+        store.delete(&id).await.expect("delete"),
+        DeleteOutcome::Deleted(far + 2)
+    );
     assert_eq!(
         store.get(&id).await.expect("get"),
         StoredProgram::Deleted { version: far + 2 }
     );
-    assert_eq!(store.delete(&id).await.expect("delete again"), None);
+    assert_eq!(
+        store.delete(&id).await.expect("delete again"),
+        DeleteOutcome::AlreadyDeleted(far + 2)
+    );
     // A late write carrying an older version cannot resurrect it.
     older.version = far + 1;
     assert_eq!(
@@ -103,6 +109,38 @@ async fn load_put_delete_get_and_versions() {
             ("delete".to_owned(), far + 2)
         ]
     );
+
+    // Deleting an id Redis never held still records (and announces) the
+    // deletion, so a late write of an older version cannot create it.
+    let never = ProgramId::parse("never-written").expect("id");
+    let DeleteOutcome::Tombstoned(tomb) = store.delete(&never).await.expect("delete") else {
+        panic!("an absent program's delete leaves a tombstone");
+    };
+    let msg = messages.next().await.expect("message");
+    assert_eq!(
+        ProgramChange::parse(msg.get_payload_bytes()).expect("parses"),
+        ProgramChange::Delete {
+            program_id: never.clone(),
+            version: tomb
+        }
+    );
+    let mut late = programs[0].clone();
+    late.program_id = never.clone();
+    late.version = 5;
+    assert_eq!(
+        store.put(&late).await.expect("put"),
+        WriteOutcome::Stale(tomb)
+    );
+    assert_eq!(
+        store.get(&never).await.expect("get"),
+        StoredProgram::Deleted { version: tomb }
+    );
+    // A new write (the store picks the version) creates it again.
+    late.version = 0;
+    assert!(matches!(
+        store.put(&late).await.expect("put"),
+        WriteOutcome::Written(v) if v > tomb
+    ));
 
     // After Redis loses everything, a reload still carries newer versions.
     redis.restart().expect("restart");
