@@ -6,7 +6,9 @@
 //! - `{stream}/{shardId}`: `sequenceNumber` (checkpoint, or `SHARD_END`),
 //!   `leaseOwner`, `leaseExpiresAt` (epoch ms). Every change is a
 //!   conditional write: a lease is taken only when free or expired, renewed
-//!   and checkpointed only by its owner.
+//!   and checkpointed only by its owner while it has not expired (a poller
+//!   that stalled past its lease learns it at its next write, before another
+//!   poller's work can be overwritten by its checkpoint).
 //! - `{stream}/worker/{owner}`: `leaseExpiresAt`, a poller's heartbeat, so
 //!   pollers know how many share the stream.
 
@@ -50,6 +52,9 @@ fn n(v: i64) -> AttributeValue {
 }
 
 type Res<T> = Result<T, String>;
+
+/// The condition of every write by a lease's holder: ours, and not expired.
+const HELD: &str = "leaseOwner = :me AND leaseExpiresAt > :now";
 
 fn err<E: std::error::Error + 'static>(e: aws_sdk_dynamodb::error::SdkError<E>) -> String {
     aws_sdk_dynamodb::error::DisplayErrorContext(&e).to_string()
@@ -127,13 +132,17 @@ impl Leases {
         .await
     }
 
-    /// Extends our lease; `Ok(false)` when it is no longer ours.
+    /// Extends our lease; `Ok(false)` when it is no longer ours or expired.
     pub async fn renew(&self, shard: &str) -> Res<bool> {
         self.conditional(
             self.key(shard),
             "SET leaseExpiresAt = :exp",
-            "leaseOwner = :me",
-            vec![(":me", s(&self.owner)), (":exp", n(self.expiry()))],
+            HELD,
+            vec![
+                (":me", s(&self.owner)),
+                (":exp", n(self.expiry())),
+                (":now", n(now_ms())),
+            ],
         )
         .await
     }
@@ -149,19 +158,37 @@ impl Leases {
         .await
     }
 
-    /// Stores the checkpoint, only while the lease is ours.
+    /// Stores the checkpoint, only while the lease is ours and unexpired.
     pub async fn checkpoint(&self, shard: &str, sequence: &str) -> Res<bool> {
         self.conditional(
             self.key(shard),
             "SET sequenceNumber = :seq, leaseExpiresAt = :exp",
-            "leaseOwner = :me",
+            HELD,
             vec![
                 (":me", s(&self.owner)),
                 (":seq", s(sequence)),
                 (":exp", n(self.expiry())),
+                (":now", n(now_ms())),
             ],
         )
         .await
+    }
+
+    /// A shard's checkpoint (consistent read of its one row).
+    pub async fn read_checkpoint(&self, shard: &str) -> Res<Option<String>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("shardKey", s(&self.key(shard)))
+            .consistent_read(true)
+            .projection_expression("sequenceNumber")
+            .send()
+            .await
+            .map_err(err)?;
+        Ok(out
+            .item
+            .and_then(|item| item.get("sequenceNumber")?.as_s().ok().cloned()))
     }
 
     /// Announces this poller (heartbeat).
@@ -194,7 +221,8 @@ impl Leases {
             .await;
     }
 
-    /// Every shard row of this stream, and the live pollers.
+    /// Every shard row of this stream, and the live pollers (a scan of the
+    /// small lease table, as KCL lists its leases).
     pub async fn snapshot(&self) -> Res<(HashMap<String, ShardRow>, Vec<String>)> {
         let prefix = format!("{}/", self.stream);
         let worker_prefix = format!("{}/worker/", self.stream);

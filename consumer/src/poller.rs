@@ -182,11 +182,6 @@ impl Poller {
         }
     }
 
-    async fn read_checkpoint(&self, shard: &str) -> Result<Option<String>, String> {
-        let (rows, _) = self.leases.snapshot().await?;
-        Ok(rows.get(shard).and_then(|r| r.checkpoint.clone()))
-    }
-
     async fn iterator(
         &self,
         shard: &str,
@@ -246,7 +241,7 @@ impl Poller {
     ) -> Result<(), Interrupted> {
         let mut attempt = 0;
         let mut checkpoint = loop {
-            match self.read_checkpoint(shard).await {
+            match self.leases.read_checkpoint(shard).await {
                 Ok(c) => break c,
                 Err(e) => {
                     tracing::warn!(shard, error = %e, "reading checkpoint failed; retrying");
@@ -391,8 +386,9 @@ impl Poller {
                 Ok(false) => {
                     tracing::warn!(
                         shard,
-                        "lease lost before the checkpoint; another poller resumes"
+                        "lease lost or expired before the checkpoint; stopping work on the shard"
                     );
+                    metrics::counter!(metric::LEASE_CHANGES, "change" => "lost").increment(1);
                     return Ok(false);
                 }
                 Err(e) => {
