@@ -460,3 +460,135 @@ async fn a_request_still_in_flight_cannot_take_the_flush_time() {
     assert!(!acknowledged.is_empty());
     wait_all_in_stream(&stack, &acknowledged, Duration::from_secs(10)).await;
 }
+
+/// Every event in the stream as a KCL consumer sees it: the user records
+/// of an aggregate whose effective hash key (explicit, else the MD5 of the
+/// partition key) lies outside the hash range of the shard that holds the
+/// record are dropped, as KCL's deaggregation does after a reshard.
+async fn kcl_event_counts(stack: &Stack) -> HashMap<String, usize> {
+    use adtrack_proto::kpl::{Deaggregated, deaggregate, partition_hash};
+    let client = adtrack_testkit::kinesis_client(&stack.kinesis.url());
+    let shards = client
+        .list_shards()
+        .stream_name(adtrack_testkit::EVENTS_STREAM)
+        .send()
+        .await
+        .expect("list shards")
+        .shards
+        .unwrap_or_default();
+    let ranges: HashMap<String, (u128, u128)> = shards
+        .iter()
+        .map(|s| {
+            let r = s.hash_key_range().expect("range");
+            let start = r.starting_hash_key().parse().expect("start");
+            (
+                s.shard_id().to_owned(),
+                (start, r.ending_hash_key().parse().expect("end")),
+            )
+        })
+        .collect();
+    let mut counts = HashMap::new();
+    let records = adtrack_testkit::read_stream(&stack.kinesis.url())
+        .await
+        .unwrap_or_default();
+    for r in records {
+        let (start, end) = ranges[&r.shard_id];
+        let events = match deaggregate(&r.data).expect("aggregate") {
+            Deaggregated::Plain => vec![r.data.clone()],
+            Deaggregated::Records(users) => users
+                .into_iter()
+                .filter(|u| {
+                    let hash = match &u.explicit_hash_key {
+                        Some(k) => k.parse().expect("explicit hash key"),
+                        None => partition_hash(&u.partition_key),
+                    };
+                    (start..=end).contains(&hash)
+                })
+                .map(|u| u.data.to_vec())
+                .collect(),
+        };
+        for data in events {
+            let ev = TrackingEvent::decode(data.as_slice()).expect("decodes");
+            *counts.entry(ev.message_id).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// The stream is split and then merged under load: every answered event
+/// reaches a KCL-style reader (which drops sub-records outside its shard's
+/// hash range) exactly once, so no aggregate mixes two shards' events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_and_a_merge_under_load_lose_nothing_for_a_kcl_reader() {
+    let stack = Stack::start(1).expect("stack");
+    let _store = load_programs(&stack).await;
+    let t = Tracker::start(&stack, &[]).await;
+    let load = Load::start(&t.base, 8, Duration::from_millis(5));
+    let client = adtrack_testkit::kinesis_client(&stack.kinesis.url());
+    let active = || async {
+        wait_until("stream active", Duration::from_secs(30), || async {
+            client
+                .describe_stream_summary()
+                .stream_name(adtrack_testkit::EVENTS_STREAM)
+                .send()
+                .await
+                .ok()
+                .and_then(|o| o.stream_description_summary)
+                .is_some_and(|d| d.stream_status == aws_sdk_kinesis::types::StreamStatus::Active)
+        })
+        .await;
+    };
+    let t = &t;
+    let delivered = |n: f64| async move {
+        wait_until("events delivered", Duration::from_secs(30), || async {
+            metric_sum(&t.metrics().await, "adtrack_events_delivered_total", &[]) >= n
+        })
+        .await;
+    };
+    delivered(200.0).await;
+    client
+        .split_shard()
+        .stream_name(adtrack_testkit::EVENTS_STREAM)
+        .shard_to_split("shardId-000000000000")
+        .new_starting_hash_key((1u128 << 127).to_string())
+        .send()
+        .await
+        .expect("split");
+    active().await;
+    let at_split = metric_sum(&t.metrics().await, "adtrack_events_delivered_total", &[]);
+    delivered(at_split + 400.0).await;
+    client
+        .merge_shards()
+        .stream_name(adtrack_testkit::EVENTS_STREAM)
+        .shard_to_merge("shardId-000000000001")
+        .adjacent_shard_to_merge("shardId-000000000002")
+        .send()
+        .await
+        .expect("merge");
+    active().await;
+    let at_merge = metric_sum(&t.metrics().await, "adtrack_events_delivered_total", &[]);
+    delivered(at_merge + 400.0).await;
+    let ids = load.finish().await;
+    wait_all_in_stream(&stack, &ids, Duration::from_secs(60)).await;
+
+    let seen = kcl_event_counts(&stack).await;
+    let lost = ids.iter().filter(|id| !seen.contains_key(*id)).count();
+    assert_eq!(
+        lost,
+        0,
+        "{lost} of {} events dropped by the KCL filter",
+        ids.len()
+    );
+    let twice = seen.values().filter(|n| **n > 1).count();
+    assert_eq!(twice, 0, "events read twice");
+    let answered: HashSet<&String> = ids.iter().collect();
+    assert_eq!(answered.len(), ids.len(), "event ids are unique");
+    // Events landed in the parent, both children and the merged shard.
+    let shards: HashSet<String> = adtrack_testkit::read_stream(&stack.kinesis.url())
+        .await
+        .expect("read")
+        .into_iter()
+        .map(|r| r.shard_id)
+        .collect();
+    assert!(shards.len() >= 3, "records in {shards:?}");
+}
