@@ -9,18 +9,19 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use adtrack_service::retry::Backoff;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::ProvideErrorMetadata;
 use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
-use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 use crate::metric;
 
 /// DynamoDB's BatchWriteItem limit.
 pub const MAX_ITEMS_PER_CALL: usize = 25;
-const RETRY_BASE: Duration = Duration::from_millis(50);
-const RETRY_CAP: Duration = Duration::from_secs(10);
+/// Failed writes and reads wait up to 50 ms after the first failure,
+/// doubling to 10 s (the services' one backoff policy).
+pub const RETRY: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(10));
 
 pub type Item = HashMap<String, AttributeValue>;
 
@@ -204,14 +205,7 @@ async fn write_call(
     }
 }
 
-/// Sleeps a full-jitter exponential backoff; `Err` if `stop` fires first.
+/// Sleeps [`RETRY`]'s backoff; `Err` if `stop` fires first.
 pub async fn backoff(attempt: u32, stop: &CancellationToken) -> Result<(), Interrupted> {
-    let ceiling = RETRY_BASE
-        .saturating_mul(1u32 << attempt.min(16))
-        .min(RETRY_CAP);
-    let pause = rand::rng().random_range(Duration::ZERO..=ceiling);
-    tokio::select! {
-        _ = stop.cancelled() => Err(Interrupted),
-        _ = tokio::time::sleep(pause) => Ok(()),
-    }
+    RETRY.sleep(attempt, stop).await.map_err(|_| Interrupted)
 }

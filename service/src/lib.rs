@@ -2,6 +2,7 @@
 //! with one clear line on a bad value, logging setup, shutdown on signals.
 
 pub mod metrics_endpoint;
+pub mod retry;
 
 use std::process::ExitCode;
 

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use adtrack_proto::redis_layout::{CHANGES_CHANNEL, ProgramChange};
+use adtrack_service::retry::Backoff;
 use futures_util::StreamExt;
-use rand::Rng;
 use redis::aio::ConnectionManagerConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -15,10 +15,10 @@ use crate::cache::{Loaded, ProgramCache};
 use crate::health::{BEAT_EVERY, Beat, Health};
 use crate::metric;
 
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Reconnects wait up to 100 ms after the first failure, doubling to 5 s.
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 
-/// Runs until `shutdown`; reconnects with exponential backoff and jitter.
+/// Runs until `shutdown`; reconnects with the services' backoff.
 /// Beats `beat` as it goes round (see [`crate::health`]).
 pub async fn run(
     client: redis::Client,
@@ -29,7 +29,7 @@ pub async fn run(
     reconcile_every: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = MIN_BACKOFF;
+    let mut failures = 0u32;
     let mut connected_before = false;
     loop {
         beat.beat();
@@ -50,7 +50,7 @@ pub async fn run(
             Ok(()) if shutdown.is_cancelled() => return,
             Ok(()) => {
                 tracing::warn!("Redis pub/sub connection closed; reconnecting");
-                backoff = MIN_BACKOFF;
+                failures = 0;
             }
             Err(e) => tracing::warn!(error = %e, "Redis pub/sub unavailable; retrying"),
         }
@@ -58,12 +58,10 @@ pub async fn run(
             metrics::counter!(metric::PUBSUB_RECONNECTS).increment(1);
         }
         connected_before = true;
-        let pause = rand::rng().random_range(backoff / 2..=backoff);
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
+        if RECONNECT.sleep(failures, &shutdown).await.is_err() {
+            return;
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        failures = failures.saturating_add(1);
     }
 }
 

@@ -4,10 +4,13 @@
 
 use std::time::Duration;
 
+use adtrack_service::retry::Backoff;
 use tokio::time::Instant;
 
-const THROTTLE_PAUSE_BASE: Duration = Duration::from_millis(100);
-const THROTTLE_PAUSE_CAP: Duration = Duration::from_secs(2);
+/// A throttled shard pauses 200 ms after its first throttle, doubling to
+/// 2 s (the ceilings of the services' backoff; no jitter: one engine
+/// paces its own shard).
+const THROTTLE_PAUSE: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
 /// How soon a shard out of tokens is tried again.
 const REFILL_WAIT: Duration = Duration::from_millis(10);
 
@@ -67,9 +70,7 @@ impl Budget {
     /// The shard refused records for throughput: pause it, longer each time.
     pub fn throttled(&mut self, now: Instant) {
         self.throttles = self.throttles.saturating_add(1);
-        let pause = THROTTLE_PAUSE_BASE
-            .saturating_mul(1 << self.throttles.min(5))
-            .min(THROTTLE_PAUSE_CAP);
+        let pause = THROTTLE_PAUSE.ceiling(self.throttles);
         self.paused_until = now + pause;
         self.records = 0.0;
         self.bytes = 0.0;

@@ -488,7 +488,7 @@ impl<S: RecordStream> Run<S> {
 
     fn retry_later(&mut self, mut r: KRecord, now: Instant) {
         r.attempts = r.attempts.saturating_add(1);
-        let at = now + retry::backoff(r.attempts);
+        let at = now + retry::RESEND.delay(r.attempts);
         self.delay(r, at);
     }
 

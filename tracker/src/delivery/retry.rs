@@ -1,29 +1,16 @@
-//! The one retry policy of delivery: exponential backoff with full jitter
-//! for resent records, and how a failure is classified (by the SDK's error
-//! type and Kinesis's error codes, never by message text).
+//! Delivery's retries: the services' one backoff policy for resent
+//! records, and how a failure is classified (by the SDK's error type and
+//! Kinesis's error codes, never by message text).
 
 use std::time::Duration;
 
-use rand::Rng;
+use adtrack_service::retry::Backoff;
 
-const RETRY_BASE: Duration = Duration::from_millis(50);
-const RETRY_CAP: Duration = Duration::from_secs(5);
+/// Resent records wait up to 50 ms after the first failure, doubling to 5 s.
+pub const RESEND: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
 
 /// Error code of a PutRecords entry refused for the shard's throughput.
 pub const THROTTLED: &str = "ProvisionedThroughputExceededException";
-
-/// The longest wait before the next attempt (`attempts` made so far).
-fn ceiling(attempts: u32) -> Duration {
-    RETRY_BASE
-        .saturating_mul(1u32 << attempts.min(16))
-        .min(RETRY_CAP)
-}
-
-/// How long a record waits before its next attempt: full jitter under the
-/// ceiling.
-pub fn backoff(attempts: u32) -> Duration {
-    rand::rng().random_range(Duration::ZERO..=ceiling(attempts))
-}
 
 /// Why Kinesis refused one entry of a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,18 +43,6 @@ pub enum CallFailure {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        assert_eq!(ceiling(0), RETRY_BASE);
-        for attempts in 1..40 {
-            assert!(ceiling(attempts) >= ceiling(attempts - 1));
-            assert!(ceiling(attempts) <= RETRY_CAP);
-            assert!(backoff(attempts) <= ceiling(attempts));
-        }
-        assert!(ceiling(3) > ceiling(2), "does not grow");
-        assert_eq!(ceiling(39), RETRY_CAP);
-    }
 
     #[test]
     fn throttling_is_told_apart() {
