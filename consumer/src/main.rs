@@ -22,7 +22,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    tracing::info!(stream = %config.events_stream, table = %config.events_table, "consumer starting");
+    tracing::info!(stream = %config.events_stream, table = %config.write.events_table, "consumer starting");
     let shutdown = adtrack_service::shutdown_on_signals();
     match run(config, admin, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,

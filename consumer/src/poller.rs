@@ -39,14 +39,8 @@ struct Worked {
 
 impl Poller {
     pub fn tables(&self) -> Tables {
-        Tables {
-            events: self.config.events_table.clone(),
-            dead_letters: self.config.dead_letter_table.clone(),
-            ttl_days: self.config.event_ttl_days,
-            write_concurrency: self.config.write_concurrency as usize,
-            // The poller waits out a DynamoDB outage rather than skip ahead.
-            max_attempts: 0,
-        }
+        // The poller waits out a DynamoDB outage rather than skip ahead.
+        self.config.write.tables(0)
     }
 
     /// Coordinates leases until `stop`, then stops every shard task (their

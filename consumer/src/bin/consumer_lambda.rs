@@ -3,7 +3,6 @@
 
 use std::process::ExitCode;
 
-use adtrack_consumer::batch::Tables;
 use adtrack_consumer::lambda::{LAMBDA_WRITE_ATTEMPTS, handle};
 use adtrack_consumer::lambda_config::LambdaConfig;
 use aws_lambda_events::event::kinesis::KinesisEvent;
@@ -18,13 +17,7 @@ async fn main() -> ExitCode {
     adtrack_service::init_logging(&config.log_format);
     let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let client = aws_sdk_dynamodb::Client::new(&aws);
-    let tables = Tables {
-        events: config.events_table,
-        dead_letters: config.dead_letter_table,
-        ttl_days: config.event_ttl_days,
-        write_concurrency: config.write_concurrency as usize,
-        max_attempts: LAMBDA_WRITE_ATTEMPTS,
-    };
+    let tables = config.write.tables(LAMBDA_WRITE_ATTEMPTS);
     let result = lambda_runtime::run(service_fn(|event: LambdaEvent<KinesisEvent>| {
         let (client, tables) = (&client, &tables);
         async move { Ok::<_, lambda_runtime::Error>(handle(client, tables, event.payload).await) }
