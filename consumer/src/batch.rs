@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::AttributeValue;
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -100,10 +99,12 @@ pub async fn process(
         let mut bad = 0;
         let mut first_fault = None;
         for ev in events {
-            match ev {
-                Ok(ev) => {
-                    let id = ev.message_id.clone();
-                    let item = to_item(ev, &r.shard_id, &r.sequence_number, tables.ttl_days);
+            let item = ev.and_then(|ev| {
+                let id = ev.message_id.clone();
+                to_item(ev, &r.shard_id, &r.sequence_number, tables.ttl_days).map(|item| (id, item))
+            });
+            match item {
+                Ok((id, item)) => {
                     match held.items.entry(id) {
                         Entry::Occupied(mut o) => o.get_mut().item = item,
                         Entry::Vacant(v) => {
@@ -335,38 +336,61 @@ fn bounded(text: &str) -> String {
     text[..cut].to_owned()
 }
 
+/// The dead-letter table's item for one record (see `crate::item`).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DeadLetterItem<'a> {
+    dead_letter_id: String,
+    shard_id: &'a str,
+    sequence_number: &'a str,
+    reason: String,
+    bad_events: usize,
+    events: usize,
+    failed_at: i64,
+    /// The record's first bytes (a DynamoDB binary attribute).
+    data: RawBytes<'a>,
+    data_bytes: usize,
+    data_md5: String,
+}
+
+/// Bytes stored as a binary attribute.
+struct RawBytes<'a>(&'a [u8]);
+
+impl serde::Serialize for RawBytes<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
 fn dead_letter_item(r: &InRecord, reason: &str, bad: usize, total: usize) -> Item {
     use md5::{Digest, Md5};
-    let mut item = HashMap::new();
-    item.insert(
-        "deadLetterId".to_owned(),
-        AttributeValue::S(format!("{}/{}", r.shard_id, r.sequence_number)),
-    );
-    item.insert("shardId".to_owned(), AttributeValue::S(r.shard_id.clone()));
-    item.insert(
-        "sequenceNumber".to_owned(),
-        AttributeValue::S(r.sequence_number.clone()),
-    );
-    item.insert("reason".to_owned(), AttributeValue::S(bounded(reason)));
-    item.insert("badEvents".to_owned(), AttributeValue::N(bad.to_string()));
-    item.insert("events".to_owned(), AttributeValue::N(total.to_string()));
-    item.insert(
-        "failedAt".to_owned(),
-        AttributeValue::N(time::OffsetDateTime::now_utc().unix_timestamp().to_string()),
-    );
-    let raw = &r.data[..r.data.len().min(MAX_DEAD_DATA)];
-    item.insert(
-        "data".to_owned(),
-        AttributeValue::B(Blob::new(raw.to_vec())),
-    );
-    item.insert(
-        "dataBytes".to_owned(),
-        AttributeValue::N(r.data.len().to_string()),
-    );
-    let md5: String = Md5::digest(&r.data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    item.insert("dataMd5".to_owned(), AttributeValue::S(md5));
-    item
+    let item = DeadLetterItem {
+        dead_letter_id: format!("{}/{}", r.shard_id, r.sequence_number),
+        shard_id: &r.shard_id,
+        sequence_number: &r.sequence_number,
+        reason: bounded(reason),
+        bad_events: bad,
+        events: total,
+        failed_at: time::OffsetDateTime::now_utc().unix_timestamp(),
+        data: RawBytes(&r.data[..r.data.len().min(MAX_DEAD_DATA)]),
+        data_bytes: r.data.len(),
+        data_md5: Md5::digest(&r.data)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    };
+    // Strings, numbers and bytes only: the conversion cannot fail; were it
+    // to, the dead letter still names its record.
+    serde_dynamo::to_item(item).unwrap_or_else(|e| {
+        HashMap::from([
+            (
+                "deadLetterId".to_owned(),
+                AttributeValue::S(format!("{}/{}", r.shard_id, r.sequence_number)),
+            ),
+            (
+                "reason".to_owned(),
+                AttributeValue::S(bounded(&e.to_string())),
+            ),
+        ])
+    })
 }

@@ -65,6 +65,8 @@ pub enum RecordError {
     Aggregate(#[from] adtrack_proto::kpl::BadAggregate),
     #[error("event has no program id, or one longer than {MAX_PROGRAM_ID} bytes")]
     BadProgramId,
+    #[error("event cannot be an item: {0}")]
+    Item(String),
 }
 
 impl RecordError {
@@ -76,6 +78,7 @@ impl RecordError {
             Self::NoEventId | Self::BadEventId(_) => "bad_event_id",
             Self::Aggregate(_) => "bad_aggregate",
             Self::BadProgramId => "bad_program_id",
+            Self::Item(_) => "item",
         }
     }
 }
@@ -109,16 +112,6 @@ pub fn decode(data: &[u8]) -> Result<TrackingEvent, RecordError> {
     Ok(ev)
 }
 
-fn s(item: &mut HashMap<String, AttributeValue>, k: &str, v: String) {
-    if !v.is_empty() {
-        item.insert(k.to_owned(), AttributeValue::S(v));
-    }
-}
-
-fn n(item: &mut HashMap<String, AttributeValue>, k: &str, v: impl ToString) {
-    item.insert(k.to_owned(), AttributeValue::N(v.to_string()));
-}
-
 /// The index bucket of an event (stable for its id).
 pub fn program_bucket(program_id: &str, event_id: &str) -> String {
     use md5::{Digest, Md5};
@@ -127,58 +120,98 @@ pub fn program_bucket(program_id: &str, event_id: &str) -> String {
     format!("{program_id}#{n}")
 }
 
+/// The events table's item for one event, as DynamoDB stores it (empty
+/// strings and unset flags are left out).
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventItem {
+    pub event_id: String,
+    pub program_bucket: String,
+    pub expires_at: i64,
+    pub program_id: String,
+    pub event_type: &'static str,
+    pub ts: i64,
+    pub customer_id: i32,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub program_name: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub customer_name: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub checksum: String,
+    pub is_valid: bool,
+    pub validation: &'static str,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub source: String,
+    pub program_version: u64,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub user_agent: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub client_ip: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub referrer: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub page_url: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub destination_url: String,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub is_bot: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub privacy_restricted: bool,
+    #[serde(skip_serializing_if = "HashMap::is_empty")]
+    pub extra: HashMap<String, String>,
+    pub shard_id: String,
+    pub sequence_number: String,
+}
+
+impl EventItem {
+    /// The item for one event read at `shard_id`/`sequence`; `ttl_days`
+    /// sets `expiresAt`.
+    pub fn new(ev: TrackingEvent, shard_id: &str, sequence: &str, ttl_days: u32) -> Self {
+        let event_type = EventType::try_from(ev.event_type).unwrap_or(EventType::Unspecified);
+        let validation =
+            ValidationOutcome::try_from(ev.validation).unwrap_or(ValidationOutcome::Unspecified);
+        Self {
+            program_bucket: program_bucket(&ev.programid, &ev.message_id),
+            expires_at: ev.timestamp_ms.max(0) / 1000 + i64::from(ttl_days) * 86_400,
+            event_id: ev.message_id,
+            program_id: ev.programid,
+            event_type: event_type.name(),
+            ts: ev.timestamp_ms,
+            customer_id: ev.customer_id,
+            program_name: ev.program_name,
+            customer_name: ev.customer_name,
+            checksum: ev.checksum,
+            is_valid: ev.is_valid,
+            validation: validation.name(),
+            source: ev.source,
+            program_version: ev.program_version,
+            user_agent: ev.user_agent,
+            client_ip: ev.client_ip,
+            referrer: ev.referrer,
+            page_url: ev.page_url,
+            destination_url: ev.destination_url,
+            is_bot: ev.is_bot,
+            privacy_restricted: ev.privacy_restricted,
+            extra: ev
+                .extra
+                .into_iter()
+                .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+                .collect(),
+            shard_id: shard_id.to_owned(),
+            sequence_number: sequence.to_owned(),
+        }
+    }
+}
+
 /// The item for one event; `ttl_days` sets `expiresAt`.
 pub fn to_item(
     ev: TrackingEvent,
     shard_id: &str,
     sequence: &str,
     ttl_days: u32,
-) -> HashMap<String, AttributeValue> {
-    let mut item = HashMap::with_capacity(26);
-    item.insert(
-        "programBucket".into(),
-        AttributeValue::S(program_bucket(&ev.programid, &ev.message_id)),
-    );
-    let expires = ev.timestamp_ms.max(0) / 1000 + i64::from(ttl_days) * 86_400;
-    n(&mut item, "expiresAt", expires);
-    let event_type = EventType::try_from(ev.event_type).unwrap_or(EventType::Unspecified);
-    let validation =
-        ValidationOutcome::try_from(ev.validation).unwrap_or(ValidationOutcome::Unspecified);
-    s(&mut item, "eventId", ev.message_id);
-    s(&mut item, "programId", ev.programid);
-    s(&mut item, "eventType", event_type.name().to_owned());
-    n(&mut item, "ts", ev.timestamp_ms);
-    n(&mut item, "customerId", ev.customer_id);
-    s(&mut item, "programName", ev.program_name);
-    s(&mut item, "customerName", ev.customer_name);
-    s(&mut item, "checksum", ev.checksum);
-    item.insert("isValid".into(), AttributeValue::Bool(ev.is_valid));
-    s(&mut item, "validation", validation.name().to_owned());
-    s(&mut item, "source", ev.source);
-    n(&mut item, "programVersion", ev.program_version);
-    s(&mut item, "userAgent", ev.user_agent);
-    s(&mut item, "clientIp", ev.client_ip);
-    s(&mut item, "referrer", ev.referrer);
-    s(&mut item, "pageUrl", ev.page_url);
-    s(&mut item, "destinationUrl", ev.destination_url);
-    if ev.is_bot {
-        item.insert("isBot".into(), AttributeValue::Bool(true));
-    }
-    if ev.privacy_restricted {
-        item.insert("privacyRestricted".into(), AttributeValue::Bool(true));
-    }
-    let extra: HashMap<String, AttributeValue> = ev
-        .extra
-        .into_iter()
-        .filter(|(k, v)| !k.is_empty() && !v.is_empty())
-        .map(|(k, v)| (k, AttributeValue::S(v)))
-        .collect();
-    if !extra.is_empty() {
-        item.insert("extra".into(), AttributeValue::M(extra));
-    }
-    s(&mut item, "shardId", shard_id.to_owned());
-    s(&mut item, "sequenceNumber", sequence.to_owned());
-    item
+) -> Result<HashMap<String, AttributeValue>, RecordError> {
+    serde_dynamo::to_item(EventItem::new(ev, shard_id, sequence, ttl_days))
+        .map_err(|e| RecordError::Item(e.to_string()))
 }
 
 #[cfg(test)]
@@ -191,15 +224,38 @@ mod tests {
         let ev = TrackingEvent {
             message_id: "id-1".into(),
             programid: "p".into(),
+            timestamp_ms: 1_700_000_000_000,
+            customer_id: 7,
+            is_valid: true,
+            extra: [
+                ("utm".to_owned(), "x".to_owned()),
+                (String::new(), "y".to_owned()),
+            ]
+            .into_iter()
+            .collect(),
             ..Default::default()
         };
         let bytes = ev.encode_to_vec();
         let back = decode(&bytes).expect("decodes");
-        let item = to_item(back, "shard-0", "42", 30);
+        let item = to_item(back, "shard-0", "42", 30).expect("item");
         assert!(item.contains_key("expiresAt"));
         assert!(matches!(&item["programBucket"], AttributeValue::S(b) if b.starts_with("p#")));
         assert_eq!(item["eventId"], AttributeValue::S("id-1".into()));
         assert!(!item.contains_key("referrer"), "empty strings are left out");
+        assert!(!item.contains_key("isBot"), "unset flags are left out");
+        assert_eq!(item["ts"], AttributeValue::N("1700000000000".into()));
+        assert_eq!(
+            item["expiresAt"],
+            AttributeValue::N((1_700_000_000 + 30 * 86_400).to_string())
+        );
+        assert_eq!(item["customerId"], AttributeValue::N("7".into()));
+        assert_eq!(item["isValid"], AttributeValue::Bool(true));
+        assert_eq!(item["sequenceNumber"], AttributeValue::S("42".into()));
+        assert_eq!(
+            item["extra"],
+            AttributeValue::M([("utm".to_owned(), AttributeValue::S("x".into()))].into()),
+            "extras without a name are left out"
+        );
         assert!(matches!(
             decode(&[0xff, 0xff, 0xff]),
             Err(RecordError::Decode(_))

@@ -133,7 +133,8 @@ pub async fn run(stack_env: &Path, out: &Path, a: ConsumerArgs) -> Result<()> {
             let ev = adtrack_proto::v1::TrackingEvent::decode(&bench_event(&id)[..])
                 .expect("bench event");
             let seq = format!("{:056}", i);
-            let item = adtrack_consumer::item::to_item(ev, "shardId-000000000000", &seq, 90);
+            let item = adtrack_consumer::item::to_item(ev, "shardId-000000000000", &seq, 90)
+                .expect("item");
             WriteRequest::builder()
                 .put_request(
                     PutRequest::builder()
