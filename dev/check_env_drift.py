@@ -4,6 +4,7 @@ each binary against the variables that binary reads.
 
 A binary's variables are the `env = "NAME"` attributes of its clap config
 (tracker/src/config.rs, consumer/src/config.rs, consumer/src/lambda_config.rs,
+consumer/src/write_config.rs (the group both consumer configs flatten),
 updater/src/*.rs). A template's are the `Environment` and `Secrets` names of
 the ECS container that runs the binary (matched by its command, else its
 name) and the `Environment.Variables` of the Lambda function running on a
@@ -46,11 +47,16 @@ class Binary:
 
 BINARIES: tuple[Binary, ...] = (
     Binary("tracker", "tracker (ECS)", ("tracker/src/config.rs",), "ecs"),
-    Binary("consumer", "consumer (ECS)", ("consumer/src/config.rs",), "ecs"),
+    Binary(
+        "consumer",
+        "consumer (ECS)",
+        ("consumer/src/config.rs", "consumer/src/write_config.rs"),
+        "ecs",
+    ),
     Binary(
         "consumer-lambda",
         "consumer (Lambda)",
-        ("consumer/src/lambda_config.rs",),
+        ("consumer/src/lambda_config.rs", "consumer/src/write_config.rs"),
         "lambda",
         required=False,
     ),

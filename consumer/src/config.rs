@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::batch::Tables;
+pub use crate::write_config::WriteConfig;
 
 /// adtrack consumer: reads every shard of the events stream and writes each
 /// event to DynamoDB, keyed by its event id so a replay overwrites.
@@ -70,51 +70,6 @@ pub struct Config {
     /// Log format: `json` or `text`.
     #[arg(long, env = "LOG_FORMAT", value_name = "LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
     pub log_format: String,
-}
-
-/// Where and how events are written: the same settings, with the same
-/// variables, for the poller and the Lambda front-end.
-#[derive(clap::Args, Debug, Clone)]
-pub struct WriteConfig {
-    /// DynamoDB table the events are written to.
-    #[arg(
-        long,
-        env = "EVENTS_TABLE",
-        value_name = "EVENTS_TABLE",
-        default_value = "adtrack-events"
-    )]
-    pub events_table: String,
-
-    /// DynamoDB table for records and events that cannot be stored as events.
-    #[arg(
-        long,
-        env = "DEAD_LETTER_TABLE",
-        value_name = "DEAD_LETTER_TABLE",
-        default_value = "adtrack-dead-letters"
-    )]
-    pub dead_letter_table: String,
-
-    /// Days an event item is kept (its `expiresAt` time-to-live attribute).
-    #[arg(long, env = "CONSUMER_EVENT_TTL_DAYS", value_name = "CONSUMER_EVENT_TTL_DAYS", default_value_t = 90, value_parser = clap::value_parser!(u32).range(1..=3650))]
-    pub event_ttl_days: u32,
-
-    /// BatchWriteItem calls in flight at once per batch.
-    #[arg(long, env = "CONSUMER_WRITE_CONCURRENCY", value_name = "CONSUMER_WRITE_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub write_concurrency: u32,
-}
-
-impl WriteConfig {
-    /// The tables and write settings, with `max_attempts` attempts per call
-    /// before a batch is reported failed (0: keep trying).
-    pub fn tables(&self, max_attempts: u32) -> Tables {
-        Tables {
-            events: self.events_table.clone(),
-            dead_letters: self.dead_letter_table.clone(),
-            ttl_days: self.event_ttl_days,
-            write_concurrency: self.write_concurrency as usize,
-            max_attempts,
-        }
-    }
 }
 
 impl Config {

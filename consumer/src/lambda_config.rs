@@ -2,7 +2,7 @@
 
 use clap::Parser;
 
-use crate::config::WriteConfig;
+use crate::write_config::WriteConfig;
 
 /// adtrack consumer as an AWS Lambda function behind a Kinesis event source
 /// mapping (runtime provided.al2023, handler `bootstrap`).

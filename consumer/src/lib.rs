@@ -15,6 +15,7 @@ pub mod lambda_config;
 pub mod lease;
 pub mod metric;
 pub mod poller;
+pub mod write_config;
 pub mod writer;
 
 use std::sync::Arc;

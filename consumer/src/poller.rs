@@ -330,8 +330,11 @@ impl Poller {
             match next {
                 Some(next) => iterator = next,
                 None => {
-                    // A closed shard, read to its end: its children may start.
-                    self.store_checkpoint(shard, SHARD_END, stop).await?;
+                    // A closed shard, read to its end: its children may start
+                    // (unless the lease was lost first: its next holder ends it).
+                    if !self.store_checkpoint(shard, SHARD_END, stop).await? {
+                        return Err(Interrupted);
+                    }
                     return Ok(());
                 }
             }

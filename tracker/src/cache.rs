@@ -156,8 +156,10 @@ pub struct ProgramCache {
     redis: OnceCell<ConnectionManager>,
     timeout: Duration,
     /// Redis reads of misses in flight, by id: concurrent misses for one
-    /// id share one read.
-    reads: Mutex<HashMap<String, Read>>,
+    /// id share one read. Each read runs as a task of its own that removes
+    /// its entry when it ends (within the Redis timeout), whether or not
+    /// anyone still waits for it, so a read is never reused stale.
+    reads: Arc<Mutex<HashMap<String, Read>>>,
     lookups: LookupMeters,
 }
 
@@ -231,7 +233,7 @@ impl ProgramCache {
             warm: AtomicBool::new(false),
             redis: OnceCell::new(),
             timeout: settings.redis_timeout,
-            reads: Mutex::new(HashMap::new()),
+            reads: Arc::new(Mutex::new(HashMap::new())),
             lookups: LookupMeters {
                 hit: metrics::counter!(metric::CACHE_LOOKUPS, "result" => "hit"),
                 negative_hit: metrics::counter!(metric::CACHE_LOOKUPS, "result" => "negative_hit"),
@@ -247,6 +249,11 @@ impl ProgramCache {
 
     pub fn is_connected(&self) -> bool {
         self.redis.initialized()
+    }
+
+    /// Redis reads of misses in flight now.
+    pub fn reads_in_flight(&self) -> usize {
+        self.reads.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Entries held now (approximate).
@@ -270,8 +277,16 @@ impl ProgramCache {
                 }
                 c
             }
-            // Not cached, or another id with the same key hash is.
-            _ => {
+            // Another id with the same key hash is cached: ask Redis and
+            // cache nothing (the entry is the other id's).
+            Some(_) => {
+                self.lookups.miss.increment(1);
+                match self.read_shared(id).await {
+                    Ok(read) => read,
+                    Err(e) => return Self::unverified(&e),
+                }
+            }
+            None => {
                 self.lookups.miss.increment(1);
                 match self.read_shared(id).await {
                     Ok(read) if self.warm.load(Ordering::Acquire) => {
@@ -298,20 +313,27 @@ impl ProgramCache {
             reads
                 .entry(id.to_owned())
                 .or_insert_with(|| {
-                    let conn = self.redis.get().cloned();
-                    fetch(conn, id.to_owned(), self.timeout)
-                        .map(|r| r.map_err(Arc::new))
-                        .boxed()
-                        .shared()
+                    let (conn, id, timeout) =
+                        (self.redis.get().cloned(), id.to_owned(), self.timeout);
+                    let reads = Arc::clone(&self.reads);
+                    let task = tokio::spawn(async move {
+                        let result = fetch(conn, id.clone(), timeout).await.map_err(Arc::new);
+                        reads.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                        result
+                    });
+                    task.map(|joined| {
+                        joined.unwrap_or_else(|e| {
+                            Err(Arc::new(FetchError::from(redis::RedisError::from(
+                                std::io::Error::other(e),
+                            ))))
+                        })
+                    })
+                    .boxed()
+                    .shared()
                 })
                 .clone()
         };
-        let result = read.clone().await;
-        let mut reads = self.reads.lock().unwrap_or_else(|e| e.into_inner());
-        if reads.get(id).is_some_and(|r| r.ptr_eq(&read)) {
-            reads.remove(id);
-        }
-        result
+        read.await
     }
 
     /// Counts a failed Redis read; the hit is unverified.
@@ -404,7 +426,7 @@ impl ProgramCache {
             .await?;
         let scan_started = secs * 1_000_000 + micros;
         let (tx, mut pages) = tokio::sync::mpsc::channel(2);
-        let reader = tokio::spawn(read_pages(conn, tx));
+        let reader = tokio::spawn(read_pages(conn.clone(), tx));
         let mut loaded = Loaded {
             // Only worth saying when there is something cached to keep.
             redis_lost_data: counter.is_none() && self.cache.iter().next().is_some(),
@@ -418,13 +440,17 @@ impl ProgramCache {
                 if let Cached::Known(_) = cached {
                     loaded.programs += 1;
                 }
+                // A hash that was gone by the time it was read is not seen.
+                let present = !matches!(cached, Cached::Missing { version: 0, .. });
                 if first {
                     if loaded.programs as u64 <= capacity {
                         self.cache.insert(self.key(&id), cached).await;
                     }
                     continue;
                 }
-                seen.insert(self.key(&id));
+                if present {
+                    seen.insert(self.key(&id));
+                }
                 if loaded.programs as u64 <= capacity {
                     self.put_if_newer(&id, cached).await;
                 }
@@ -434,6 +460,14 @@ impl ProgramCache {
         reader
             .await
             .map_err(|e| FetchError::from(redis::RedisError::from(std::io::Error::other(e))))??;
+        // Redis may have lost its data during the scan, too.
+        if !loaded.redis_lost_data && !first {
+            let counter: Option<u64> = redis::cmd("GET")
+                .arg(VERSION_KEY)
+                .query_async(&mut conn)
+                .await?;
+            loaded.redis_lost_data = counter.is_none();
+        }
         if first {
             self.warm.store(true, Ordering::Release);
         } else if !loaded.redis_lost_data {

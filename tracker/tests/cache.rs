@@ -133,7 +133,15 @@ async fn a_miss_never_overwrites_a_newer_push_that_overtook_its_read() {
     let mut store = load_programs(&stack).await;
     let redis_addr = ([127, 0, 0, 1], stack.redis.port).into();
     let proxy = TcpProxy::start(redis_addr).await;
-    let t = Tracker::start(&stack, &[("REDIS_URL", &proxy.redis_url())]).await;
+    // A Redis timeout long enough that the held read is still awaited.
+    let t = Tracker::start(
+        &stack,
+        &[
+            ("REDIS_URL", &proxy.redis_url()),
+            ("TRACKER_REDIS_TIMEOUT_MS", "5000"),
+        ],
+    )
+    .await;
     // The cache's connection is the first the tracker opens, pub/sub's the second.
     assert!(proxy.accepted() >= 2, "both connections open");
     let http = Http::new();
@@ -479,5 +487,49 @@ async fn a_batch_during_a_redis_brownout_waits_one_deadline() {
         assert_eq!(item["index"], i, "results in request order");
         assert_eq!(item["status"], "unverified", "{item}");
         assert!(item["eventId"].is_string(), "{item}");
+    }
+}
+
+/// A miss whose request gave up (a client gone, a batch's deadline) leaves
+/// no read behind: the read ends on its own, and the next miss asks Redis
+/// again instead of taking that old answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_miss_leaves_no_stale_read_behind() {
+    use adtrack_tracker::cache::{CacheSettings, Lookup, ProgramCache};
+    let redis = adtrack_testkit::Redis::start().expect("redis");
+    let proxy = TcpProxy::start(([127, 0, 0, 1], redis.port).into()).await;
+    let cache = std::sync::Arc::new(ProgramCache::new(&CacheSettings {
+        capacity: 1000,
+        positive_ttl: Duration::from_secs(600),
+        negative_ttl: Duration::from_secs(600),
+        redis_timeout: Duration::from_secs(10),
+    }));
+    let client = redis::Client::open(proxy.redis_url()).expect("client");
+    cache.set_connection(client.get_connection_manager().await.expect("manager"));
+    cache.load_all().await.expect("warm");
+    write_behind(&redis.url(), "late", "old", true, 1).await;
+
+    proxy.hold_replies(0);
+    let now = time::OffsetDateTime::now_utc();
+    let miss = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.lookup("late", now).await })
+    };
+    wait_until(
+        "the miss's read answered",
+        Duration::from_secs(10),
+        || async { proxy.held_bytes() > 0 },
+    )
+    .await;
+    miss.abort();
+    write_behind(&redis.url(), "late", "new", true, 2).await;
+    proxy.release();
+    wait_until("the read ended", Duration::from_secs(10), || async {
+        cache.reads_in_flight() == 0
+    })
+    .await;
+    match cache.lookup("late", now).await {
+        Lookup::Active(p) => assert_eq!(p.program_name(), "new", "a fresh read"),
+        other => panic!("{other:?}"),
     }
 }

@@ -492,7 +492,12 @@ async fn kcl_event_counts(stack: &Stack) -> HashMap<String, usize> {
         .await
         .unwrap_or_default();
     for r in records {
-        let (start, end) = ranges[&r.shard_id];
+        let Some(&(start, end)) = ranges.get(&r.shard_id) else {
+            panic!(
+                "a record in {}, a shard ListShards does not name",
+                r.shard_id
+            );
+        };
         let events = match deaggregate(&r.data).expect("aggregate") {
             Deaggregated::Plain => vec![r.data.clone()],
             Deaggregated::Records(users) => users
