@@ -642,18 +642,7 @@ async fn an_event_dynamodb_refuses_for_good_is_dead_lettered_not_retried() {
 
 /// Waits until the stream is ACTIVE again after a reshard.
 async fn stream_active(stack: &Stack) {
-    let client = kinesis_client(&stack.kinesis.url());
-    wait_until("stream active", Duration::from_secs(30), || async {
-        client
-            .describe_stream_summary()
-            .stream_name(EVENTS_STREAM)
-            .send()
-            .await
-            .ok()
-            .and_then(|o| o.stream_description_summary)
-            .is_some_and(|d| d.stream_status == aws_sdk_kinesis::types::StreamStatus::Active)
-    })
-    .await;
+    adtrack_testkit::wait_stream_active(&stack.kinesis.url()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

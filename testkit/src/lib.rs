@@ -516,6 +516,22 @@ pub async fn read_stream(url: &str) -> Result<Vec<StreamRecord>> {
     Ok(out)
 }
 
+/// Waits until the events stream at `url` is ACTIVE again (after a reshard).
+pub async fn wait_stream_active(url: &str) {
+    let client = kinesis_client(url);
+    wait_until("stream active", Duration::from_secs(30), || async {
+        client
+            .describe_stream_summary()
+            .stream_name(EVENTS_STREAM)
+            .send()
+            .await
+            .ok()
+            .and_then(|o| o.stream_description_summary)
+            .is_some_and(|d| d.stream_status == aws_sdk_kinesis::types::StreamStatus::Active)
+    })
+    .await;
+}
+
 /// One user record (event) read back from the stream, deaggregated.
 #[derive(Debug, Clone)]
 pub struct StreamEvent {

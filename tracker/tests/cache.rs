@@ -242,28 +242,7 @@ async fn unknown_ids_are_cached_negatively_then_expire() {
 
     // Written behind the tracker's back (no publish): the negative entry
     // answers until it expires, then Redis is asked again.
-    redis_cmd(
-        &stack.redis.url(),
-        &[
-            "HSET",
-            "adtrack:program:quiet",
-            "programId",
-            "quiet",
-            "programName",
-            "q",
-            "checksum",
-            "1",
-            "customerId",
-            "1",
-            "customerName",
-            "c",
-            "valid",
-            "true",
-            "version",
-            "1",
-        ],
-    )
-    .await;
+    write_behind(&stack.redis.url(), "quiet", "q", true, 1).await;
     let before = metric_sum(
         &t.metrics().await,
         "adtrack_cache_lookups_total",

@@ -530,19 +530,8 @@ async fn a_split_and_a_merge_under_load_lose_nothing_for_a_kcl_reader() {
     let t = Tracker::start(&stack, &[]).await;
     let load = Load::start(&t.base, 8, Duration::from_millis(5));
     let client = adtrack_testkit::kinesis_client(&stack.kinesis.url());
-    let active = || async {
-        wait_until("stream active", Duration::from_secs(30), || async {
-            client
-                .describe_stream_summary()
-                .stream_name(adtrack_testkit::EVENTS_STREAM)
-                .send()
-                .await
-                .ok()
-                .and_then(|o| o.stream_description_summary)
-                .is_some_and(|d| d.stream_status == aws_sdk_kinesis::types::StreamStatus::Active)
-        })
-        .await;
-    };
+    let kinesis_url = stack.kinesis.url();
+    let active = || adtrack_testkit::wait_stream_active(&kinesis_url);
     let t = &t;
     let delivered = |n: f64| async move {
         wait_until("events delivered", Duration::from_secs(30), || async {
