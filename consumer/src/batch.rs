@@ -72,6 +72,16 @@ struct Held {
     // (BatchWriteItem refuses duplicate keys in one call).
     items: HashMap<String, Pending>,
     dead: Vec<(usize, Item)>,
+    /// User records per record read so far, for the dead letters of
+    /// refused events.
+    totals: Vec<usize>,
+}
+
+/// Where one batch writes, and what stops it.
+struct Writer<'a> {
+    client: &'a Client,
+    tables: &'a Tables,
+    stop: &'a CancellationToken,
 }
 
 impl Held {
@@ -89,13 +99,16 @@ pub async fn process(
 ) -> BatchOutcome {
     let mut outcome = BatchOutcome::default();
     let mut held = Held::default();
-    // User records per record, for the dead letters of refused events.
-    let mut totals = Vec::with_capacity(records.len());
+    let w = Writer {
+        client,
+        tables,
+        stop,
+    };
     for (index, r) in records.iter().enumerate() {
         metrics::counter!(metric::RECORDS_READ).increment(1);
         let events = decode_record(&r.data);
         let total = events.len();
-        totals.push(total);
+        held.totals.push(total);
         let mut bad = 0;
         let mut first_fault = None;
         for ev in events {
@@ -114,17 +127,7 @@ pub async fn process(
                             });
                         }
                     }
-                    if held.len() >= FLUSH_ITEMS
-                        && !flush(
-                            client,
-                            tables,
-                            records,
-                            &totals,
-                            &mut held,
-                            stop,
-                            &mut outcome,
-                        )
-                        .await
+                    if held.len() >= FLUSH_ITEMS && !w.flush(records, &mut held, &mut outcome).await
                     {
                         return outcome;
                     }
@@ -154,174 +157,166 @@ pub async fn process(
                 .push((index, dead_letter_item(r, &reason, bad, total)));
         }
     }
-    flush(
-        client,
-        tables,
-        records,
-        &totals,
-        &mut held,
-        stop,
-        &mut outcome,
-    )
-    .await;
+    w.flush(records, &mut held, &mut outcome).await;
     outcome
 }
 
 /// Writes what is held; false when some of it could not be written
 /// (`outcome.first_failed` then names the first record not durable).
 /// Events DynamoDB refuses for good are dead-lettered with their record.
-async fn flush(
-    client: &Client,
-    tables: &Tables,
-    records: &[InRecord],
-    totals: &[usize],
-    held: &mut Held,
-    stop: &CancellationToken,
-    outcome: &mut BatchOutcome,
-) -> bool {
-    let mut pending: Vec<Pending> = std::mem::take(&mut held.items).into_values().collect();
-    pending.sort_by_key(|p| p.record);
-    let mut all: Vec<(bool, usize, Item)> = pending
-        .into_iter()
-        .map(|p| (true, p.record, p.item))
-        .collect();
-    all.extend(
-        std::mem::take(&mut held.dead)
+impl Writer<'_> {
+    async fn flush(
+        &self,
+        records: &[InRecord],
+        held: &mut Held,
+        outcome: &mut BatchOutcome,
+    ) -> bool {
+        let mut pending: Vec<Pending> = std::mem::take(&mut held.items).into_values().collect();
+        pending.sort_by_key(|p| p.record);
+        let mut all: Vec<(bool, usize, Item)> = pending
             .into_iter()
-            .map(|(i, item)| (false, i, item)),
-    );
-    let refused = write_all(client, tables, all, stop, outcome).await;
-    if outcome.first_failed.is_some() {
-        return false;
-    }
-    // Events refused for good: one dead letter per record they came from.
-    let mut by_record: BTreeMap<usize, (usize, String)> = BTreeMap::new();
-    for (is_event, record, r) in refused {
-        if is_event {
-            let entry = by_record.entry(record).or_insert((0, r.reason));
-            entry.0 += 1;
-        } else {
-            metrics::counter!(metric::RECORDS_BAD, "reason" => "dead_letter_refused").increment(1);
-            tracing::error!(
-                reason = r.reason,
-                "DynamoDB refused a dead letter; it is dropped"
-            );
-        }
-    }
-    if by_record.is_empty() {
-        return true;
-    }
-    let dead: Vec<(bool, usize, Item)> = by_record
-        .into_iter()
-        .map(|(i, (n, reason))| {
-            let r = &records[i];
-            let reason = format!("DynamoDB refused {n} event(s) of this record: {reason}");
-            tracing::warn!(
-                shard = r.shard_id,
-                sequence = r.sequence_number,
-                reason,
-                "dead-lettering a record"
-            );
-            (false, i, dead_letter_item(r, &reason, n, totals[i]))
-        })
-        .collect();
-    for (_, _, r) in write_all(client, tables, dead, stop, outcome).await {
-        metrics::counter!(metric::RECORDS_BAD, "reason" => "dead_letter_refused").increment(1);
-        tracing::error!(
-            reason = r.reason,
-            "DynamoDB refused a dead letter; it is dropped"
+            .map(|p| (true, p.record, p.item))
+            .collect();
+        all.extend(
+            std::mem::take(&mut held.dead)
+                .into_iter()
+                .map(|(i, item)| (false, i, item)),
         );
-    }
-    outcome.first_failed.is_none()
-}
-
-/// Writes items (events and dead letters, each with its record), 25 per
-/// call, several calls in flight; counts what was written into `outcome`
-/// and sets `first_failed` for what could not be. Returns the items
-/// refused for good.
-async fn write_all(
-    client: &Client,
-    tables: &Tables,
-    all: Vec<(bool, usize, Item)>,
-    stop: &CancellationToken,
-    outcome: &mut BatchOutcome,
-) -> Vec<(bool, usize, Refused)> {
-    // Which record each item belongs to (by table and key), for failures.
-    let key_of = |is_event: bool, item: &Item| -> Option<String> {
-        let key = if is_event { "eventId" } else { "deadLetterId" };
-        item.get(key).and_then(|v| v.as_s().ok()).cloned()
-    };
-    let mut record_of: HashMap<(bool, String), usize> = HashMap::new();
-    for (is_event, record, item) in &all {
-        if let Some(k) = key_of(*is_event, item) {
-            record_of.entry((*is_event, k)).or_insert(*record);
+        let refused = self.write_all(all, outcome).await;
+        if outcome.first_failed.is_some() {
+            return false;
         }
-    }
-    let mut chunks: Vec<(bool, Vec<usize>, Vec<Item>)> = Vec::new();
-    for (is_event, record, item) in all {
-        match chunks.last_mut() {
-            Some((t, recs, its)) if *t == is_event && its.len() < MAX_ITEMS_PER_CALL => {
-                recs.push(record);
-                its.push(item);
-            }
-            _ => chunks.push((is_event, vec![record], vec![item])),
-        }
-    }
-    let client = Arc::new(client.clone());
-    let results: Vec<ChunkResult> =
-        futures_util::stream::iter(chunks.into_iter().map(|(is_event, recs, its)| {
-            let client = client.clone();
-            let stop = stop.clone();
-            let attempts = tables.max_attempts;
-            let (table, label) = if is_event {
-                (tables.events.clone(), "events")
-            } else {
-                (tables.dead_letters.clone(), "dead_letters")
-            };
-            async move {
-                let r = write_chunk(&client, &table, label, its, attempts, &stop).await;
-                (is_event, recs, r)
-            }
-        }))
-        .buffer_unordered(tables.write_concurrency.max(1))
-        .collect()
-        .await;
-    let mut refused_all = Vec::new();
-    for (is_event, recs, r) in results {
-        let count = |outcome: &mut BatchOutcome, n: usize| {
+        // Events refused for good: one dead letter per record they came from.
+        let mut by_record: BTreeMap<usize, (usize, String)> = BTreeMap::new();
+        for (is_event, record, r) in refused {
             if is_event {
-                outcome.events_written += n;
+                let entry = by_record.entry(record).or_insert((0, r.reason));
+                entry.0 += 1;
             } else {
-                outcome.dead_letters += n;
+                dead_letter_refused(&r);
             }
+        }
+        if by_record.is_empty() {
+            return true;
+        }
+        let dead: Vec<(bool, usize, Item)> = by_record
+            .into_iter()
+            .map(|(i, (n, reason))| {
+                let r = &records[i];
+                let reason = format!("DynamoDB refused {n} event(s) of this record: {reason}");
+                tracing::warn!(
+                    shard = r.shard_id,
+                    sequence = r.sequence_number,
+                    reason,
+                    "dead-lettering a record"
+                );
+                (false, i, dead_letter_item(r, &reason, n, held.totals[i]))
+            })
+            .collect();
+        for (_, _, r) in self.write_all(dead, outcome).await {
+            dead_letter_refused(&r);
+        }
+        outcome.first_failed.is_none()
+    }
+
+    /// Writes items (events and dead letters, each with its record), 25 per
+    /// call, several calls in flight; counts what was written into `outcome`
+    /// and sets `first_failed` for what could not be. Returns the items
+    /// refused for good.
+    async fn write_all(
+        &self,
+        all: Vec<(bool, usize, Item)>,
+        outcome: &mut BatchOutcome,
+    ) -> Vec<(bool, usize, Refused)> {
+        let (client, tables, stop) = (self.client, self.tables, self.stop);
+        // Which record each item belongs to (by table and key), for failures.
+        let key_of = |is_event: bool, item: &Item| -> Option<String> {
+            let key = if is_event { "eventId" } else { "deadLetterId" };
+            item.get(key).and_then(|v| v.as_s().ok()).cloned()
         };
-        match r {
-            Ok(refused) => {
-                count(outcome, recs.len() - refused.len());
-                for r in refused {
-                    let record = key_of(is_event, &r.item)
-                        .and_then(|k| record_of.get(&(is_event, k)).copied())
+        let mut record_of: HashMap<(bool, String), usize> = HashMap::new();
+        for (is_event, record, item) in &all {
+            if let Some(k) = key_of(*is_event, item) {
+                record_of.entry((*is_event, k)).or_insert(*record);
+            }
+        }
+        let mut chunks: Vec<(bool, Vec<usize>, Vec<Item>)> = Vec::new();
+        for (is_event, record, item) in all {
+            match chunks.last_mut() {
+                Some((t, recs, its)) if *t == is_event && its.len() < MAX_ITEMS_PER_CALL => {
+                    recs.push(record);
+                    its.push(item);
+                }
+                _ => chunks.push((is_event, vec![record], vec![item])),
+            }
+        }
+        let client = Arc::new(client.clone());
+        let results: Vec<ChunkResult> =
+            futures_util::stream::iter(chunks.into_iter().map(|(is_event, recs, its)| {
+                let client = client.clone();
+                let stop = stop.clone();
+                let attempts = tables.max_attempts;
+                let (table, label) = if is_event {
+                    (tables.events.clone(), "events")
+                } else {
+                    (tables.dead_letters.clone(), "dead_letters")
+                };
+                async move {
+                    let r = write_chunk(&client, &table, label, its, attempts, &stop).await;
+                    (is_event, recs, r)
+                }
+            }))
+            .buffer_unordered(tables.write_concurrency.max(1))
+            .collect()
+            .await;
+        let mut refused_all = Vec::new();
+        for (is_event, recs, r) in results {
+            let count = |outcome: &mut BatchOutcome, n: usize| {
+                if is_event {
+                    outcome.events_written += n;
+                } else {
+                    outcome.dead_letters += n;
+                }
+            };
+            match r {
+                Ok(refused) => {
+                    count(outcome, recs.len() - refused.len());
+                    for r in refused {
+                        let record = key_of(is_event, &r.item)
+                            .and_then(|k| record_of.get(&(is_event, k)).copied())
+                            .unwrap_or_else(|| recs.iter().copied().min().unwrap_or(0));
+                        refused_all.push((is_event, record, r));
+                    }
+                }
+                Err(e) => {
+                    // The earliest record with an item left unwritten.
+                    let first = e
+                        .unwritten
+                        .iter()
+                        .filter_map(|item| key_of(is_event, item))
+                        .filter_map(|k| record_of.get(&(is_event, k)).copied())
+                        .min()
                         .unwrap_or_else(|| recs.iter().copied().min().unwrap_or(0));
-                    refused_all.push((is_event, record, r));
+                    count(outcome, recs.len().saturating_sub(e.unwritten.len()));
+                    let table = if is_event { "events" } else { "dead_letters" };
+                    tracing::warn!(table, error = %e, first_record = first, "items not written");
+                    outcome.first_failed =
+                        Some(outcome.first_failed.map_or(first, |f| f.min(first)));
                 }
             }
-            Err(e) => {
-                // The earliest record with an item left unwritten.
-                let first = e
-                    .unwritten
-                    .iter()
-                    .filter_map(|item| key_of(is_event, item))
-                    .filter_map(|k| record_of.get(&(is_event, k)).copied())
-                    .min()
-                    .unwrap_or_else(|| recs.iter().copied().min().unwrap_or(0));
-                count(outcome, recs.len().saturating_sub(e.unwritten.len()));
-                let table = if is_event { "events" } else { "dead_letters" };
-                tracing::warn!(table, error = %e, first_record = first, "items not written");
-                outcome.first_failed = Some(outcome.first_failed.map_or(first, |f| f.min(first)));
-            }
         }
+        refused_all
     }
-    refused_all
+}
+
+/// A dead letter DynamoDB refused for good: counted and logged, since it
+/// has nowhere else to go.
+fn dead_letter_refused(r: &Refused) {
+    metrics::counter!(metric::RECORDS_BAD, "reason" => "dead_letter_refused").increment(1);
+    tracing::error!(
+        reason = r.reason,
+        "DynamoDB refused a dead letter; it is dropped"
+    );
 }
 
 /// One call's items: events (true) or dead letters, their records, and

@@ -99,8 +99,14 @@ pub async fn write_chunk(
         Err(Failure::Permanent(items, reason)) => (items, reason),
     };
     if items.len() == 1 {
-        let item = items.into_iter().next().expect("one item");
-        return Ok(vec![Refused { item, reason }]);
+        // Already written alone: it is the one refused.
+        return Ok(items
+            .into_iter()
+            .map(|item| Refused {
+                item,
+                reason: reason.clone(),
+            })
+            .collect());
     }
     tracing::warn!(
         table,
