@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::types::AttributeValue;
-use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -20,13 +19,7 @@ use crate::item::{decode_record, to_item};
 use crate::metric;
 use crate::writer::{Item, MAX_ITEMS_PER_CALL, Refused, WriteFailed, write_chunk};
 
-/// One Kinesis record as a front-end received it.
-#[derive(Debug, Clone)]
-pub struct InRecord {
-    pub shard_id: String,
-    pub sequence_number: String,
-    pub data: Bytes,
-}
+pub use adtrack_reader::Record;
 
 /// Where events and dead letters go.
 #[derive(Debug, Clone)]
@@ -94,7 +87,7 @@ impl Held {
 pub async fn process(
     client: &Client,
     tables: &Tables,
-    records: &[InRecord],
+    records: &[Record],
     stop: &CancellationToken,
 ) -> BatchOutcome {
     let mut outcome = BatchOutcome::default();
@@ -165,12 +158,7 @@ pub async fn process(
 /// (`outcome.first_failed` then names the first record not durable).
 /// Events DynamoDB refuses for good are dead-lettered with their record.
 impl Writer<'_> {
-    async fn flush(
-        &self,
-        records: &[InRecord],
-        held: &mut Held,
-        outcome: &mut BatchOutcome,
-    ) -> bool {
+    async fn flush(&self, records: &[Record], held: &mut Held, outcome: &mut BatchOutcome) -> bool {
         let mut pending: Vec<Pending> = std::mem::take(&mut held.items).into_values().collect();
         pending.sort_by_key(|p| p.record);
         let mut all: Vec<(bool, usize, Item)> = pending
@@ -357,7 +345,7 @@ impl serde::Serialize for RawBytes<'_> {
     }
 }
 
-fn dead_letter_item(r: &InRecord, reason: &str, bad: usize, total: usize) -> Item {
+fn dead_letter_item(r: &Record, reason: &str, bad: usize, total: usize) -> Item {
     use md5::{Digest, Md5};
     let item = DeadLetterItem {
         dead_letter_id: format!("{}/{}", r.shard_id, r.sequence_number),

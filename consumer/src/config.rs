@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use adtrack_reader::StartPosition;
 use clap::Parser;
 
 pub use crate::write_config::WriteConfig;
@@ -55,8 +56,8 @@ pub struct Config {
     /// Where a shard without a checkpoint starts: `trim_horizon` (oldest
     /// record kept) or `latest` (only the shards there at the first start;
     /// the children of a reshard always start at their beginning).
-    #[arg(long, env = "CONSUMER_START_POSITION", value_name = "CONSUMER_START_POSITION", default_value = "trim_horizon", value_parser = ["trim_horizon", "latest"])]
-    pub start_position: String,
+    #[arg(long, env = "CONSUMER_START_POSITION", value_name = "CONSUMER_START_POSITION", default_value = "trim_horizon", value_parser = start_position)]
+    pub start_position: StartPosition,
 
     /// Admin HTTP address (Prometheus metrics, liveness).
     #[arg(
@@ -70,6 +71,10 @@ pub struct Config {
     /// Log format: `json` or `text`.
     #[arg(long, env = "LOG_FORMAT", value_name = "LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
     pub log_format: String,
+}
+
+fn start_position(s: &str) -> Result<StartPosition, String> {
+    StartPosition::parse(s).ok_or_else(|| format!("`{s}` is not `trim_horizon` or `latest`"))
 }
 
 impl Config {

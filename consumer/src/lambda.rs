@@ -6,11 +6,10 @@
 //! mapping; see `cloudformation/`.)
 
 use aws_lambda_events::event::kinesis::KinesisEvent;
-use aws_lambda_events::event::streams::{KinesisBatchItemFailure, KinesisEventResponse};
-use bytes::Bytes;
+use aws_lambda_events::event::streams::KinesisEventResponse;
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::{InRecord, Tables, process};
+use crate::batch::{Tables, process};
 use crate::metric;
 
 /// Attempts per BatchWriteItem call inside one invocation.
@@ -22,34 +21,16 @@ pub async fn handle(
     tables: &Tables,
     event: KinesisEvent,
 ) -> KinesisEventResponse {
-    let records: Vec<InRecord> = event
-        .records
-        .into_iter()
-        .map(|r| {
-            let shard_id = r
-                .event_id
-                .as_deref()
-                .and_then(|id| id.split(':').next())
-                .unwrap_or("")
-                .to_owned();
-            InRecord {
-                shard_id,
-                sequence_number: r.kinesis.sequence_number,
-                data: Bytes::from(r.kinesis.data.0),
-            }
-        })
-        .collect();
+    let records = adtrack_reader::lambda::records(event);
     let outcome = process(client, tables, &records, &CancellationToken::new()).await;
-    let mut response = KinesisEventResponse::default();
-    match outcome.first_failed {
-        None => metrics::counter!(metric::LAMBDA_BATCHES, "result" => "ok").increment(1),
-        Some(i) => {
-            metrics::counter!(metric::LAMBDA_BATCHES, "result" => "partial").increment(1);
-            let mut failure = KinesisBatchItemFailure::default();
-            failure.item_identifier = Some(records[i].sequence_number.clone());
-            response.batch_item_failures.push(failure);
-        }
-    }
+    let result = if outcome.first_failed.is_none() {
+        "ok"
+    } else {
+        "partial"
+    };
+    metrics::counter!(metric::LAMBDA_BATCHES, "result" => result).increment(1);
+    let response =
+        adtrack_reader::lambda::response(&records, outcome.first_failed.unwrap_or(records.len()));
     tracing::info!(
         records = records.len(),
         events = outcome.events_written,

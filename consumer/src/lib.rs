@@ -4,29 +4,59 @@
 //!
 //! One core ([`batch::process`]), two front-ends: the Lambda handler
 //! ([`lambda`], behind an event source mapping, answering a partial batch
-//! response) and the poller ([`poller`], with leases and checkpoints in
-//! DynamoDB, for local runs and ECS).
+//! response) and the poller (for local runs and ECS): adtrack's Kinesis
+//! reader (`adtrack_reader`: leases, checkpoints, reshard order) with
+//! [`EventWriter`] as its handler.
 
 pub mod batch;
 pub mod config;
 pub mod item;
 pub mod lambda;
 pub mod lambda_config;
-pub mod lease;
 pub mod metric;
-pub mod poller;
 pub mod write_config;
 pub mod writer;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use adtrack_reader::{Handler, Reader, Record, Settings};
 use aws_config::BehaviorVersion;
 use aws_config::timeout::TimeoutConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
+
+/// The events stream's handler: each page through the batch core into the
+/// events table. It waits out a DynamoDB outage rather than skip ahead, so
+/// a page is short only when stopped.
+pub struct EventWriter {
+    pub client: aws_sdk_dynamodb::Client,
+    pub tables: batch::Tables,
+}
+
+impl Handler for EventWriter {
+    async fn handle(&self, records: &[Record], stop: &CancellationToken) -> usize {
+        let outcome = batch::process(&self.client, &self.tables, records, stop).await;
+        outcome.first_failed.unwrap_or(records.len())
+    }
+}
+
+impl Config {
+    /// The reader's settings for the events stream.
+    pub fn reader_settings(&self) -> Settings {
+        Settings {
+            stream: self.events_stream.clone(),
+            checkpoint_table: self.checkpoint_table.clone(),
+            lease_duration: self.lease_duration(),
+            poll_interval: self.poll_interval(),
+            max_records: self.max_records,
+            start_position: self.start_position,
+            metric_prefix: metric::READER_PREFIX,
+        }
+    }
+}
 
 /// Runs the poller until `shutdown`. Records whose events are not yet
 /// written when it stops are read again on the next start.
@@ -46,25 +76,20 @@ pub async fn run(
         .load()
         .await;
     let dynamodb = aws_sdk_dynamodb::Client::new(&aws);
-    let owner = format!(
-        "poller-{}-{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    );
+    let owner = adtrack_reader::owner_name("poller");
     tracing::info!(owner, "poller identity");
-    let leases = lease::Leases::new(
-        dynamodb.clone(),
-        config.checkpoint_table.clone(),
-        config.events_stream.clone(),
-        owner,
-        config.lease_duration(),
-    );
-    let poller = Arc::new(poller::Poller {
-        kinesis: aws_sdk_kinesis::Client::new(&aws),
+    let handler = EventWriter {
+        client: dynamodb.clone(),
+        // Attempts 0: retry until written or stopped.
+        tables: config.write.tables(0),
+    };
+    let reader = Arc::new(Reader::new(
+        aws_sdk_kinesis::Client::new(&aws),
         dynamodb,
-        config,
-        leases,
-    });
+        owner,
+        config.reader_settings(),
+        handler,
+    ));
     let upkeep_task = tokio::spawn(adtrack_service::metrics_endpoint::upkeep(
         prometheus.clone(),
         shutdown.clone(),
@@ -74,7 +99,7 @@ pub async fn run(
         prometheus,
         shutdown.clone(),
     ));
-    poller.run(shutdown).await;
+    reader.run(shutdown).await;
     let _ = admin_task.await;
     let _ = upkeep_task.await;
     Ok(())

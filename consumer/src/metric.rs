@@ -11,15 +11,10 @@ pub const ITEMS_WRITTEN: &str = "adtrack_consumer_items_written_total";
 pub const ITEMS_REFUSED: &str = "adtrack_consumer_items_refused_total";
 /// Items resent, label `cause` (`unprocessed`, `throttled`, `call_failed`).
 pub const WRITE_RETRIES: &str = "adtrack_consumer_write_retries_total";
-/// Checkpoints stored.
-pub const CHECKPOINTS: &str = "adtrack_consumer_checkpoints_total";
-/// Kinesis read errors, label `op`.
-pub const READ_ERRORS: &str = "adtrack_consumer_read_errors_total";
-/// Shard leases held by this poller.
-pub const LEASES_HELD: &str = "adtrack_consumer_leases_held";
-/// Lease changes, label `change` (`acquired`, `lost`, `released`).
-pub const LEASE_CHANGES: &str = "adtrack_consumer_lease_changes_total";
 /// Lambda batches, label `result` (`ok`, `partial`).
 pub const LAMBDA_BATCHES: &str = "adtrack_consumer_lambda_batches_total";
-/// Milliseconds behind the tip of the stream, per read (max over shards).
-pub const MILLIS_BEHIND: &str = "adtrack_consumer_millis_behind_latest";
+/// Prefix of the poller's reader metrics (see `adtrack_reader::Settings`):
+/// `adtrack_consumer_checkpoints_total`, `_read_errors_total` (label `op`),
+/// `_leases_held`, `_lease_changes_total` (label `change`: `acquired`,
+/// `lost`, `released`), `_millis_behind_latest`.
+pub const READER_PREFIX: &str = "adtrack_consumer";

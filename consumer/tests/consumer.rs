@@ -17,7 +17,6 @@ use adtrack_testkit::{
     Stack, attr_s, dynamodb_client, free_port, intercepting_proxy, kinesis_client, scan_table,
     wait_until,
 };
-use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use bytes::Bytes;
@@ -640,11 +639,6 @@ async fn an_event_dynamodb_refuses_for_good_is_dead_lettered_not_retried() {
     assert!(poller.proc.wait_exit(Duration::ZERO).is_none());
 }
 
-/// Waits until the stream is ACTIVE again after a reshard.
-async fn stream_active(stack: &Stack) {
-    adtrack_testkit::wait_stream_active(&stack.kinesis.url()).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_split_and_a_merge_latest_skips_nothing_in_the_children() {
     let stack = Stack::start(1).expect("stack");
@@ -669,27 +663,10 @@ async fn after_a_split_and_a_merge_latest_skips_nothing_in_the_children() {
 
     // Split the shard; events go to the children at once, before the
     // poller has read the parent to its end and started them.
-    let client = kinesis_client(&stack.kinesis.url());
-    client
-        .split_shard()
-        .stream_name(EVENTS_STREAM)
-        .shard_to_split("shardId-000000000000")
-        .new_starting_hash_key((1u128 << 127).to_string())
-        .send()
-        .await
-        .expect("split");
-    stream_active(&stack).await;
+    adtrack_testkit::split_first_shard(&stack.kinesis.url()).await;
     put(&stack, mixed("child", 200)).await;
     // Merge the two children; the merged shard has two parents.
-    client
-        .merge_shards()
-        .stream_name(EVENTS_STREAM)
-        .shard_to_merge("shardId-000000000001")
-        .adjacent_shard_to_merge("shardId-000000000002")
-        .send()
-        .await
-        .expect("merge");
-    stream_active(&stack).await;
+    adtrack_testkit::merge_split_children(&stack.kinesis.url()).await;
     put(&stack, mixed("merged", 100)).await;
 
     let sent: HashSet<String> = (0..50)
@@ -705,69 +682,4 @@ async fn after_a_split_and_a_merge_latest_skips_nothing_in_the_children() {
     .await;
     let landed: HashSet<String> = event_ids(&stack).await.into_iter().collect();
     assert_eq!(landed, sent, "every event of every shard, each once");
-}
-
-/// Every write by a lease's holder needs the lease unexpired: a poller that
-/// stalled past its lease cannot checkpoint or renew, even while no other
-/// poller has taken the shard yet; it must acquire it again (and then reads
-/// its checkpoint back with one consistent GetItem).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writes_under_an_expired_lease_are_refused() {
-    use adtrack_consumer::lease::Leases;
-    let stack = Stack::start(1).expect("stack");
-    let ddb = dynamodb_client(&stack.dynamodb.url());
-    let leases = |owner: &str| {
-        Leases::new(
-            ddb.clone(),
-            CHECKPOINT_TABLE.to_owned(),
-            "lease-test".to_owned(),
-            owner.to_owned(),
-            Duration::from_secs(60),
-        )
-    };
-    let (a, b) = (leases("a"), leases("b"));
-    let shard = "shardId-000000000000";
-    assert!(a.acquire(shard).await.expect("acquire"));
-    assert!(a.checkpoint(shard, "100").await.expect("checkpoint"));
-    assert_eq!(
-        a.read_checkpoint(shard).await.expect("read").as_deref(),
-        Some("100")
-    );
-    assert!(!b.acquire(shard).await.expect("acquire"), "held by a");
-    assert!(
-        !b.checkpoint(shard, "999").await.expect("checkpoint"),
-        "not b's"
-    );
-
-    // a's lease runs out (it stalled) while it is still named the owner.
-    ddb.update_item()
-        .table_name(CHECKPOINT_TABLE)
-        .key("shardKey", AttributeValue::S(format!("lease-test/{shard}")))
-        .update_expression("SET leaseExpiresAt = :past")
-        .expression_attribute_values(":past", AttributeValue::N("1".into()))
-        .send()
-        .await
-        .expect("expire the lease");
-    assert!(
-        !a.checkpoint(shard, "200").await.expect("checkpoint"),
-        "expired"
-    );
-    assert!(!a.renew(shard).await.expect("renew"), "expired");
-    assert_eq!(
-        a.read_checkpoint(shard).await.expect("read").as_deref(),
-        Some("100")
-    );
-
-    // Acquired again (by anyone), the lease takes writes again.
-    assert!(b.acquire(shard).await.expect("acquire"));
-    assert!(
-        !a.checkpoint(shard, "200").await.expect("checkpoint"),
-        "now b's"
-    );
-    assert!(b.checkpoint(shard, "300").await.expect("checkpoint"));
-    assert_eq!(
-        b.read_checkpoint(shard).await.expect("read").as_deref(),
-        Some("300")
-    );
-    assert_eq!(b.read_checkpoint("shardId-none").await.expect("read"), None);
 }

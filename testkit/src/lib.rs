@@ -532,6 +532,35 @@ pub async fn wait_stream_active(url: &str) {
     .await;
 }
 
+/// Splits the events stream's first shard in two halves of its hash range
+/// (children `shardId-000000000001` and `-000000000002`), then waits until
+/// the stream is ACTIVE again.
+pub async fn split_first_shard(url: &str) {
+    kinesis_client(url)
+        .split_shard()
+        .stream_name(EVENTS_STREAM)
+        .shard_to_split("shardId-000000000000")
+        .new_starting_hash_key((1u128 << 127).to_string())
+        .send()
+        .await
+        .expect("split the first shard");
+    wait_stream_active(url).await;
+}
+
+/// Merges the two children of [`split_first_shard`] into one shard with two
+/// parents (`shardId-000000000003`), then waits until the stream is ACTIVE.
+pub async fn merge_split_children(url: &str) {
+    kinesis_client(url)
+        .merge_shards()
+        .stream_name(EVENTS_STREAM)
+        .shard_to_merge("shardId-000000000001")
+        .adjacent_shard_to_merge("shardId-000000000002")
+        .send()
+        .await
+        .expect("merge the split's children");
+    wait_stream_active(url).await;
+}
+
 /// One user record (event) read back from the stream, deaggregated.
 #[derive(Debug, Clone)]
 pub struct StreamEvent {

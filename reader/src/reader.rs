@@ -1,21 +1,24 @@
-//! The poller front-end (local runs and ECS): leases shards, works each
-//! leased shard in its own task (GetShardIterator, GetRecords, the shared
-//! batch core), stores the checkpoint only after the records before it are
-//! durably written, follows a closed shard to its children once it is read
-//! to the end, and shares the shards with the other live pollers.
+//! The reader: leases shards, works each leased shard in its own task
+//! (GetShardIterator, GetRecords, the handler), stores the checkpoint only
+//! after the records before it are done, follows a closed shard to its
+//! children once it is read to the end, and shares the shards with the
+//! other live readers of the stream.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use adtrack_service::retry::{Backoff, Stopped};
 use aws_sdk_kinesis::types::{Shard, ShardIteratorType};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::{InRecord, Tables, process};
 use crate::lease::{Leases, SHARD_END};
-use crate::writer::{Interrupted, backoff};
-use crate::{Config, metric};
+use crate::{Handler, Record, Settings, StartPosition};
+
+/// Failed Kinesis and lease calls wait up to 50 ms after the first failure,
+/// doubling to 10 s.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(10));
 
 /// A shard's parents: the split or merged shard, and the merge's other one.
 fn parents(s: &Shard) -> impl Iterator<Item = &str> {
@@ -24,12 +27,48 @@ fn parents(s: &Shard) -> impl Iterator<Item = &str> {
         .flatten()
 }
 
-/// Clients and settings every shard task shares.
-pub struct Poller {
-    pub kinesis: aws_sdk_kinesis::Client,
-    pub dynamodb: aws_sdk_dynamodb::Client,
-    pub config: Config,
-    pub leases: Leases,
+/// One stream's reader: clients, settings and the handler every shard task
+/// shares.
+pub struct Reader<H> {
+    kinesis: aws_sdk_kinesis::Client,
+    leases: Leases,
+    settings: Settings,
+    handler: H,
+    names: Names,
+}
+
+/// The reader's metric names, under its prefix.
+struct Names {
+    checkpoints: String,
+    read_errors: String,
+    leases_held: String,
+    lease_changes: String,
+    millis_behind: String,
+}
+
+impl Names {
+    fn new(prefix: &str) -> Self {
+        Self {
+            checkpoints: format!("{prefix}_checkpoints_total"),
+            read_errors: format!("{prefix}_read_errors_total"),
+            leases_held: format!("{prefix}_leases_held"),
+            lease_changes: format!("{prefix}_lease_changes_total"),
+            millis_behind: format!("{prefix}_millis_behind_latest"),
+        }
+    }
+}
+
+/// The shard task ends: stopped, or its lease is gone.
+struct Interrupted;
+
+impl From<Stopped> for Interrupted {
+    fn from(_: Stopped) -> Self {
+        Interrupted
+    }
+}
+
+async fn backoff(attempt: u32, stop: &CancellationToken) -> Result<(), Interrupted> {
+    Ok(RETRY.sleep(attempt, stop).await?)
 }
 
 struct Worked {
@@ -37,23 +76,51 @@ struct Worked {
     task: JoinHandle<()>,
 }
 
-impl Poller {
-    pub fn tables(&self) -> Tables {
-        // The poller waits out a DynamoDB outage rather than skip ahead.
-        self.config.write.tables(0)
+impl<H: Handler> Reader<H> {
+    /// A reader of `settings.stream` named `owner` in the lease table.
+    pub fn new(
+        kinesis: aws_sdk_kinesis::Client,
+        dynamodb: aws_sdk_dynamodb::Client,
+        owner: String,
+        settings: Settings,
+        handler: H,
+    ) -> Self {
+        let leases = Leases::new(
+            dynamodb,
+            settings.checkpoint_table.clone(),
+            settings.stream.clone(),
+            owner,
+            settings.lease_duration,
+        );
+        let names = Names::new(settings.metric_prefix);
+        Self {
+            kinesis,
+            leases,
+            settings,
+            handler,
+            names,
+        }
+    }
+
+    pub fn handler(&self) -> &H {
+        &self.handler
+    }
+
+    pub fn leases(&self) -> &Leases {
+        &self.leases
     }
 
     /// Coordinates leases until `stop`, then stops every shard task (their
     /// checkpoints stay where the data is durable) and gives the leases up.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut worked: HashMap<String, Worked> = HashMap::new();
-        let tick = (self.config.lease_duration() / 3).max(Duration::from_millis(200));
+        let tick = (self.settings.lease_duration / 3).max(Duration::from_millis(200));
         loop {
             worked.retain(|_, w| !w.task.is_finished());
             if let Err(e) = self.coordinate(&mut worked, &stop).await {
                 tracing::warn!(error = %e, "lease coordination failed; retrying");
             }
-            metrics::gauge!(metric::LEASES_HELD).set(worked.len() as f64);
+            metrics::gauge!(self.names.leases_held.clone()).set(worked.len() as f64);
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tokio::time::sleep(tick) => {}
@@ -91,7 +158,8 @@ impl Poller {
         for shard in worked.keys().cloned().collect::<Vec<_>>() {
             if !self.leases.renew(&shard).await? {
                 tracing::warn!(shard, "lease lost; stopping work on the shard");
-                metrics::counter!(metric::LEASE_CHANGES, "change" => "lost").increment(1);
+                metrics::counter!(self.names.lease_changes.clone(), "change" => "lost")
+                    .increment(1);
                 if let Some(w) = worked.remove(&shard) {
                     w.stop.cancel();
                     let _ = w.task.await;
@@ -99,7 +167,7 @@ impl Poller {
             }
         }
         // Share: give one up when we hold more than our part and another
-        // live poller holds less.
+        // live reader holds less.
         let mut held: HashMap<&str, usize> = HashMap::new();
         for r in rows.values() {
             if let Some(o) = &r.owner
@@ -121,7 +189,8 @@ impl Poller {
             w.stop.cancel();
             let _ = w.task.await;
             self.leases.release(&shard).await?;
-            metrics::counter!(metric::LEASE_CHANGES, "change" => "released").increment(1);
+            metrics::counter!(self.names.lease_changes.clone(), "change" => "released")
+                .increment(1);
             tracing::info!(shard, "lease released to share the stream");
         }
         // Take free or expired shards up to our part.
@@ -138,7 +207,8 @@ impl Poller {
                 continue;
             }
             if self.leases.acquire(shard).await? {
-                metrics::counter!(metric::LEASE_CHANGES, "change" => "acquired").increment(1);
+                metrics::counter!(self.names.lease_changes.clone(), "change" => "acquired")
+                    .increment(1);
                 tracing::info!(shard, "lease acquired; working shard");
                 let me = self.clone();
                 let token = stop.child_token();
@@ -162,10 +232,11 @@ impl Poller {
             let req = self.kinesis.list_shards();
             let req = match &token {
                 Some(t) => req.next_token(t),
-                None => req.stream_name(&self.config.events_stream),
+                None => req.stream_name(&self.settings.stream),
             };
             let out = req.send().await.map_err(|e| {
-                metrics::counter!(metric::READ_ERRORS, "op" => "list_shards").increment(1);
+                metrics::counter!(self.names.read_errors.clone(), "op" => "list_shards")
+                    .increment(1);
                 aws_sdk_kinesis::error::DisplayErrorContext(&e).to_string()
             })?;
             shards.extend(out.shards.unwrap_or_default());
@@ -188,13 +259,13 @@ impl Poller {
             let req = self
                 .kinesis
                 .get_shard_iterator()
-                .stream_name(&self.config.events_stream)
+                .stream_name(&self.settings.stream)
                 .shard_id(shard);
             let req = match after {
                 Some(seq) => req
                     .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
                     .starting_sequence_number(seq),
-                None if self.config.start_position == "latest" && !from_start => {
+                None if self.settings.start_position == StartPosition::Latest && !from_start => {
                     req.shard_iterator_type(ShardIteratorType::Latest)
                 }
                 None => req.shard_iterator_type(ShardIteratorType::TrimHorizon),
@@ -206,7 +277,7 @@ impl Poller {
                     }
                 }
                 Err(e) => {
-                    metrics::counter!(metric::READ_ERRORS, "op" => "get_shard_iterator")
+                    metrics::counter!(self.names.read_errors.clone(), "op" => "get_shard_iterator")
                         .increment(1);
                     tracing::warn!(shard, error = %aws_sdk_kinesis::error::DisplayErrorContext(&e), "GetShardIterator failed; retrying");
                 }
@@ -250,7 +321,6 @@ impl Poller {
         if let Some(seq) = &checkpoint {
             tracing::info!(shard, sequence = %seq, "resuming after checkpoint");
         }
-        let tables = self.tables();
         let mut iterator = self
             .iterator(shard, checkpoint.as_deref(), from_start, stop)
             .await?;
@@ -271,7 +341,8 @@ impl Poller {
                     out
                 }
                 Err(e) => {
-                    metrics::counter!(metric::READ_ERRORS, "op" => "get_records").increment(1);
+                    metrics::counter!(self.names.read_errors.clone(), "op" => "get_records")
+                        .increment(1);
                     let expired = e
                         .as_service_error()
                         .is_some_and(|s| s.is_expired_iterator_exception());
@@ -287,13 +358,13 @@ impl Poller {
                 }
             };
             if let Some(ms) = out.millis_behind_latest {
-                metrics::gauge!(metric::MILLIS_BEHIND).set(ms as f64);
+                metrics::gauge!(self.names.millis_behind.clone()).set(ms as f64);
             }
             let next = out.next_shard_iterator;
-            let records: Vec<InRecord> = out
+            let records: Vec<Record> = out
                 .records
                 .into_iter()
-                .map(|r| InRecord {
+                .map(|r| Record {
                     shard_id: shard.to_owned(),
                     sequence_number: r.sequence_number,
                     data: bytes::Bytes::from(r.data.into_inner()),
@@ -302,8 +373,7 @@ impl Poller {
             if !records.is_empty() {
                 // Write this page and read the next one at the same time.
                 let write = async {
-                    let outcome = process(&self.dynamodb, &tables, &records, stop).await;
-                    let durable = outcome.first_failed.unwrap_or(records.len());
+                    let durable = self.handler.handle(&records, stop).await.min(records.len());
                     if durable > 0 {
                         let seq = &records[durable - 1].sequence_number;
                         if !self.store_checkpoint(shard, seq, stop).await? {
@@ -311,8 +381,8 @@ impl Poller {
                         }
                         checkpoint = Some(seq.clone());
                     }
-                    if outcome.first_failed.is_some() {
-                        // Stopped mid-batch (shutdown): the rest is read again later.
+                    if durable < records.len() {
+                        // Stopped mid-page (shutdown): the rest is read again later.
                         return Err(Interrupted);
                     }
                     Ok(())
@@ -341,7 +411,7 @@ impl Poller {
             if records.is_empty() {
                 tokio::select! {
                     _ = stop.cancelled() => return Err(Interrupted),
-                    _ = tokio::time::sleep(self.config.poll_interval()) => {}
+                    _ = tokio::time::sleep(self.settings.poll_interval) => {}
                 }
             }
         }
@@ -361,7 +431,7 @@ impl Poller {
         self.kinesis
             .get_records()
             .shard_iterator(iterator)
-            .limit(self.config.max_records)
+            .limit(self.settings.max_records)
             .send()
             .await
     }
@@ -377,7 +447,7 @@ impl Poller {
         loop {
             match self.leases.checkpoint(shard, seq).await {
                 Ok(true) => {
-                    metrics::counter!(metric::CHECKPOINTS).increment(1);
+                    metrics::counter!(self.names.checkpoints.clone()).increment(1);
                     return Ok(true);
                 }
                 Ok(false) => {
@@ -385,7 +455,8 @@ impl Poller {
                         shard,
                         "lease lost or expired before the checkpoint; stopping work on the shard"
                     );
-                    metrics::counter!(metric::LEASE_CHANGES, "change" => "lost").increment(1);
+                    metrics::counter!(self.names.lease_changes.clone(), "change" => "lost")
+                        .increment(1);
                     return Ok(false);
                 }
                 Err(e) => {

@@ -1,16 +1,16 @@
-//! Shard leases and checkpoints in the checkpoint table, so two pollers on
-//! one stream never both work one shard, a crashed poller's shards are taken
-//! over once its leases expire, and live pollers share the shards.
+//! Shard leases and checkpoints in the checkpoint table, so two readers on
+//! one stream never both work one shard, a crashed reader's shards are taken
+//! over once its leases expire, and live readers share the shards.
 //!
 //! Rows (partition key `shardKey`):
 //! - `{stream}/{shardId}`: `sequenceNumber` (checkpoint, or `SHARD_END`),
 //!   `leaseOwner`, `leaseExpiresAt` (epoch ms). Every change is a
 //!   conditional write: a lease is taken only when free or expired, renewed
-//!   and checkpointed only by its owner while it has not expired (a poller
+//!   and checkpointed only by its owner while it has not expired (a reader
 //!   that stalled past its lease learns it at its next write, before another
-//!   poller's work can be overwritten by its checkpoint).
-//! - `{stream}/worker/{owner}`: `leaseExpiresAt`, a poller's heartbeat, so
-//!   pollers know how many share the stream.
+//!   reader's work can be overwritten by its checkpoint).
+//! - `{stream}/worker/{owner}`: `leaseExpiresAt`, a reader's heartbeat, so
+//!   readers know how many share the stream.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -29,7 +29,7 @@ pub struct ShardRow {
     pub expires_ms: i64,
 }
 
-/// The lease table of one stream, seen by one poller.
+/// The lease table of one stream, seen by one reader.
 #[derive(Debug, Clone)]
 pub struct Leases {
     client: Client,
@@ -191,7 +191,7 @@ impl Leases {
             .and_then(|item| item.get("sequenceNumber")?.as_s().ok().cloned()))
     }
 
-    /// Announces this poller (heartbeat).
+    /// Announces this reader (heartbeat).
     pub async fn heartbeat(&self) -> Res<()> {
         self.client
             .put_item()
@@ -207,7 +207,7 @@ impl Leases {
             .map_err(err)
     }
 
-    /// Removes this poller's heartbeat (on a clean stop).
+    /// Removes this reader's heartbeat (on a clean stop).
     pub async fn leave(&self) {
         let _ = self
             .client
@@ -221,7 +221,7 @@ impl Leases {
             .await;
     }
 
-    /// Every shard row of this stream, and the live pollers (a scan of the
+    /// Every shard row of this stream, and the live readers (a scan of the
     /// small lease table, as KCL lists its leases).
     pub async fn snapshot(&self) -> Res<(HashMap<String, ShardRow>, Vec<String>)> {
         let prefix = format!("{}/", self.stream);
