@@ -9,16 +9,20 @@
 //!   comma-separated list) plus `version`. A deleted program keeps a tombstone
 //!   hash holding only `version` and `deleted` = `1`, so a late, older write
 //!   cannot bring it back.
-//! - `adtrack:program-version`: the highest version handed out. When the
-//!   operator gives none, a write takes the largest of that plus one, the
-//!   stored version plus one, and Redis's clock in microseconds: versions only
-//!   grow, and keep growing even after Redis lost its data (a reload after a
-//!   flush or a cold restart still beats what trackers have cached).
+//! - `adtrack:program-version`: the highest version handed out, and the mark
+//!   that Redis holds every program: it is gone after Redis lost its data
+//!   (a failover to an empty replica, a FLUSHALL), and only the sync that
+//!   restores every program from the programs table sets it again
+//!   ([`COMPLETE_SCRIPT`]). A tracker is not ready while it is absent, and a
+//!   running one keeps what it cached. Versions normally come from the
+//!   programs table (the updater passes them explicitly); a write that asks
+//!   Redis for one takes the largest of the counter plus one, the stored
+//!   version plus one, and Redis's clock in microseconds, so versions only
+//!   grow.
 //!
 //! Every write goes through [`UPSERT_SCRIPT`] or [`DELETE_SCRIPT`], which
 //! refuse a version not newer than the stored one and PUBLISH the change in
-//! the same atomic step. A file load runs all its scripts in one
-//! `MULTI`/`EXEC`, so a load is applied whole or not at all.
+//! the same atomic step.
 //!
 //! # Channel
 //!
@@ -53,47 +57,72 @@ pub fn program_key(id: &ProgramId) -> String {
 
 /// Upsert, atomically: `KEYS[1]` program hash, `KEYS[2]` version counter;
 /// `ARGV[1]` requested version (0: take the next one, see the module docs),
-/// `ARGV[2]` channel, `ARGV[3]` program JSON without version, `ARGV[4..]`
-/// field/value pairs. Returns `{1, version}` when written and published,
-/// `{0, stored_version}` when the stored version is not older (versions as
-/// decimal strings).
+/// `ARGV[2]` channel, `ARGV[3]` program JSON without version, `ARGV[4]`
+/// counter mode (`create`: set the counter, creating it when absent;
+/// `keep`: raise it only if it exists, so a write into an emptied Redis
+/// does not mark it complete), `ARGV[5..]` field/value pairs. Returns
+/// `{1, version}` when written and published, `{0, stored_version}` when
+/// the stored version is not older (versions as decimal strings).
 pub const UPSERT_SCRIPT: &str = r#"
 local requested = tonumber(ARGV[1])
 local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+local counter = redis.call('GET', KEYS[2])
 local v = requested
 if v == 0 then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  v = math.max(tonumber(redis.call('GET', KEYS[2]) or '0') + 1, now, stored + 1)
+  v = math.max(tonumber(counter or '0') + 1, now, stored + 1)
 end
 local vs = string.format('%.0f', v)
-if tonumber(redis.call('GET', KEYS[2]) or '0') < v then redis.call('SET', KEYS[2], vs) end
+if (counter or ARGV[4] == 'create') and tonumber(counter or '0') < v then redis.call('SET', KEYS[2], vs) end
 if v <= stored then return {0, string.format('%.0f', stored)} end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'version', vs, unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], 'version', vs, unpack(ARGV, 5))
 redis.call('PUBLISH', ARGV[2], '{"op":"upsert","version":' .. vs .. ',"program":' .. ARGV[3] .. '}')
 return {1, vs}
 "#;
 
 /// Delete, atomically: `KEYS[1]` program hash, `KEYS[2]` version counter;
-/// `ARGV[1]` channel, `ARGV[2]` program id (JSON string). Leaves a versioned
-/// tombstone and publishes the deletion, also for an id Redis does not hold
-/// (so a late write of an older version cannot create it). Returns
-/// `{1, version, existed}` (`existed` 1 when a program was there), or
-/// `{0, version, 0}` when it was already deleted (its tombstone's version).
+/// `ARGV[1]` channel, `ARGV[2]` program id (JSON string), `ARGV[3]`
+/// requested version (0: take the next one), `ARGV[4]` counter mode (as for
+/// [`UPSERT_SCRIPT`]). Leaves a versioned tombstone and publishes the
+/// deletion, also for an id Redis does not hold (so a late write of an
+/// older version cannot create it). Returns `{1, version, existed}`
+/// (`existed` 1 when a program was there); `{0, version, 0}` when it was
+/// already deleted at that version or later; `{0, version, 1}` when Redis
+/// holds a newer version of the program than the one requested.
 pub const DELETE_SCRIPT: &str = r#"
 local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
-if redis.call('HGET', KEYS[1], 'deleted') == '1' then return {0, string.format('%.0f', stored), 0} end
-local existed = redis.call('EXISTS', KEYS[1])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local v = math.max(tonumber(redis.call('GET', KEYS[2]) or '0') + 1, now, stored + 1)
+local deleted = redis.call('HGET', KEYS[1], 'deleted') == '1'
+local requested = tonumber(ARGV[3])
+if deleted and requested <= stored then return {0, string.format('%.0f', stored), 0} end
+if requested > 0 and requested <= stored then return {0, string.format('%.0f', stored), 1} end
+local existed = 0
+if not deleted then existed = redis.call('EXISTS', KEYS[1]) end
+local counter = redis.call('GET', KEYS[2])
+local v = requested
+if v == 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  v = math.max(tonumber(counter or '0') + 1, now, stored + 1)
+end
 local vs = string.format('%.0f', v)
-redis.call('SET', KEYS[2], vs)
+if (counter or ARGV[4] == 'create') and tonumber(counter or '0') < v then redis.call('SET', KEYS[2], vs) end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'version', vs, 'deleted', '1')
 redis.call('PUBLISH', ARGV[1], '{"op":"delete","version":' .. vs .. ',"programId":' .. ARGV[2] .. '}')
 return {1, vs, existed}
+"#;
+
+/// Marks Redis complete (it holds every program of the table): `KEYS[1]`
+/// version counter, `ARGV[1]` the table's highest version. Raises the
+/// counter to at least that (creating it); returns the counter.
+pub const COMPLETE_SCRIPT: &str = r#"
+local c = tonumber(redis.call('GET', KEYS[1]) or '0')
+local v = math.max(c, tonumber(ARGV[1]), 1)
+local vs = string.format('%.0f', v)
+redis.call('SET', KEYS[1], vs)
+return vs
 "#;
 
 /// A change announced on [`CHANGES_CHANNEL`].

@@ -19,6 +19,8 @@ pub const EVENTS_TABLE: &str = "adtrack-events";
 pub const CHECKPOINT_TABLE: &str = "adtrack-checkpoints";
 /// The dead-letter table the stand-in creates.
 pub const DEAD_LETTER_TABLE: &str = "adtrack-dead-letters";
+/// The programs table (core data's source of truth) the stand-in creates.
+pub const PROGRAMS_TABLE: &str = "adtrack-programs";
 
 /// The repository's `dev/` folder.
 pub fn dev_dir() -> PathBuf {
@@ -314,6 +316,7 @@ impl Stack {
             ("EVENTS_TABLE", EVENTS_TABLE.to_owned()),
             ("CHECKPOINT_TABLE", CHECKPOINT_TABLE.to_owned()),
             ("DEAD_LETTER_TABLE", DEAD_LETTER_TABLE.to_owned()),
+            ("PROGRAMS_TABLE", PROGRAMS_TABLE.to_owned()),
             // A spool of this stack's own: trackers of tests running side
             // by side must not share one.
             (

@@ -176,6 +176,10 @@ pub struct Loaded {
     /// Redis held no version counter: it lost its data (a failover to an
     /// empty replica, a FLUSHALL), so nothing cached was dropped.
     pub redis_lost_data: bool,
+    /// Redis held its version counter before and after the scan: the mark
+    /// that it holds every program (the sync sets it once it has restored
+    /// them from the programs table).
+    pub redis_complete: bool,
 }
 
 /// Handles for the per-lookup counters, registered once.
@@ -430,6 +434,7 @@ impl ProgramCache {
         let mut loaded = Loaded {
             // Only worth saying when there is something cached to keep.
             redis_lost_data: counter.is_none() && self.cache.iter().next().is_some(),
+            redis_complete: counter.is_some(),
             ..Loaded::default()
         };
         let first = !self.warm.load(Ordering::Acquire);
@@ -461,12 +466,13 @@ impl ProgramCache {
             .await
             .map_err(|e| FetchError::from(redis::RedisError::from(std::io::Error::other(e))))??;
         // Redis may have lost its data during the scan, too.
-        if !loaded.redis_lost_data && !first {
+        if loaded.redis_complete {
             let counter: Option<u64> = redis::cmd("GET")
                 .arg(VERSION_KEY)
                 .query_async(&mut conn)
                 .await?;
-            loaded.redis_lost_data = counter.is_none();
+            loaded.redis_complete = counter.is_some();
+            loaded.redis_lost_data |= counter.is_none() && !first;
         }
         if first {
             self.warm.store(true, Ordering::Release);

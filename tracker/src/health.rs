@@ -66,6 +66,9 @@ impl Health {
         self.cache_warm.store(true, Ordering::Release);
         self.publish();
     }
+    pub fn is_cache_warm(&self) -> bool {
+        self.cache_warm.load(Ordering::Acquire)
+    }
     pub fn set_stream_ok(&self) {
         self.stream_ok.store(true, Ordering::Release);
         self.publish();
@@ -87,7 +90,7 @@ impl Health {
     pub fn reasons(&self) -> Vec<&'static str> {
         let mut r = Vec::new();
         if !self.cache_warm.load(Ordering::Acquire) {
-            r.push("program cache not warm yet");
+            r.push("program cache not warm yet (or Redis does not hold every program yet)");
         }
         if !self.stream_ok.load(Ordering::Acquire) {
             r.push("Kinesis stream has not answered yet");

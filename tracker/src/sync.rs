@@ -97,8 +97,10 @@ async fn session(
         vanished = loaded.vanished,
         "program cache loaded from Redis"
     );
-    health.set_cache_warm();
+    warm_if_complete(health, &loaded);
     let mut messages = pubsub.into_on_message();
+    // While Redis does not hold every program, look again every second.
+    let mut incomplete = tokio::time::interval(Duration::from_secs(1));
     let mut reconcile = tokio::time::interval_at(
         tokio::time::Instant::now() + reconcile_every,
         reconcile_every,
@@ -110,6 +112,16 @@ async fn session(
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = alive.tick() => {}
+            _ = incomplete.tick(), if !health.is_cache_warm() => {
+                match cache.load_all().await {
+                    Ok(loaded) if loaded.redis_complete => {
+                        tracing::info!(programs = loaded.programs, "Redis holds every program: ready");
+                        health.set_cache_warm();
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "loading programs failed"),
+                }
+            }
             _ = reconcile.tick() => {
                 let result = match cache.load_all().await {
                     Ok(loaded) if loaded.redis_lost_data => {
@@ -146,6 +158,23 @@ async fn session(
                 },
             }
         }
+    }
+}
+
+/// A tracker becomes ready only once Redis holds every program (its version
+/// counter is there): a new tracker never takes an emptied Redis for the
+/// truth and refuses hits for programs the sync has not restored yet.
+fn warm_if_complete(health: &Health, loaded: &Loaded) {
+    if health.is_cache_warm() {
+        return;
+    }
+    if loaded.redis_complete {
+        health.set_cache_warm();
+    } else {
+        tracing::warn!(
+            programs = loaded.programs,
+            "Redis has no program version counter (it lost its data, or no programs were ever synced): not ready until it holds every program"
+        );
     }
 }
 

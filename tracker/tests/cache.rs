@@ -10,7 +10,7 @@ use adtrack_proto::program::{Program, parse_program_file};
 use adtrack_proto::redis_layout::CHANGES_CHANNEL;
 use adtrack_proto::v1::TrackingEvent;
 use adtrack_testkit::{Http, Stack, TcpProxy, metric_sum, read_stream_events};
-use adtrack_updater::ProgramStore;
+use adtrack_updater::{Counter, RedisPrograms};
 use prost::Message;
 use support::{PROGRAMS, Tracker, load_programs, wait_status, wait_until};
 
@@ -331,6 +331,16 @@ async fn not_ready_until_warm_and_stream_answered() {
 
     stack.redis.restart().expect("redis");
     stack.kinesis.restart().expect("kinesis");
+    // Redis answers, but holds no programs (no version counter): still not
+    // ready, as after Redis lost its data, until every program is there.
+    wait_status(&http, &t.url("/event/212312"), 404).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = http
+        .get(&format!("{}/health/ready", t.admin))
+        .await
+        .expect("ready");
+    assert_eq!(r.status, 503, "ready on a Redis without its programs");
+    let _ = load_programs(&stack).await;
     t.wait_ready().await;
 }
 
@@ -387,9 +397,11 @@ async fn not_ready_while_draining() {
 async fn ids_sharing_a_key_hash_get_their_own_answers() {
     use adtrack_tracker::cache::{CacheSettings, Lookup, ProgramCache};
     let redis = adtrack_testkit::Redis::start().expect("redis");
-    let mut store = ProgramStore::connect(&redis.url()).await.expect("redis");
+    let mut store = RedisPrograms::connect(&redis.url(), Counter::Create)
+        .await
+        .expect("redis");
     store
-        .load(&parse_program_file(PROGRAMS).expect("programs"))
+        .load_atomic(&parse_program_file(PROGRAMS).expect("programs"))
         .await
         .expect("load");
     let cache = ProgramCache::with_key_fn(
@@ -511,4 +523,93 @@ async fn an_abandoned_miss_leaves_no_stale_read_behind() {
         Lookup::Active(p) => assert_eq!(p.program_name(), "new", "a fresh read"),
         other => panic!("{other:?}"),
     }
+}
+
+/// Redis loses its data (FLUSHALL, as after a failover to an empty
+/// replica): a running tracker keeps serving what it cached, a tracker
+/// started then is not ready and takes no emptied Redis for the truth, and
+/// the sync restores every program from the programs table within seconds,
+/// with no operator action, after which the new tracker validates every
+/// program again and still refuses unknown ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emptied_redis_is_restored_from_the_programs_table_without_an_operator() {
+    use adtrack_testkit::{PROGRAMS_TABLE, Proc, binary, dynamodb_client};
+    use adtrack_updater::{ProgramTable, Programs};
+
+    let stack = Stack::start(1).expect("stack");
+    let programs = parse_program_file(PROGRAMS).expect("programs");
+    let mut store = Programs::new(
+        ProgramTable::new(dynamodb_client(&stack.dynamodb.url()), PROGRAMS_TABLE),
+        RedisPrograms::connect(&stack.redis.url(), Counter::KeepIfPresent)
+            .await
+            .expect("redis"),
+    );
+    store.load(&programs).await.expect("load");
+    let sync = || {
+        Proc::new(
+            std::process::Command::new(binary("updater"))
+                .envs(stack.env())
+                .args(["sync", "--watch", "--check-every-ms", "200"])
+                .spawn()
+                .expect("spawn the sync"),
+        )
+    };
+    let mut syncing = sync();
+    let running = Tracker::start(&stack, &[]).await;
+    let http = Http::new();
+    let every_program_answers = |t: &Tracker| {
+        let urls: Vec<String> = programs
+            .iter()
+            .filter(|p| p.is_active_at(time::OffsetDateTime::now_utc()))
+            .map(|p| t.url(&format!("/event/{}", p.program_id)))
+            .collect();
+        let http = &http;
+        async move {
+            for url in urls {
+                if http.get(&url).await.map(|r| r.status).unwrap_or(0) != 200 {
+                    return false;
+                }
+            }
+            true
+        }
+    };
+    assert!(every_program_answers(&running).await);
+
+    // Redis loses everything while no sync runs.
+    syncing.kill();
+    redis_cmd(&stack.redis.url(), &["FLUSHALL"]).await;
+    assert!(
+        every_program_answers(&running).await,
+        "a running tracker keeps serving what it cached"
+    );
+    let fresh = Tracker::spawn(&stack, &[]);
+    wait_status(&http, &fresh.url("/event/212312"), 404).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = http
+        .get(&format!("{}/health/ready", fresh.admin))
+        .await
+        .expect("ready");
+    assert_eq!(
+        r.status, 503,
+        "a new tracker took an emptied Redis for the truth"
+    );
+
+    // The sync (as it always runs) restores Redis; nobody reloads anything.
+    let _syncing = sync();
+    fresh.wait_ready().await;
+    wait_until(
+        "the new tracker validates every program",
+        Duration::from_secs(20),
+        || every_program_answers(&fresh),
+    )
+    .await;
+    assert_eq!(
+        http.get(&fresh.url("/event/999999"))
+            .await
+            .expect("get")
+            .status,
+        404,
+        "an unknown program is still refused"
+    );
+    assert!(every_program_answers(&running).await);
 }

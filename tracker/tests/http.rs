@@ -113,7 +113,7 @@ async fn routes_replies_and_pushed_updates() {
     wait_status(&http, &url, 200).await;
 
     store
-        .delete(&ProgramId::parse("212313").expect("id"))
+        .delete(&ProgramId::parse("212313").expect("id"), 0)
         .await
         .expect("delete");
     wait_status(&http, &format!("{}/event/212313", t.base), 404).await;

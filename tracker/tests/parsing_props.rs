@@ -17,7 +17,7 @@ use adtrack_tracker::delivery::{self, DeliverySettings};
 use adtrack_tracker::health::Health;
 use adtrack_tracker::hit::{IpPolicy, Privacy};
 use adtrack_tracker::routes::{AppState, Limits, handle};
-use adtrack_updater::ProgramStore;
+use adtrack_updater::{Counter, RedisPrograms};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request};
 use http_body_util::Full;
@@ -26,9 +26,11 @@ use proptest::test_runner::{Config, TestRunner};
 use support::PROGRAMS;
 
 async fn state(redis: &Redis) -> (Arc<AppState>, delivery::Engine) {
-    let mut store = ProgramStore::connect(&redis.url()).await.expect("redis");
+    let mut store = RedisPrograms::connect(&redis.url(), Counter::Create)
+        .await
+        .expect("redis");
     store
-        .load(&parse_program_file(PROGRAMS).expect("programs"))
+        .load_atomic(&parse_program_file(PROGRAMS).expect("programs"))
         .await
         .expect("load");
     let cache = Arc::new(ProgramCache::new(&CacheSettings {

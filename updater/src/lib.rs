@@ -1,20 +1,28 @@
-//! The operators' program store: writes core data to Redis atomically and
-//! versioned, publishing each change so running trackers apply it at once.
-//! The layout and scripts are the contract in `adtrack_proto::redis_layout`.
+//! The operators' program store. The DynamoDB programs table is the source
+//! of truth ([`table`]); Redis is the trackers' copy ([`redis_copy`]).
+//! Every write goes to the table first, then to Redis with its PUBLISH, so
+//! running trackers apply it at once; [`Programs::sync`] brings Redis back
+//! to the table's content (after Redis lost its data, or a write reached the
+//! table and not Redis) and publishes what it changed.
+
+pub mod redis_copy;
+pub mod table;
+
+use std::collections::{BTreeMap, HashSet};
 
 use adtrack_proto::program::{Program, ProgramId};
-use adtrack_proto::redis_layout::{
-    CHANGES_CHANNEL, DELETE_SCRIPT, StoredProgram, UPSERT_SCRIPT, VERSION_KEY, program_key,
-};
-use anyhow::{Context, Result};
-use redis::aio::MultiplexedConnection;
+use anyhow::Result;
+use futures_util::{StreamExt, TryStreamExt};
+
+pub use redis_copy::{Counter, Held, RedisPrograms};
+pub use table::{Entry, ProgramTable};
 
 /// What happened to one program write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteOutcome {
     /// Written and published with this version.
     Written(u64),
-    /// Not written: Redis already holds this newer (or equal) version.
+    /// Not written: the store already holds this newer (or equal) version.
     Stale(u64),
 }
 
@@ -28,123 +36,313 @@ pub enum DeleteOutcome {
     Tombstoned(u64),
     /// It was deleted before, at this version; nothing changed.
     AlreadyDeleted(u64),
+    /// Not deleted: the store holds a newer version of the program.
+    Stale(u64),
 }
 
-/// A connection to the program store.
-pub struct ProgramStore {
-    conn: MultiplexedConnection,
-    upsert_sha: String,
-    delete_sha: String,
+/// Conditional table writes in flight at once during a load.
+const LOAD_CONCURRENCY: usize = 32;
+
+/// What a load of a file does (or, dry, would do).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadPlan {
+    /// Programs the table does not hold (or holds deleted).
+    pub added: Vec<ProgramId>,
+    /// Programs whose content differs from the table's.
+    pub changed: Vec<ProgramId>,
+    /// Programs the table holds exactly so.
+    pub unchanged: usize,
+    /// Programs whose explicit version is older than the table's.
+    pub stale: Vec<(ProgramId, u64)>,
 }
 
-impl ProgramStore {
-    /// Connects and loads the write scripts.
-    pub async fn connect(url: &str) -> Result<Self> {
-        let client = redis::Client::open(url).with_context(|| format!("bad Redis URL {url}"))?;
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .with_context(|| format!("cannot connect to Redis at {url}"))?;
-        let upsert_sha: String = redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(UPSERT_SCRIPT)
-            .query_async(&mut conn)
-            .await
-            .context("SCRIPT LOAD")?;
-        let delete_sha: String = redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(DELETE_SCRIPT)
-            .query_async(&mut conn)
-            .await
-            .context("SCRIPT LOAD")?;
-        Ok(Self {
-            conn,
-            upsert_sha,
-            delete_sha,
-        })
+/// What a load did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    pub plan: LoadPlan,
+    /// Table writes refused because a newer version arrived meanwhile.
+    pub lost_races: usize,
+    /// Programs written to Redis (the changes, and copies Redis lacked).
+    pub redis_written: usize,
+}
+
+/// What one sync did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Items in the table (programs and tombstones).
+    pub table_items: usize,
+    /// Programs written to Redis.
+    pub written: usize,
+    /// Tombstones written to Redis.
+    pub deleted: usize,
+    /// Programs only Redis held, deleted there (with `prune`).
+    pub pruned: usize,
+    /// Programs only Redis holds, left there (without `prune`, or while
+    /// the table is empty).
+    pub only_in_redis: usize,
+    /// Redis entries newer than the table's (left alone, reported).
+    pub ahead: usize,
+    /// Whether Redis had lost its data (no version counter) at the start.
+    pub redis_was_incomplete: bool,
+}
+
+/// The table and its Redis copy.
+pub struct Programs {
+    pub table: ProgramTable,
+    pub redis: RedisPrograms,
+}
+
+fn same_content(a: &Program, b: &Program) -> bool {
+    let (mut a, mut b) = (a.clone(), b.clone());
+    a.version = 0;
+    b.version = 0;
+    a == b
+}
+
+impl Programs {
+    pub fn new(table: ProgramTable, redis: RedisPrograms) -> Self {
+        Self { table, redis }
     }
 
-    fn upsert_cmd(&self, program: &Program) -> redis::Cmd {
-        let mut unversioned = program.clone();
-        unversioned.version = 0;
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(&self.upsert_sha)
-            .arg(2)
-            .arg(program_key(&program.program_id))
-            .arg(VERSION_KEY)
-            .arg(program.version)
-            .arg(CHANGES_CHANNEL)
-            .arg(unversioned.to_json().to_string());
-        for (field, value) in program.to_redis_fields() {
-            cmd.arg(field).arg(value);
-        }
-        cmd
-    }
-
-    /// Writes all programs in one `MULTI`/`EXEC`: applied whole or not at all.
-    /// Returns one outcome per program, in order.
-    pub async fn load(&mut self, programs: &[Program]) -> Result<Vec<WriteOutcome>> {
-        if programs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for p in programs {
-            pipe.add_command(self.upsert_cmd(p));
-        }
-        let replies: Vec<(i64, u64)> = pipe
-            .query_async(&mut self.conn)
-            .await
-            .context("writing programs to Redis")?;
-        Ok(replies.into_iter().map(outcome).collect())
-    }
-
-    /// Writes one program.
+    /// Writes one program: the table, then Redis.
     pub async fn put(&mut self, program: &Program) -> Result<WriteOutcome> {
-        let reply: (i64, u64) = self
-            .upsert_cmd(program)
-            .query_async(&mut self.conn)
-            .await
-            .context("writing program to Redis")?;
-        Ok(outcome(reply))
+        let outcome = self.table.put(program).await?;
+        if let WriteOutcome::Written(v) = outcome {
+            let mut p = program.clone();
+            p.version = v;
+            self.redis.put(&p).await?;
+        }
+        Ok(outcome)
     }
 
-    /// Deletes a program, leaving a versioned tombstone (also when there
-    /// was no such program), and publishes the deletion.
+    /// Deletes one program: the table's tombstone, then Redis's.
     pub async fn delete(&mut self, id: &ProgramId) -> Result<DeleteOutcome> {
-        let id_json = serde_json::Value::String(id.to_string()).to_string();
-        let (done, version, existed): (i64, u64, i64) = redis::cmd("EVALSHA")
-            .arg(&self.delete_sha)
-            .arg(2)
-            .arg(program_key(id))
-            .arg(VERSION_KEY)
-            .arg(CHANGES_CHANNEL)
-            .arg(id_json)
-            .query_async(&mut self.conn)
-            .await
-            .context("deleting program in Redis")?;
-        Ok(match (done, existed) {
-            (0, _) => DeleteOutcome::AlreadyDeleted(version),
-            (_, 1) => DeleteOutcome::Deleted(version),
-            _ => DeleteOutcome::Tombstoned(version),
+        let outcome = self.table.delete(id).await?;
+        let version = match outcome {
+            DeleteOutcome::Deleted(v)
+            | DeleteOutcome::Tombstoned(v)
+            | DeleteOutcome::AlreadyDeleted(v)
+            | DeleteOutcome::Stale(v) => v,
+        };
+        // Also for one deleted before: Redis may have missed it.
+        self.redis.delete(id, version).await?;
+        Ok(outcome)
+    }
+
+    /// What loading `programs` would change in the table.
+    pub async fn plan(&self, programs: &[Program]) -> Result<LoadPlan> {
+        let stored = self.table.scan_all().await?;
+        Ok(plan_against(&stored, programs))
+    }
+
+    /// Loads `programs` (already validated): writes to the table only what
+    /// differs from it, then makes Redis hold each of them at the table's
+    /// version (and, when Redis does not hold every program, all the
+    /// table, as [`Programs::sync`] does). Running it again after an
+    /// interruption finishes it; running it on what is loaded changes
+    /// nothing.
+    pub async fn load(&mut self, programs: &[Program]) -> Result<LoadReport> {
+        let plan = self.plan(programs).await?;
+        let to_write: Vec<&Program> = {
+            let ids: HashSet<&ProgramId> = plan.added.iter().chain(&plan.changed).collect();
+            programs
+                .iter()
+                .filter(|p| ids.contains(&p.program_id))
+                .collect()
+        };
+        let table = &self.table;
+        let outcomes: Vec<WriteOutcome> = futures_util::stream::iter(to_write.iter())
+            .map(|p| table.put(p))
+            .buffered(LOAD_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let lost_races = outcomes
+            .iter()
+            .filter(|o| matches!(o, WriteOutcome::Stale(_)))
+            .count();
+        // The table's versions now; Redis gets each program it lacks at
+        // that version (the changes, and copies an earlier, interrupted
+        // load did not finish).
+        let stored = self.table.scan_all().await?;
+        let mut redis_written = self
+            .copy_to_redis(&stored, programs.iter().map(|p| &p.program_id))
+            .await?;
+        // A Redis that does not hold every program (new, or emptied) gets
+        // the rest of the table too, and is then marked complete.
+        if !self.redis.is_complete().await? {
+            let synced = self.sync(false).await?;
+            redis_written += synced.written + synced.deleted;
+        }
+        Ok(LoadReport {
+            plan,
+            lost_races,
+            redis_written,
         })
     }
 
-    /// Reads one program as stored.
-    pub async fn get(&mut self, id: &ProgramId) -> Result<StoredProgram> {
-        let fields: std::collections::BTreeMap<String, String> = redis::cmd("HGETALL")
-            .arg(program_key(id))
-            .query_async(&mut self.conn)
-            .await
-            .context("reading program from Redis")?;
-        StoredProgram::from_hash(&fields).map_err(|e| anyhow::anyhow!("stored program {id}: {e}"))
+    /// Writes to Redis every one of `ids` whose Redis version differs from
+    /// the table's; returns how many it wrote.
+    async fn copy_to_redis<'a>(
+        &mut self,
+        stored: &BTreeMap<ProgramId, Entry>,
+        ids: impl Iterator<Item = &'a ProgramId>,
+    ) -> Result<usize> {
+        let ids: Vec<ProgramId> = ids.filter(|id| stored.contains_key(*id)).cloned().collect();
+        let held = self.redis.versions(&ids).await?;
+        let mut puts = Vec::new();
+        let mut deletes = Vec::new();
+        for (id, held) in ids.iter().zip(held) {
+            let entry = &stored[id];
+            if held.is_some_and(|h| h.version >= entry.version()) {
+                continue;
+            }
+            match entry {
+                Entry::Present(p) => puts.push(p.clone()),
+                Entry::Deleted { version } => deletes.push((id.clone(), *version)),
+            }
+        }
+        self.redis.put_all(&puts).await?;
+        self.redis.delete_all(&deletes).await?;
+        Ok(puts.len() + deletes.len())
+    }
+
+    /// Brings Redis to the table's content and publishes what changed;
+    /// then marks Redis complete. With `prune`, programs only Redis holds
+    /// are deleted there (never while the table is empty: that is a table
+    /// not loaded yet, not a table without programs); without it they are
+    /// counted in [`SyncReport::only_in_redis`] and left alone.
+    pub async fn sync(&mut self, prune: bool) -> Result<SyncReport> {
+        let mut report = SyncReport {
+            redis_was_incomplete: !self.redis.is_complete().await?,
+            ..SyncReport::default()
+        };
+        let stored = self.table.scan_all().await?;
+        report.table_items = stored.len();
+        let held = self.redis.all_versions().await?;
+        let mut puts = Vec::new();
+        let mut deletes = Vec::new();
+        let mut max_version = 0;
+        for (id, entry) in &stored {
+            max_version = max_version.max(entry.version());
+            let h = held.get(id).copied();
+            match h {
+                Some(h) if h.version == entry.version() => continue,
+                Some(h) if h.version > entry.version() => {
+                    report.ahead += 1;
+                    tracing::warn!(
+                        program = %id,
+                        redis = h.version,
+                        table = entry.version(),
+                        "Redis holds a newer version than the programs table; left alone"
+                    );
+                    continue;
+                }
+                _ => {}
+            }
+            match entry {
+                Entry::Present(p) => puts.push(p.clone()),
+                Entry::Deleted { version } => deletes.push((id.clone(), *version)),
+            }
+        }
+        // Programs only Redis holds: gone from the table for good? Re-read
+        // each (a program written since the scan is in the table by now,
+        // since every write reaches the table first).
+        let mut pruned = Vec::new();
+        for (id, h) in &held {
+            if h.deleted || stored.contains_key(id) {
+                continue;
+            }
+            if !prune || stored.is_empty() {
+                report.only_in_redis += 1;
+            } else if self.table.get(id).await?.is_none() {
+                pruned.push((id.clone(), h.version + 1));
+            }
+        }
+        report.written = puts.len();
+        report.deleted = deletes.len();
+        report.pruned = pruned.len();
+        self.redis.put_all(&puts).await?;
+        self.redis.delete_all(&deletes).await?;
+        self.redis.delete_all(&pruned).await?;
+        self.redis.mark_complete(max_version).await?;
+        Ok(report)
     }
 }
 
-fn outcome((written, version): (i64, u64)) -> WriteOutcome {
-    if written == 1 {
-        WriteOutcome::Written(version)
-    } else {
-        WriteOutcome::Stale(version)
+/// Compares a file's programs with the table's items.
+pub fn plan_against(stored: &BTreeMap<ProgramId, Entry>, programs: &[Program]) -> LoadPlan {
+    let mut plan = LoadPlan::default();
+    for p in programs {
+        match stored.get(&p.program_id) {
+            None => plan.added.push(p.program_id.clone()),
+            Some(entry) if p.version != 0 && p.version <= entry.version() => match entry {
+                Entry::Present(s) if p.version == s.version && same_content(p, s) => {
+                    plan.unchanged += 1
+                }
+                _ => plan.stale.push((p.program_id.clone(), entry.version())),
+            },
+            Some(Entry::Deleted { .. }) => plan.added.push(p.program_id.clone()),
+            Some(Entry::Present(s)) if same_content(p, s) => plan.unchanged += 1,
+            Some(Entry::Present(_)) => plan.changed.push(p.program_id.clone()),
+        }
+    }
+    plan
+}
+
+/// Ids the table holds as programs (not tombstones) that `programs` lacks:
+/// what `prune` deletes.
+pub fn absent_from(stored: &BTreeMap<ProgramId, Entry>, programs: &[Program]) -> Vec<ProgramId> {
+    let keep: HashSet<&ProgramId> = programs.iter().map(|p| &p.program_id).collect();
+    stored
+        .iter()
+        .filter(|(id, e)| matches!(e, Entry::Present(_)) && !keep.contains(id))
+        .map(|(id, _)| id.clone())
+        .collect()
+}
+
+/// Syncs until `stop`: at once whenever Redis is found incomplete (it lost
+/// its data), and a full comparison every `full_every`; a failed round is
+/// tried again at the next check.
+pub async fn watch(
+    store: &mut Programs,
+    prune: bool,
+    check_every: std::time::Duration,
+    full_every: std::time::Duration,
+    stop: &tokio_util::sync::CancellationToken,
+) {
+    let mut last_full: Option<tokio::time::Instant> = None;
+    loop {
+        let due = last_full.is_none_or(|t| t.elapsed() >= full_every);
+        let lost = match store.redis.is_complete().await {
+            Ok(complete) => !complete,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot reach Redis; retrying");
+                false
+            }
+        };
+        if due || lost {
+            match store.sync(prune).await {
+                Ok(r) => {
+                    last_full = Some(tokio::time::Instant::now());
+                    if r.redis_was_incomplete || r.written + r.deleted + r.pruned > 0 {
+                        tracing::info!(
+                            table_items = r.table_items,
+                            written = r.written,
+                            deleted = r.deleted,
+                            pruned = r.pruned,
+                            only_in_redis = r.only_in_redis,
+                            ahead = r.ahead,
+                            redis_was_incomplete = r.redis_was_incomplete,
+                            "Redis synced with the programs table"
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "sync failed; retrying"),
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(check_every) => {}
+        }
     }
 }

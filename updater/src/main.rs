@@ -1,20 +1,28 @@
 //! `updater`: the operators' command line for program core data.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use adtrack_proto::program::{Program, ProgramId, parse_program_file};
-use adtrack_proto::redis_layout::StoredProgram;
-use adtrack_updater::{DeleteOutcome, ProgramStore, WriteOutcome};
+use adtrack_updater::{
+    Counter, DeleteOutcome, Entry, ProgramTable, Programs, RedisPrograms, WriteOutcome,
+    absent_from, plan_against,
+};
 use anyhow::{Context, Result, bail};
+use aws_config::BehaviorVersion;
 use clap::{Parser, Subcommand};
 
-/// Writes program core data to Redis and publishes each change, so running
-/// trackers apply it without a restart.
+/// Program core data: the DynamoDB programs table is the source of truth,
+/// Redis the trackers' copy. Every write goes to the table first, then to
+/// Redis with its PUBLISH, so running trackers apply it without a restart.
+///
+/// AWS endpoints, region and credentials come from the standard AWS SDK
+/// chain (`AWS_ENDPOINT_URL_DYNAMODB` points it at a local stand-in).
 #[derive(Parser, Debug)]
 #[command(name = "updater", version)]
 struct Cli {
-    /// Redis holding the program core data.
+    /// Redis holding the trackers' copy of the programs.
     #[arg(
         long,
         env = "REDIS_URL",
@@ -22,6 +30,17 @@ struct Cli {
         default_value = "redis://127.0.0.1:6379"
     )]
     redis_url: String,
+    /// DynamoDB table holding the programs (the source of truth).
+    #[arg(
+        long,
+        env = "PROGRAMS_TABLE",
+        value_name = "PROGRAMS_TABLE",
+        default_value = "adtrack-programs"
+    )]
+    programs_table: String,
+    /// Print what a write would do; write nothing.
+    #[arg(long, global = true)]
+    dry_run: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -30,22 +49,54 @@ struct Cli {
 enum Command {
     /// Load programs from FILE ('-' for stdin): a JSON array such as the
     /// reference data.json, or JSON lines. Every record is checked first;
-    /// on any error nothing is written. The load is applied atomically.
+    /// on any error nothing is written. Only what differs from the table is
+    /// written, so running a load again finishes an interrupted one.
     Load { file: String },
     /// Write one program given as a JSON object.
     Put { json: String },
     /// Delete a program (trackers stop accepting it at once).
     Delete { program_id: String },
-    /// Print a program as stored, with its version.
+    /// Print a program as the table holds it, with its version.
     Get { program_id: String },
+    /// List the programs: id, version, state.
+    List,
+    /// Print every program as JSON lines, which `load` takes back unchanged.
+    Export,
+    /// Show what loading FILE would change.
+    Diff { file: String },
+    /// Delete every program absent from FILE.
+    Prune {
+        file: String,
+        /// Really delete (without it, prune only lists what it would delete).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Bring Redis back to the table's content and publish what changed.
+    Sync {
+        /// Keep syncing: at once when Redis lost its data, and fully every
+        /// `--full-every-secs`.
+        #[arg(long)]
+        watch: bool,
+        /// How often a watching sync checks Redis, in milliseconds.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+        check_every_ms: u64,
+        /// How often a watching sync compares everything, in seconds.
+        #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        full_every_secs: u64,
+        /// Also delete from Redis the programs the table does not hold
+        /// (never while the table is empty).
+        #[arg(long)]
+        prune: bool,
+    },
 }
 
-#[tokio::main(flavor = "current_thread")]
+#[tokio::main]
 async fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    adtrack_service::init_logging("text");
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
@@ -55,56 +106,136 @@ async fn main() -> ExitCode {
     }
 }
 
+fn read_file(file: &str) -> Result<String> {
+    if file == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading stdin")?;
+        Ok(s)
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {file}"))
+    }
+}
+
+/// The programs of a file, or every error in it (exit 2, nothing written).
+fn parse_file(file: &str) -> Result<std::result::Result<Vec<Program>, ExitCode>> {
+    let text = read_file(file)?;
+    Ok(match parse_program_file(&text) {
+        Ok(p) => Ok(p),
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("updater: {file}: {e}");
+            }
+            eprintln!(
+                "updater: {} invalid record(s); nothing written",
+                errors.len()
+            );
+            Err(ExitCode::from(2))
+        }
+    })
+}
+
+async fn table(cli: &Cli) -> ProgramTable {
+    let aws = aws_config::defaults(BehaviorVersion::latest()).load().await;
+    ProgramTable::new(aws_sdk_dynamodb::Client::new(&aws), &cli.programs_table)
+}
+
+async fn programs(cli: &Cli) -> Result<Programs> {
+    let redis = RedisPrograms::connect(&cli.redis_url, Counter::KeepIfPresent).await?;
+    Ok(Programs::new(table(cli).await, redis))
+}
+
+fn parse_id(s: &str) -> Result<ProgramId> {
+    match ProgramId::parse(s) {
+        Ok(id) => Ok(id),
+        Err(e) => bail!("{s:?}: {e}"),
+    }
+}
+
 async fn run(cli: Cli) -> Result<ExitCode> {
-    match cli.command {
+    match &cli.command {
         Command::Load { file } => {
-            let text = if file == "-" {
-                let mut s = String::new();
-                std::io::stdin()
-                    .read_to_string(&mut s)
-                    .context("reading stdin")?;
-                s
-            } else {
-                std::fs::read_to_string(&file).with_context(|| format!("reading {file}"))?
-            };
-            let programs = match parse_program_file(&text) {
+            let programs = match parse_file(file)? {
                 Ok(p) => p,
-                Err(errors) => {
-                    for e in &errors {
-                        eprintln!("updater: {file}: {e}");
-                    }
+                Err(code) => return Ok(code),
+            };
+            let mut store = self::programs(&cli).await?;
+            if cli.dry_run {
+                let plan = store.plan(&programs).await?;
+                print_plan(&plan);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let report = store.load(&programs).await?;
+            for (id, v) in &report.plan.stale {
+                eprintln!("updater: program {id} not written: the table holds newer version {v}");
+            }
+            println!(
+                "loaded {} program(s): {} added, {} changed, {} unchanged, {} stale; {} written to Redis",
+                programs.len(),
+                report.plan.added.len(),
+                report.plan.changed.len(),
+                report.plan.unchanged,
+                report.plan.stale.len() + report.lost_races,
+                report.redis_written,
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Diff { file } => {
+            let programs = match parse_file(file)? {
+                Ok(p) => p,
+                Err(code) => return Ok(code),
+            };
+            let stored = table(&cli).await.scan_all().await?;
+            let plan = plan_against(&stored, &programs);
+            print_plan(&plan);
+            for id in absent_from(&stored, &programs) {
+                println!("absent from the file (prune would delete): {id}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Prune { file, yes } => {
+            let programs = match parse_file(file)? {
+                Ok(p) => p,
+                Err(code) => return Ok(code),
+            };
+            let mut store = self::programs(&cli).await?;
+            let stored = store.table.scan_all().await?;
+            let gone = absent_from(&stored, &programs);
+            if gone.is_empty() {
+                println!("nothing to prune: every program is in {file}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            if cli.dry_run || !yes {
+                for id in &gone {
+                    println!("would delete {id}");
+                }
+                if !yes && !cli.dry_run {
                     eprintln!(
-                        "updater: {} invalid record(s); nothing written",
-                        errors.len()
+                        "updater: {} program(s) absent from {file}; nothing deleted: run again with --yes",
+                        gone.len()
                     );
                     return Ok(ExitCode::from(2));
                 }
-            };
-            let mut store = ProgramStore::connect(&cli.redis_url).await?;
-            let outcomes = store.load(&programs).await?;
-            let mut stale = 0;
-            for (p, o) in programs.iter().zip(&outcomes) {
-                if let WriteOutcome::Stale(v) = o {
-                    stale += 1;
-                    eprintln!(
-                        "updater: program {} not written: Redis holds newer version {v}",
-                        p.program_id
-                    );
-                }
+                return Ok(ExitCode::SUCCESS);
             }
-            println!(
-                "loaded {} program(s): {} written, {} stale",
-                programs.len(),
-                programs.len() - stale,
-                stale
-            );
+            for id in &gone {
+                store.delete(id).await?;
+                println!("deleted {id}");
+            }
+            println!("pruned {} program(s)", gone.len());
             Ok(ExitCode::SUCCESS)
         }
         Command::Put { json } => {
             let value: serde_json::Value =
-                serde_json::from_str(&json).context("the program is not valid JSON")?;
+                serde_json::from_str(json).context("the program is not valid JSON")?;
             let program = Program::from_json(&value).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let mut store = ProgramStore::connect(&cli.redis_url).await?;
+            let mut store = self::programs(&cli).await?;
+            if cli.dry_run {
+                let plan = store.plan(std::slice::from_ref(&program)).await?;
+                print_plan(&plan);
+                return Ok(ExitCode::SUCCESS);
+            }
             match store.put(&program).await? {
                 WriteOutcome::Written(v) => {
                     println!("program {} written, version {v}", program.program_id);
@@ -112,7 +243,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 WriteOutcome::Stale(v) => {
                     eprintln!(
-                        "updater: program {} not written: Redis holds newer version {v}",
+                        "updater: program {} not written: the table holds newer version {v}",
                         program.program_id
                     );
                     Ok(ExitCode::from(3))
@@ -120,8 +251,20 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Delete { program_id } => {
-            let id = parse_id(&program_id)?;
-            let mut store = ProgramStore::connect(&cli.redis_url).await?;
+            let id = parse_id(program_id)?;
+            let mut store = self::programs(&cli).await?;
+            if cli.dry_run {
+                match store.table.get(&id).await? {
+                    Some(Entry::Present(p)) => {
+                        println!("would delete {id} (version {})", p.version)
+                    }
+                    Some(Entry::Deleted { version }) => {
+                        println!("{id} is already deleted (version {version})")
+                    }
+                    None => println!("no program {id}; would record its deletion"),
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             match store.delete(&id).await? {
                 DeleteOutcome::Deleted(v) => {
                     println!("program {id} deleted, version {v}");
@@ -133,36 +276,115 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     );
                     Ok(ExitCode::from(4))
                 }
-                DeleteOutcome::AlreadyDeleted(v) => {
+                DeleteOutcome::AlreadyDeleted(v) | DeleteOutcome::Stale(v) => {
                     eprintln!("updater: program {id} was already deleted (version {v})");
                     Ok(ExitCode::from(4))
                 }
             }
         }
         Command::Get { program_id } => {
-            let id = parse_id(&program_id)?;
-            let mut store = ProgramStore::connect(&cli.redis_url).await?;
-            match store.get(&id).await? {
-                StoredProgram::Present(p) => {
+            let id = parse_id(program_id)?;
+            match table(&cli).await.get(&id).await? {
+                Some(Entry::Present(p)) => {
                     println!("{}", p.to_json());
                     Ok(ExitCode::SUCCESS)
                 }
-                StoredProgram::Deleted { version } => {
+                Some(Entry::Deleted { version }) => {
                     eprintln!("updater: program {id} was deleted (version {version})");
                     Ok(ExitCode::from(4))
                 }
-                StoredProgram::Absent => {
+                None => {
                     eprintln!("updater: no program {id}");
                     Ok(ExitCode::from(4))
                 }
             }
         }
+        Command::List => {
+            let stored = table(&cli).await.scan_all().await?;
+            let mut out = std::io::stdout().lock();
+            let now = time::OffsetDateTime::now_utc();
+            for (id, entry) in &stored {
+                let state = match entry {
+                    Entry::Present(p) if p.is_active_at(now) => "active",
+                    Entry::Present(_) => "inactive",
+                    Entry::Deleted { .. } => "deleted",
+                };
+                writeln!(out, "{id}\t{}\t{state}", entry.version())?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export => {
+            let stored = table(&cli).await.scan_all().await?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for entry in stored.values() {
+                if let Entry::Present(p) = entry {
+                    writeln!(out, "{}", p.to_json())?;
+                }
+            }
+            out.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sync {
+            watch,
+            check_every_ms,
+            full_every_secs,
+            prune,
+        } => {
+            let mut store = self::programs(&cli).await?;
+            if !watch {
+                if cli.dry_run {
+                    bail!("sync has no dry run");
+                }
+                let report = store.sync(*prune).await?;
+                println!("{}", sync_line(&report));
+                return Ok(ExitCode::SUCCESS);
+            }
+            let shutdown = adtrack_service::shutdown_on_signals();
+            adtrack_updater::watch(
+                &mut store,
+                *prune,
+                Duration::from_millis(*check_every_ms),
+                Duration::from_secs(*full_every_secs),
+                &shutdown,
+            )
+            .await;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
-fn parse_id(s: &str) -> Result<ProgramId> {
-    match ProgramId::parse(s) {
-        Ok(id) => Ok(id),
-        Err(e) => bail!("{s:?}: {e}"),
+fn print_plan(plan: &adtrack_updater::LoadPlan) {
+    for id in &plan.added {
+        println!("add {id}");
     }
+    for id in &plan.changed {
+        println!("change {id}");
+    }
+    for (id, v) in &plan.stale {
+        println!("stale {id} (the table holds version {v})");
+    }
+    println!(
+        "{} to add, {} to change, {} unchanged, {} stale",
+        plan.added.len(),
+        plan.changed.len(),
+        plan.unchanged,
+        plan.stale.len()
+    );
+}
+
+fn sync_line(r: &adtrack_updater::SyncReport) -> String {
+    format!(
+        "synced Redis with the table ({} item(s)): {} written, {} deleted, {} pruned, {} only in Redis, {} ahead{}",
+        r.table_items,
+        r.written,
+        r.deleted,
+        r.pruned,
+        r.only_in_redis,
+        r.ahead,
+        if r.redis_was_incomplete {
+            "; Redis had lost its data"
+        } else {
+            ""
+        }
+    )
 }

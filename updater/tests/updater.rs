@@ -1,12 +1,13 @@
-//! The updater against a real redis-server: atomic loads, versions, deletes,
-//! the published changes, and bad input that writes nothing.
+//! The Redis copy against a real redis-server: atomic loads, versions,
+//! deletes, the published changes; and the command line's bad input that
+//! writes nothing (the table-first store is in `store.rs`).
 
 use std::process::Command;
 
 use adtrack_proto::program::{ProgramId, parse_program_file};
 use adtrack_proto::redis_layout::{CHANGES_CHANNEL, ProgramChange, StoredProgram};
-use adtrack_testkit::{Redis, binary};
-use adtrack_updater::{DeleteOutcome, ProgramStore, WriteOutcome};
+use adtrack_testkit::{PROGRAMS_TABLE, Redis, Stack, binary, dynamodb_client, scan_table};
+use adtrack_updater::{Counter, DeleteOutcome, RedisPrograms, WriteOutcome};
 
 const REFERENCE: &str = r#"[{"programId":"212312","programName":"program1","checksum":"123","customerId":"9123","customerName":"Customer1","valid":true},
 {"programId":"212313","programName":"program2","checksum":"124","customerId":"9124","customerName":"Customer2","valid":true}]"#;
@@ -26,9 +27,11 @@ async fn load_put_delete_get_and_versions() {
     pubsub.subscribe(CHANGES_CHANNEL).await.expect("subscribe");
     let mut messages = pubsub.into_on_message();
 
-    let mut store = ProgramStore::connect(&redis.url()).await.expect("connect");
+    let mut store = RedisPrograms::connect(&redis.url(), Counter::Create)
+        .await
+        .expect("connect");
     let programs = parse_program_file(REFERENCE).expect("valid");
-    let outcomes = store.load(&programs).await.expect("load");
+    let outcomes = store.load_atomic(&programs).await.expect("load");
     let (WriteOutcome::Written(v1), WriteOutcome::Written(v2)) = (outcomes[0], outcomes[1]) else {
         panic!("both written: {outcomes:?}")
     };
@@ -70,7 +73,7 @@ async fn load_put_delete_get_and_versions() {
     );
 
     assert_eq!(
-        store.delete(&id).await.expect("delete"),
+        store.delete(&id, 0).await.expect("delete"),
         DeleteOutcome::Deleted(far + 2)
     );
     assert_eq!(
@@ -78,7 +81,7 @@ async fn load_put_delete_get_and_versions() {
         StoredProgram::Deleted { version: far + 2 }
     );
     assert_eq!(
-        store.delete(&id).await.expect("delete again"),
+        store.delete(&id, 0).await.expect("delete again"),
         DeleteOutcome::AlreadyDeleted(far + 2)
     );
     // A late write carrying an older version cannot resurrect it.
@@ -113,7 +116,7 @@ async fn load_put_delete_get_and_versions() {
     // Deleting an id Redis never held still records (and announces) the
     // deletion, so a late write of an older version cannot create it.
     let never = ProgramId::parse("never-written").expect("id");
-    let DeleteOutcome::Tombstoned(tomb) = store.delete(&never).await.expect("delete") else {
+    let DeleteOutcome::Tombstoned(tomb) = store.delete(&never, 0).await.expect("delete") else {
         panic!("an absent program's delete leaves a tombstone");
     };
     let msg = messages.next().await.expect("message");
@@ -144,8 +147,10 @@ async fn load_put_delete_get_and_versions() {
 
     // After Redis loses everything, a reload still carries newer versions.
     redis.restart().expect("restart");
-    let mut store = ProgramStore::connect(&redis.url()).await.expect("connect");
-    let outcomes = store.load(&programs).await.expect("load");
+    let mut store = RedisPrograms::connect(&redis.url(), Counter::Create)
+        .await
+        .expect("connect");
+    let outcomes = store.load_atomic(&programs).await.expect("load");
     assert!(
         matches!(outcomes[0], WriteOutcome::Written(v) if v > v2),
         "{outcomes:?}"
@@ -154,7 +159,7 @@ async fn load_put_delete_get_and_versions() {
 
 #[test]
 fn malformed_input_writes_nothing_and_names_the_problem() {
-    let redis = Redis::start().expect("redis");
+    let stack = Stack::start(1).expect("stack");
     let dir = tempfile::tempdir().expect("tmp");
     let file = dir.path().join("bad.json");
     std::fs::write(
@@ -163,12 +168,15 @@ fn malformed_input_writes_nothing_and_names_the_problem() {
             {"programId":"2","programName":"bad","checksum":"1","customerId":"twelve","customerName":"b"}]"#,
     )
     .expect("write");
-    let out = Command::new(binary("updater"))
-        .env("REDIS_URL", redis.url())
-        .arg("load")
-        .arg(&file)
-        .output()
-        .expect("run updater");
+    let updater = |args: &[&str]| {
+        Command::new(binary("updater"))
+            .envs(stack.env())
+            .args(args)
+            .arg(&file)
+            .output()
+            .expect("run updater")
+    };
+    let out = updater(&["load"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
     assert!(
@@ -176,30 +184,39 @@ fn malformed_input_writes_nothing_and_names_the_problem() {
         "stderr: {stderr}"
     );
     assert!(stderr.contains("nothing written"), "stderr: {stderr}");
-    assert_eq!(key_count(&redis.url()), 0, "nothing may be written");
+    assert_eq!(key_count(&stack.redis.url()), 0, "nothing may be written");
+    let table_items = || {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        rt.block_on(scan_table(
+            &dynamodb_client(&stack.dynamodb.url()),
+            PROGRAMS_TABLE,
+        ))
+        .expect("scan")
+        .len()
+    };
+    assert_eq!(table_items(), 0, "nothing may be written to the table");
 
     // Not JSON at all.
     std::fs::write(&file, "[{").expect("write");
-    let out = Command::new(binary("updater"))
-        .env("REDIS_URL", redis.url())
-        .args(["load"])
-        .arg(&file)
-        .output()
-        .expect("run updater");
-    assert_eq!(out.status.code(), Some(2));
-    assert_eq!(key_count(&redis.url()), 0);
+    assert_eq!(updater(&["load"]).status.code(), Some(2));
+    assert_eq!(key_count(&stack.redis.url()), 0);
 
-    // A good file loads through the binary.
+    // A good file loads through the binary; loading it again changes nothing.
     std::fs::write(&file, REFERENCE).expect("write");
-    let out = Command::new(binary("updater"))
-        .env("REDIS_URL", redis.url())
-        .args(["load"])
-        .arg(&file)
-        .output()
-        .expect("run updater");
-    assert!(out.status.success());
+    let out = updater(&["load"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "loaded 2 program(s): 2 written, 0 stale"
+        "loaded 2 program(s): 2 added, 0 changed, 0 unchanged, 0 stale; 2 written to Redis"
+    );
+    assert_eq!(table_items(), 2);
+    let out = updater(&["load"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "loaded 2 program(s): 0 added, 0 changed, 2 unchanged, 0 stale; 0 written to Redis"
     );
 }

@@ -27,7 +27,8 @@ pub async fn seed(env: &HashMap<String, String>, n: u32) -> Result<()> {
     let url = env
         .get("REDIS_URL")
         .context("no REDIS_URL in the stack file")?;
-    let mut store = adtrack_updater::ProgramStore::connect(url).await?;
+    let mut store =
+        adtrack_updater::RedisPrograms::connect(url, adtrack_updater::Counter::Create).await?;
     let last = ProgramId::parse(&format!("bench-{}", n.saturating_sub(1)))?;
     if matches!(store.get(&last).await?, StoredProgram::Present(_)) {
         println!("seed: {n} programs already in Redis");
@@ -45,12 +46,12 @@ pub async fn seed(env: &HashMap<String, String>, n: u32) -> Result<()> {
     for i in 0..n {
         batch.push(make(format!("bench-{i}"), true).map_err(|e| anyhow::anyhow!("{e}"))?);
         if batch.len() == 10_000 {
-            store.load(&batch).await?;
+            store.load_atomic(&batch).await?;
             batch.clear();
         }
     }
     batch.push(make("bench-disabled".into(), false).map_err(|e| anyhow::anyhow!("{e}"))?);
-    store.load(&batch).await?;
+    store.load_atomic(&batch).await?;
     println!(
         "seed: {n} programs written in {:.1} s",
         started.elapsed().as_secs_f64()

@@ -34,7 +34,8 @@ pub async fn run(stack_env: &Path, out: &Path, a: UpdateArgs) -> Result<()> {
     let url = target(&a.target, &env)?;
     let addr = addr_of(&url)?;
     let redis = env.get("REDIS_URL").context("no REDIS_URL")?;
-    let mut store = adtrack_updater::ProgramStore::connect(redis).await?;
+    let mut store =
+        adtrack_updater::RedisPrograms::connect(redis, adtrack_updater::Counter::Create).await?;
     let program = |valid: bool| {
         Program::from_json(&serde_json::json!({
             "programId": "bench-latency", "programName": "latency", "checksum": "c",

@@ -74,12 +74,15 @@ impl Tracker {
 }
 
 /// Loads `dev/programs.json` (the reference format) with the updater's store.
-pub async fn load_programs(stack: &Stack) -> adtrack_updater::ProgramStore {
-    let mut store = adtrack_updater::ProgramStore::connect(&stack.redis.url())
-        .await
-        .expect("redis");
+pub async fn load_programs(stack: &Stack) -> adtrack_updater::RedisPrograms {
+    let mut store = adtrack_updater::RedisPrograms::connect(
+        &stack.redis.url(),
+        adtrack_updater::Counter::Create,
+    )
+    .await
+    .expect("redis");
     store
-        .load(&adtrack_proto::program::parse_program_file(PROGRAMS).expect("programs"))
+        .load_atomic(&adtrack_proto::program::parse_program_file(PROGRAMS).expect("programs"))
         .await
         .expect("load");
     store

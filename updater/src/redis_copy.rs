@@ -1,0 +1,300 @@
+//! The trackers' copy of the programs in Redis: versioned writes through
+//! the layout's Lua scripts (each write and its PUBLISH one atomic step),
+//! reads of what Redis holds, and the completeness mark (the version
+//! counter) that tells a tracker Redis holds every program.
+//!
+//! Scripts run through `redis::Script` (EVALSHA, loading the script again
+//! when Redis answers NOSCRIPT, as after a failover to a replica that never
+//! saw it).
+
+use std::collections::{BTreeMap, HashMap};
+
+use adtrack_proto::program::{Program, ProgramId};
+use adtrack_proto::redis_layout::{
+    CHANGES_CHANNEL, COMPLETE_SCRIPT, DELETE_SCRIPT, PROGRAM_KEY_PATTERN, PROGRAM_KEY_PREFIX,
+    StoredProgram, UPSERT_SCRIPT, VERSION_KEY, program_key,
+};
+use anyhow::{Context, Result, anyhow};
+use redis::aio::MultiplexedConnection;
+
+use crate::{DeleteOutcome, WriteOutcome};
+
+/// Scripts per pipelined round trip in bulk writes.
+const PIPELINE_CHUNK: usize = 1_000;
+
+/// How a writer treats the version counter, Redis's mark of holding every
+/// program (see [`adtrack_proto::redis_layout`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter {
+    /// Create it when absent: this writer is the whole truth (Redis used
+    /// alone, as in tests and benchmarks).
+    Create,
+    /// Keep it only if present: a copy of the table never marks an emptied
+    /// Redis complete by writing one program into it; the sync does, once
+    /// every program is back.
+    KeepIfPresent,
+}
+
+impl Counter {
+    fn arg(self) -> &'static str {
+        match self {
+            Self::Create => "create",
+            Self::KeepIfPresent => "keep",
+        }
+    }
+}
+
+/// What Redis holds for one program: its version, and whether that is a
+/// tombstone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    pub version: u64,
+    pub deleted: bool,
+}
+
+/// A connection to the programs in Redis.
+pub struct RedisPrograms {
+    conn: MultiplexedConnection,
+    counter: Counter,
+    upsert: redis::Script,
+    delete: redis::Script,
+}
+
+impl RedisPrograms {
+    /// Connects; writes treat the version counter as `counter` says.
+    pub async fn connect(url: &str, counter: Counter) -> Result<Self> {
+        let client = redis::Client::open(url).with_context(|| format!("bad Redis URL {url}"))?;
+        let conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .with_context(|| format!("cannot connect to Redis at {url}"))?;
+        Ok(Self {
+            conn,
+            counter,
+            upsert: redis::Script::new(UPSERT_SCRIPT),
+            delete: redis::Script::new(DELETE_SCRIPT),
+        })
+    }
+
+    fn upsert_invocation(&self, program: &Program) -> redis::ScriptInvocation<'_> {
+        let mut unversioned = program.clone();
+        unversioned.version = 0;
+        let mut inv = self.upsert.prepare_invoke();
+        inv.key(program_key(&program.program_id))
+            .key(VERSION_KEY)
+            .arg(program.version)
+            .arg(CHANGES_CHANNEL)
+            .arg(unversioned.to_json().to_string())
+            .arg(self.counter.arg());
+        for (field, value) in program.to_redis_fields() {
+            inv.arg(field).arg(value);
+        }
+        inv
+    }
+
+    fn delete_invocation(&self, id: &ProgramId, version: u64) -> redis::ScriptInvocation<'_> {
+        let id_json = serde_json::Value::String(id.to_string()).to_string();
+        let mut inv = self.delete.prepare_invoke();
+        inv.key(program_key(id))
+            .key(VERSION_KEY)
+            .arg(CHANGES_CHANNEL)
+            .arg(id_json)
+            .arg(version)
+            .arg(self.counter.arg());
+        inv
+    }
+
+    /// Writes one program (version 0: Redis takes the next one).
+    pub async fn put(&mut self, program: &Program) -> Result<WriteOutcome> {
+        let mut conn = self.conn.clone();
+        let reply: (i64, u64) = self
+            .upsert_invocation(program)
+            .invoke_async(&mut conn)
+            .await
+            .context("writing program to Redis")?;
+        Ok(outcome(reply))
+    }
+
+    /// Writes programs in pipelined chunks; one outcome per program, in
+    /// order. Each write is atomic with its PUBLISH; the whole is not (a
+    /// load is made whole by the table: running it again finishes it).
+    pub async fn put_all(&mut self, programs: &[Program]) -> Result<Vec<WriteOutcome>> {
+        let mut out = Vec::with_capacity(programs.len());
+        for chunk in programs.chunks(PIPELINE_CHUNK) {
+            let mut pipe = redis::pipe();
+            pipe.load_script(&self.upsert).ignore();
+            for p in chunk {
+                pipe.invoke_script(&self.upsert_invocation(p));
+            }
+            let replies: Vec<(i64, u64)> = pipe
+                .query_async(&mut self.conn)
+                .await
+                .context("writing programs to Redis")?;
+            out.extend(replies.into_iter().map(outcome));
+        }
+        Ok(out)
+    }
+
+    /// Writes programs atomically (one `MULTI`/`EXEC`): all or nothing.
+    pub async fn load_atomic(&mut self, programs: &[Program]) -> Result<Vec<WriteOutcome>> {
+        if programs.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Load outside the transaction: EVALSHA inside MULTI cannot fall back.
+        self.upsert
+            .load_async(&mut self.conn)
+            .await
+            .context("loading the upsert script")?;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for p in programs {
+            pipe.invoke_script(&self.upsert_invocation(p));
+        }
+        let replies: Vec<(i64, u64)> = pipe
+            .query_async(&mut self.conn)
+            .await
+            .context("writing programs to Redis")?;
+        Ok(replies.into_iter().map(outcome).collect())
+    }
+
+    /// Deletes a program at `version` (0: Redis takes the next one),
+    /// leaving a tombstone (also for an id Redis does not hold) and
+    /// publishing the deletion.
+    pub async fn delete(&mut self, id: &ProgramId, version: u64) -> Result<DeleteOutcome> {
+        let mut conn = self.conn.clone();
+        let reply: (i64, u64, i64) = self
+            .delete_invocation(id, version)
+            .invoke_async(&mut conn)
+            .await
+            .context("deleting program in Redis")?;
+        Ok(delete_outcome(reply))
+    }
+
+    /// Deletes programs at their versions, in pipelined chunks.
+    pub async fn delete_all(&mut self, ids: &[(ProgramId, u64)]) -> Result<Vec<DeleteOutcome>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(PIPELINE_CHUNK) {
+            let mut pipe = redis::pipe();
+            pipe.load_script(&self.delete).ignore();
+            for (id, version) in chunk {
+                pipe.invoke_script(&self.delete_invocation(id, *version));
+            }
+            let replies: Vec<(i64, u64, i64)> = pipe
+                .query_async(&mut self.conn)
+                .await
+                .context("deleting programs in Redis")?;
+            out.extend(replies.into_iter().map(delete_outcome));
+        }
+        Ok(out)
+    }
+
+    /// Reads one program as stored.
+    pub async fn get(&mut self, id: &ProgramId) -> Result<StoredProgram> {
+        let fields: BTreeMap<String, String> = redis::cmd("HGETALL")
+            .arg(program_key(id))
+            .query_async(&mut self.conn)
+            .await
+            .context("reading program from Redis")?;
+        StoredProgram::from_hash(&fields).map_err(|e| anyhow!("stored program {id}: {e}"))
+    }
+
+    /// The version (and tombstone flag) Redis holds for each of `ids`.
+    pub async fn versions(&mut self, ids: &[ProgramId]) -> Result<Vec<Option<Held>>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(PIPELINE_CHUNK * 10) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.cmd("HMGET")
+                    .arg(program_key(id))
+                    .arg("version")
+                    .arg("deleted");
+            }
+            let replies: Vec<(Option<u64>, Option<String>)> = pipe
+                .query_async(&mut self.conn)
+                .await
+                .context("reading program versions from Redis")?;
+            out.extend(replies.into_iter().map(|(v, d)| {
+                v.map(|version| Held {
+                    version,
+                    deleted: d.as_deref() == Some("1"),
+                })
+            }));
+        }
+        Ok(out)
+    }
+
+    /// Every program hash in Redis with what it holds (SCAN, then the
+    /// versions pipelined).
+    pub async fn all_versions(&mut self) -> Result<HashMap<ProgramId, Held>> {
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(PROGRAM_KEY_PATTERN)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut self.conn)
+                .await
+                .context("scanning program keys in Redis")?;
+            keys.extend(page);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        let ids: Vec<ProgramId> = keys
+            .iter()
+            .filter_map(|k| k.strip_prefix(PROGRAM_KEY_PREFIX))
+            .filter_map(|id| ProgramId::parse(id).ok())
+            .collect();
+        let held = self.versions(&ids).await?;
+        Ok(ids
+            .into_iter()
+            .zip(held)
+            .filter_map(|(id, h)| h.map(|h| (id, h)))
+            .collect())
+    }
+
+    /// Whether Redis holds the version counter: the mark that it holds
+    /// every program (it is gone after Redis lost its data).
+    pub async fn is_complete(&mut self) -> Result<bool> {
+        let counter: Option<u64> = redis::cmd("GET")
+            .arg(VERSION_KEY)
+            .query_async(&mut self.conn)
+            .await
+            .context("reading the version counter")?;
+        Ok(counter.is_some())
+    }
+
+    /// Marks Redis complete: the counter raised to at least `version`.
+    pub async fn mark_complete(&mut self, version: u64) -> Result<()> {
+        let _: u64 = redis::Script::new(COMPLETE_SCRIPT)
+            .key(VERSION_KEY)
+            .arg(version)
+            .invoke_async(&mut self.conn)
+            .await
+            .context("setting the version counter")?;
+        Ok(())
+    }
+}
+
+fn outcome((written, version): (i64, u64)) -> WriteOutcome {
+    if written == 1 {
+        WriteOutcome::Written(version)
+    } else {
+        WriteOutcome::Stale(version)
+    }
+}
+
+fn delete_outcome((done, version, existed): (i64, u64, i64)) -> DeleteOutcome {
+    match (done, existed) {
+        (0, 1) => DeleteOutcome::Stale(version),
+        (0, _) => DeleteOutcome::AlreadyDeleted(version),
+        (_, 1) => DeleteOutcome::Deleted(version),
+        _ => DeleteOutcome::Tombstoned(version),
+    }
+}

@@ -1,0 +1,282 @@
+//! The programs table: the source of truth for program core data (Redis is
+//! the trackers' copy of it, see [`crate::redis_copy`]).
+//!
+//! One item per program, partition key `programId`:
+//!
+//! | attribute | type | |
+//! |---|---|---|
+//! | `programId` | S | the key |
+//! | `version` | N | grows with every write of the program |
+//! | `programName`, `checksum`, `customerName` | S | |
+//! | `customerId` | N | |
+//! | `valid` | BOOL | |
+//! | `validFrom`, `validUntil` | S | RFC 3339, only when set |
+//! | `allowedRedirectHosts` | L of S | only when set |
+//! | `deleted` | BOOL | `true` on a tombstone, which holds only the key, `version` and `updatedAt` |
+//! | `updatedAt` | N | epoch milliseconds of the write |
+//!
+//! Every write is conditional on the version: an older write never
+//! overwrites a newer one, and a delete leaves a versioned tombstone that a
+//! late write of an older version cannot undo. A write without a version
+//! takes the larger of the clock in microseconds and the stored version
+//! plus one, so versions only grow; the table can be a DynamoDB global
+//! table (last writer wins between regions, and a region's writes carry
+//! the same versions into its Redis).
+
+use std::collections::BTreeMap;
+
+use adtrack_proto::program::{Program, ProgramId};
+use anyhow::{Context, Result, anyhow, bail};
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::types::AttributeValue;
+use futures_util::{StreamExt, TryStreamExt};
+
+use crate::{DeleteOutcome, WriteOutcome};
+
+/// A program's item as the table holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    Present(Program),
+    Deleted { version: u64 },
+}
+
+impl Entry {
+    pub fn version(&self) -> u64 {
+        match self {
+            Self::Present(p) => p.version,
+            Self::Deleted { version } => *version,
+        }
+    }
+}
+
+/// Segments of a full scan, read in parallel.
+const SCAN_SEGMENTS: i32 = 4;
+/// Conditional writes retried when a version raced another writer.
+const VERSION_ATTEMPTS: usize = 8;
+
+type Item = std::collections::HashMap<String, AttributeValue>;
+
+/// The programs table.
+#[derive(Debug, Clone)]
+pub struct ProgramTable {
+    client: Client,
+    table: String,
+}
+
+fn now_us() -> u64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000) as u64
+}
+
+fn now_ms() -> String {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).to_string()
+}
+
+fn key(id: &ProgramId) -> AttributeValue {
+    AttributeValue::S(id.to_string())
+}
+
+fn err<E: std::error::Error + Send + Sync + 'static>(
+    e: aws_sdk_dynamodb::error::SdkError<E>,
+) -> anyhow::Error {
+    anyhow!("{}", aws_sdk_dynamodb::error::DisplayErrorContext(&e))
+}
+
+fn condition_failed(
+    e: &aws_sdk_dynamodb::error::SdkError<aws_sdk_dynamodb::operation::put_item::PutItemError>,
+) -> bool {
+    e.as_service_error()
+        .is_some_and(|s| s.is_conditional_check_failed_exception())
+}
+
+/// The item of a program at `version`.
+fn program_item(program: &Program, version: u64) -> Result<Item> {
+    let mut p = program.clone();
+    p.version = version;
+    let mut item: Item = serde_dynamo::to_item(&p).context("program as an item")?;
+    item.insert("updatedAt".into(), AttributeValue::N(now_ms()));
+    Ok(item)
+}
+
+/// Reads an item back (program or tombstone).
+pub fn entry_of(mut item: Item) -> Result<Entry> {
+    let version = item
+        .get("version")
+        .and_then(|v| v.as_n().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or_else(|| anyhow!("item without a version"))?;
+    if item.get("deleted").and_then(|v| v.as_bool().ok()) == Some(&true) {
+        return Ok(Entry::Deleted { version });
+    }
+    item.remove("updatedAt");
+    let value: serde_json::Value = serde_dynamo::from_item(item).context("reading the item")?;
+    let program = Program::from_json(&value).map_err(|e| anyhow!("{e}"))?;
+    Ok(Entry::Present(program))
+}
+
+impl ProgramTable {
+    pub fn new(client: Client, table: impl Into<String>) -> Self {
+        Self {
+            client,
+            table: table.into(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.table
+    }
+
+    /// One program's item (consistent read).
+    pub async fn get(&self, id: &ProgramId) -> Result<Option<Entry>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("programId", key(id))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(err)
+            .with_context(|| format!("reading program {id} from table {}", self.table))?;
+        out.item
+            .map(entry_of)
+            .transpose()
+            .with_context(|| format!("program {id} in table {}", self.table))
+    }
+
+    /// Writes a program. With version 0 it takes the next version (see the
+    /// module docs); with an explicit one, it is written only if newer than
+    /// the stored one.
+    pub async fn put(&self, program: &Program) -> Result<WriteOutcome> {
+        let explicit = program.version != 0;
+        let mut version = if explicit { program.version } else { now_us() };
+        for _ in 0..VERSION_ATTEMPTS {
+            let result = self
+                .client
+                .put_item()
+                .table_name(&self.table)
+                .set_item(Some(program_item(program, version)?))
+                .condition_expression("attribute_not_exists(programId) OR version < :v")
+                .expression_attribute_values(":v", AttributeValue::N(version.to_string()))
+                .send()
+                .await;
+            match result {
+                Ok(_) => return Ok(WriteOutcome::Written(version)),
+                Err(e) if condition_failed(&e) => {
+                    let stored = self
+                        .get(&program.program_id)
+                        .await?
+                        .map(|e| e.version())
+                        .unwrap_or(0);
+                    if explicit && stored >= version {
+                        return Ok(WriteOutcome::Stale(stored));
+                    }
+                    version = now_us().max(stored + 1);
+                }
+                Err(e) => {
+                    return Err(err(e)).with_context(|| {
+                        format!(
+                            "writing program {} to table {}",
+                            program.program_id, self.table
+                        )
+                    });
+                }
+            }
+        }
+        bail!(
+            "program {}: other writers kept winning the version race",
+            program.program_id
+        )
+    }
+
+    /// Deletes a program, leaving a versioned tombstone (also when there was
+    /// no such program, so an older write cannot create it later).
+    pub async fn delete(&self, id: &ProgramId) -> Result<DeleteOutcome> {
+        let mut version = now_us();
+        for _ in 0..VERSION_ATTEMPTS {
+            let result = self
+                .client
+                .put_item()
+                .table_name(&self.table)
+                .item("programId", key(id))
+                .item("version", AttributeValue::N(version.to_string()))
+                .item("deleted", AttributeValue::Bool(true))
+                .item("updatedAt", AttributeValue::N(now_ms()))
+                .condition_expression(
+                    "attribute_not_exists(programId) OR (version < :v AND attribute_not_exists(deleted))",
+                )
+                .expression_attribute_values(":v", AttributeValue::N(version.to_string()))
+                .return_values(aws_sdk_dynamodb::types::ReturnValue::AllOld)
+                .send()
+                .await;
+            match result {
+                Ok(out) => {
+                    return Ok(if out.attributes.is_some_and(|a| !a.is_empty()) {
+                        DeleteOutcome::Deleted(version)
+                    } else {
+                        DeleteOutcome::Tombstoned(version)
+                    });
+                }
+                Err(e) if condition_failed(&e) => match self.get(id).await? {
+                    Some(Entry::Deleted { version }) => {
+                        return Ok(DeleteOutcome::AlreadyDeleted(version));
+                    }
+                    Some(Entry::Present(p)) => version = now_us().max(p.version + 1),
+                    None => version = now_us(),
+                },
+                Err(e) => {
+                    return Err(err(e))
+                        .with_context(|| format!("deleting program {id} in table {}", self.table));
+                }
+            }
+        }
+        bail!("program {id}: other writers kept winning the version race")
+    }
+
+    /// Every item: programs and tombstones (a consistent parallel scan).
+    pub async fn scan_all(&self) -> Result<BTreeMap<ProgramId, Entry>> {
+        let segments = futures_util::stream::iter(0..SCAN_SEGMENTS)
+            .map(|segment| self.scan_segment(segment))
+            .buffer_unordered(SCAN_SEGMENTS as usize)
+            .try_collect::<Vec<_>>()
+            .await?;
+        let mut all = BTreeMap::new();
+        for part in segments {
+            all.extend(part);
+        }
+        Ok(all)
+    }
+
+    async fn scan_segment(&self, segment: i32) -> Result<Vec<(ProgramId, Entry)>> {
+        let mut out = Vec::new();
+        let mut start = None;
+        loop {
+            let page = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .segment(segment)
+                .total_segments(SCAN_SEGMENTS)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(err)
+                .with_context(|| format!("scanning table {}", self.table))?;
+            for item in page.items.unwrap_or_default() {
+                let id = item
+                    .get("programId")
+                    .and_then(|v| v.as_s().ok())
+                    .ok_or_else(|| anyhow!("an item of table {} has no programId", self.table))?;
+                let id = ProgramId::parse(id)
+                    .map_err(|e| anyhow!("table {}: program id {id:?}: {e}", self.table))?;
+                let entry = entry_of(item)
+                    .with_context(|| format!("program {id} in table {}", self.table))?;
+                out.push((id, entry));
+            }
+            start = page.last_evaluated_key;
+            if start.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+}
