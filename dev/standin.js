@@ -2,7 +2,7 @@
 // Starts one local AWS protocol stand-in on 127.0.0.1, creates the adtrack
 // resources in it, and prints "READY <port>" once they are ACTIVE.
 //
-//   node dev/standin.js kinesis  --port 0 [--path DIR] [--stream NAME --shards N]
+//   node dev/standin.js kinesis  --port 0 [--path DIR] [--stream NAME --shards N] [--extra-stream NAME (1 shard)]
 //   node dev/standin.js dynamodb --port 0 [--path DIR] [--tables dev/tables.json]
 //   node dev/standin.js scan     --port N --table NAME [--limit N]   (prints items as JSON lines)
 //
@@ -92,6 +92,7 @@ async function main() {
     const server = require('kinesalite')({ path: args.path, createStreamMs: 0, deleteStreamMs: 0, updateStreamMs: 0, shardLimit: 50 })
     const bound = await listen(server, port)
     if (args.stream) await ensureStream(bound, args.stream, Number(args.shards || 1))
+    if (args['extra-stream']) await ensureStream(bound, args['extra-stream'], 1)
     console.log(`READY ${bound}`)
   } else if (kind === 'dynamodb') {
     const server = require('dynalite')({ path: args.path, createTableMs: 0, deleteTableMs: 0, updateTableMs: 0 })

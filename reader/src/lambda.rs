@@ -26,6 +26,7 @@ pub fn records(event: KinesisEvent) -> Vec<Record> {
                 .to_owned();
             Record {
                 shard_id,
+                arrival_ms: Some(r.kinesis.approximate_arrival_timestamp.0.timestamp_millis()),
                 sequence_number: r.kinesis.sequence_number,
                 data: Bytes::from(r.kinesis.data.0),
             }
@@ -53,6 +54,7 @@ mod tests {
             shard_id: "shardId-000000000000".into(),
             sequence_number: seq.into(),
             data: Bytes::new(),
+            arrival_ms: None,
         }
     }
 

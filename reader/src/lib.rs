@@ -29,6 +29,8 @@ pub struct Record {
     pub shard_id: String,
     pub sequence_number: String,
     pub data: Bytes,
+    /// When Kinesis received it (epoch milliseconds), when known.
+    pub arrival_ms: Option<i64>,
 }
 
 /// What a stream's records are for.

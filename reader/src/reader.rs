@@ -366,6 +366,9 @@ impl<H: Handler> Reader<H> {
                 .into_iter()
                 .map(|r| Record {
                     shard_id: shard.to_owned(),
+                    arrival_ms: r
+                        .approximate_arrival_timestamp
+                        .and_then(|t| t.to_millis().ok()),
                     sequence_number: r.sequence_number,
                     data: bytes::Bytes::from(r.data.into_inner()),
                 })

@@ -13,6 +13,8 @@ use anyhow::{Context, Result, bail};
 
 /// The events stream the stand-in creates.
 pub const EVENTS_STREAM: &str = "adtrack-events";
+/// The core-data stream the stand-in creates (one shard).
+pub const CORE_DATA_STREAM: &str = "adtrack-core-data";
 /// The events table the stand-in creates (see `dev/tables.json`).
 pub const EVENTS_TABLE: &str = "adtrack-events";
 /// The checkpoint table the stand-in creates.
@@ -207,7 +209,8 @@ impl Standin {
         match service {
             Service::Kinesis => {
                 cmd.args(["kinesis", "--stream", EVENTS_STREAM, "--shards"])
-                    .arg(shards.to_string());
+                    .arg(shards.to_string())
+                    .args(["--extra-stream", CORE_DATA_STREAM]);
             }
             Service::DynamoDb => {
                 cmd.arg("dynamodb");
@@ -317,6 +320,7 @@ impl Stack {
             ("CHECKPOINT_TABLE", CHECKPOINT_TABLE.to_owned()),
             ("DEAD_LETTER_TABLE", DEAD_LETTER_TABLE.to_owned()),
             ("PROGRAMS_TABLE", PROGRAMS_TABLE.to_owned()),
+            ("CORE_DATA_STREAM", CORE_DATA_STREAM.to_owned()),
             // A spool of this stack's own: trackers of tests running side
             // by side must not share one.
             (

@@ -6,6 +6,8 @@
 //! table and not Redis) and publishes what it changed.
 
 pub mod redis_copy;
+pub mod stream;
+pub mod stream_config;
 pub mod table;
 
 use std::collections::{BTreeMap, HashSet};
@@ -117,7 +119,16 @@ impl Programs {
 
     /// Deletes one program: the table's tombstone, then Redis's.
     pub async fn delete(&mut self, id: &ProgramId) -> Result<DeleteOutcome> {
-        let outcome = self.table.delete(id).await?;
+        self.delete_at(id, 0).await
+    }
+
+    /// Deletes one program at `version` (0: the next one); refused when the
+    /// table holds a newer version.
+    pub async fn delete_at(&mut self, id: &ProgramId, version: u64) -> Result<DeleteOutcome> {
+        let outcome = self.table.delete_at(id, version).await?;
+        if let DeleteOutcome::Stale(v) = outcome {
+            return Ok(DeleteOutcome::Stale(v));
+        }
         let version = match outcome {
             DeleteOutcome::Deleted(v)
             | DeleteOutcome::Tombstoned(v)

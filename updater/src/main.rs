@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use adtrack_proto::program::{Program, ProgramId, parse_program_file};
+use adtrack_updater::stream::CoreData;
+use adtrack_updater::stream_config::StreamArgs;
 use adtrack_updater::{
     Counter, DeleteOutcome, Entry, ProgramTable, Programs, RedisPrograms, WriteOutcome,
     absent_from, plan_against,
@@ -71,6 +73,12 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// Apply the core-data stream: each record a program (the operators'
+    /// JSON) or {"op":"delete","programId":"..."}, through the table and
+    /// Redis like the other writes; bad records go to the dead-letter table.
+    /// Runs until SIGTERM (locally; in AWS the updater Lambda reads the
+    /// stream).
+    Stream(StreamArgs),
     /// Bring Redis back to the table's content and publish what changed.
     Sync {
         /// Keep syncing: at once when Redis lost its data, and fully every
@@ -322,6 +330,31 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
             out.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stream(args) => {
+            let aws = aws_config::defaults(BehaviorVersion::latest()).load().await;
+            let dynamodb = aws_sdk_dynamodb::Client::new(&aws);
+            let redis = RedisPrograms::connect(&cli.redis_url, Counter::KeepIfPresent).await?;
+            let handler = CoreData {
+                store: tokio::sync::Mutex::new(Programs::new(
+                    ProgramTable::new(dynamodb.clone(), &cli.programs_table),
+                    redis,
+                )),
+                dynamodb: dynamodb.clone(),
+                stream: args.core_data_stream.clone(),
+                dead_letter_table: args.dead_letter_table.clone(),
+                max_attempts: 0,
+            };
+            let reader = std::sync::Arc::new(adtrack_reader::Reader::new(
+                aws_sdk_kinesis::Client::new(&aws),
+                dynamodb,
+                adtrack_reader::owner_name("updater"),
+                args.settings(),
+                handler,
+            ));
+            tracing::info!(stream = %args.core_data_stream, "applying the core-data stream");
+            reader.run(adtrack_service::shutdown_on_signals()).await;
             Ok(ExitCode::SUCCESS)
         }
         Command::Sync {

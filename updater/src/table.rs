@@ -191,7 +191,14 @@ impl ProgramTable {
     /// Deletes a program, leaving a versioned tombstone (also when there was
     /// no such program, so an older write cannot create it later).
     pub async fn delete(&self, id: &ProgramId) -> Result<DeleteOutcome> {
-        let mut version = now_us();
+        self.delete_at(id, 0).await
+    }
+
+    /// Deletes a program at `requested` (0: the next version): refused as
+    /// [`DeleteOutcome::Stale`] when the table holds a newer version.
+    pub async fn delete_at(&self, id: &ProgramId, requested: u64) -> Result<DeleteOutcome> {
+        let explicit = requested != 0;
+        let mut version = if explicit { requested } else { now_us() };
         for _ in 0..VERSION_ATTEMPTS {
             let result = self
                 .client
@@ -219,6 +226,9 @@ impl ProgramTable {
                 Err(e) if condition_failed(&e) => match self.get(id).await? {
                     Some(Entry::Deleted { version }) => {
                         return Ok(DeleteOutcome::AlreadyDeleted(version));
+                    }
+                    Some(Entry::Present(p)) if explicit && p.version >= version => {
+                        return Ok(DeleteOutcome::Stale(p.version));
                     }
                     Some(Entry::Present(p)) => version = now_us().max(p.version + 1),
                     None => version = now_us(),

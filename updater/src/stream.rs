@@ -1,0 +1,308 @@
+//! The core-data stream (the reference design's way in for program
+//! changes): each Kinesis record is one program as JSON in the operators'
+//! format, or `{"op":"delete","programId":"..."}`. Records are applied in
+//! shard order through the same table-first store as the command line, with
+//! the same validation; a record that cannot be applied goes to the
+//! dead-letter table with its reason and never blocks the records after it.
+//!
+//! A record without a version takes one from its arrival in the stream
+//! (milliseconds × 1000, plus its rank among the records of its page that
+//! arrived in the same millisecond), so a record read twice (Kinesis
+//! delivers at least once) writes the same version, or an older one, and
+//! changes nothing the second time, and a later write made elsewhere (the
+//! command line) is not undone by a replay. (The one case this does not
+//! cover: two changes of one program within one millisecond, with the
+//! reader stopped between them, can lose the second on the replay.)
+//!
+//! Read by adtrack's Kinesis reader (`updater stream`: leases, checkpoints,
+//! reshard order) or by Lambda behind an event source mapping
+//! (`updater-lambda`), with [`CoreData`] as the handler of both.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use adtrack_proto::program::{Program, ProgramId};
+use adtrack_reader::{Handler, Record};
+use adtrack_service::retry::Backoff;
+use anyhow::Result;
+use aws_sdk_dynamodb::types::AttributeValue;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::{DeleteOutcome, Programs, WriteOutcome};
+
+/// Failed writes wait up to 50 ms after the first failure, doubling to 5 s.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+/// Raw bytes a dead letter keeps of its record.
+const MAX_DEAD_DATA: usize = 64 * 1024;
+/// Longest reason a dead letter keeps.
+const MAX_REASON: usize = 512;
+
+/// One record's meaning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Put(Program),
+    Delete { program_id: ProgramId, version: u64 },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteRecord {
+    #[allow(dead_code)]
+    op: String,
+    #[serde(rename = "programId")]
+    program_id: String,
+    #[serde(default)]
+    version: u64,
+}
+
+/// The versions records without one take (see the module docs), in order;
+/// 0 where the arrival is unknown (the store then takes the next version).
+pub fn arrival_versions(records: &[Record]) -> Vec<u64> {
+    let mut rank = 0u64;
+    let mut last = None;
+    records
+        .iter()
+        .map(|r| {
+            rank = if r.arrival_ms == last { rank + 1 } else { 0 };
+            last = r.arrival_ms;
+            r.arrival_ms
+                .and_then(|ms| u64::try_from(ms).ok())
+                .map_or(0, |ms| ms * 1000 + rank.min(999))
+        })
+        .collect()
+}
+
+/// Reads one record: a program, or a delete; `arrival` is the version it
+/// takes when it names none. The error says why not.
+pub fn parse(record: &Record, arrival: u64) -> Result<Change, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(&record.data).map_err(|e| format!("not a JSON object: {e}"))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| "not a JSON object".to_owned())?;
+    let version = |given: u64| if given != 0 { given } else { arrival };
+    match obj.get("op") {
+        None => {
+            let mut program = Program::from_json(&value).map_err(|e| e.to_string())?;
+            program.version = version(program.version);
+            Ok(Change::Put(program))
+        }
+        Some(serde_json::Value::String(op)) if op == "delete" => {
+            let d: DeleteRecord = serde_json::from_value(value.clone())
+                .map_err(|e| format!("a delete record: {e}"))?;
+            let program_id =
+                ProgramId::parse(&d.program_id).map_err(|e| format!("field `programId`: {e}"))?;
+            Ok(Change::Delete {
+                program_id,
+                version: version(d.version),
+            })
+        }
+        Some(other) => Err(format!(
+            "field `op`: {other} is not \"delete\" (a program record has no `op`)"
+        )),
+    }
+}
+
+/// What became of one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Written(u64),
+    /// Already there, or older than what the table holds.
+    Stale(u64),
+    Deleted(u64),
+    DeadLettered,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DeadLetterItem<'a> {
+    dead_letter_id: String,
+    stream: &'a str,
+    shard_id: &'a str,
+    sequence_number: &'a str,
+    reason: String,
+    failed_at: i64,
+    #[serde(with = "serde_bytes_compat")]
+    data: &'a [u8],
+    data_bytes: usize,
+}
+
+mod serde_bytes_compat {
+    pub fn serialize<S: serde::Serializer>(v: &&[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+}
+
+fn bounded(reason: &str) -> String {
+    let mut end = reason.len().min(MAX_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_owned()
+}
+
+/// The core-data handler: the store, where bad records go, and how long an
+/// unavailable store is waited out.
+pub struct CoreData {
+    pub store: Mutex<Programs>,
+    pub dynamodb: aws_sdk_dynamodb::Client,
+    pub stream: String,
+    pub dead_letter_table: String,
+    /// Attempts per record while the table or Redis fails (0: until
+    /// stopped, as the long-running reader does; Lambda gives up sooner and
+    /// lets the mapping retry).
+    pub max_attempts: u32,
+}
+
+impl CoreData {
+    async fn apply(&self, record: &Record, arrival: u64) -> Result<Applied> {
+        let change = match parse(record, arrival) {
+            Ok(c) => c,
+            Err(reason) => {
+                self.dead_letter(record, &reason).await?;
+                return Ok(Applied::DeadLettered);
+            }
+        };
+        let mut store = self.store.lock().await;
+        Ok(match change {
+            Change::Put(program) => match store.put(&program).await? {
+                WriteOutcome::Written(v) => Applied::Written(v),
+                WriteOutcome::Stale(v) => Applied::Stale(v),
+            },
+            Change::Delete {
+                program_id,
+                version,
+            } => match store.delete_at(&program_id, version).await? {
+                DeleteOutcome::Deleted(v) | DeleteOutcome::Tombstoned(v) => Applied::Deleted(v),
+                DeleteOutcome::AlreadyDeleted(v) | DeleteOutcome::Stale(v) => Applied::Stale(v),
+            },
+        })
+    }
+
+    async fn dead_letter(&self, record: &Record, reason: &str) -> Result<()> {
+        let item = DeadLetterItem {
+            dead_letter_id: format!(
+                "{}/{}/{}",
+                self.stream, record.shard_id, record.sequence_number
+            ),
+            stream: &self.stream,
+            shard_id: &record.shard_id,
+            sequence_number: &record.sequence_number,
+            reason: bounded(reason),
+            failed_at: time::OffsetDateTime::now_utc().unix_timestamp(),
+            data: &record.data[..record.data.len().min(MAX_DEAD_DATA)],
+            data_bytes: record.data.len(),
+        };
+        let item: HashMap<String, AttributeValue> = serde_dynamo::to_item(item)?;
+        self.dynamodb
+            .put_item()
+            .table_name(&self.dead_letter_table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", aws_sdk_dynamodb::error::DisplayErrorContext(&e)))?;
+        tracing::warn!(
+            shard = %record.shard_id,
+            sequence = %record.sequence_number,
+            reason,
+            "core-data record dead-lettered"
+        );
+        Ok(())
+    }
+}
+
+impl Handler for CoreData {
+    async fn handle(&self, records: &[Record], stop: &CancellationToken) -> usize {
+        let arrivals = arrival_versions(records);
+        for (i, (record, arrival)) in records.iter().zip(arrivals).enumerate() {
+            let mut attempt = 0;
+            loop {
+                match self.apply(record, arrival).await {
+                    Ok(applied) => {
+                        tracing::debug!(sequence = %record.sequence_number, ?applied, "core-data record applied");
+                        break;
+                    }
+                    Err(e) => {
+                        attempt += 1;
+                        tracing::warn!(
+                            sequence = %record.sequence_number,
+                            attempt,
+                            error = %format!("{e:#}"),
+                            "applying a core-data record failed; retrying"
+                        );
+                        if self.max_attempts != 0 && attempt >= self.max_attempts {
+                            return i;
+                        }
+                        if RETRY.sleep(attempt, stop).await.is_err() {
+                            return i;
+                        }
+                    }
+                }
+            }
+        }
+        records.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(data: &str, arrival_ms: Option<i64>) -> Record {
+        Record {
+            shard_id: "shardId-000000000000".into(),
+            sequence_number: "1".into(),
+            data: bytes::Bytes::copy_from_slice(data.as_bytes()),
+            arrival_ms,
+        }
+    }
+
+    #[test]
+    fn records_without_a_version_take_their_arrival_in_order() {
+        let rs = [
+            record("{}", Some(5)),
+            record("{}", Some(5)),
+            record("{}", Some(7)),
+            record("{}", None),
+        ];
+        assert_eq!(arrival_versions(&rs), vec![5000, 5001, 7000, 0]);
+    }
+
+    #[test]
+    fn parses_programs_and_deletes_and_names_what_is_wrong() {
+        let p = record(
+            r#"{"programId":"p1","programName":"n","checksum":"1","customerId":1,"customerName":"c"}"#,
+            Some(1),
+        );
+        assert!(matches!(parse(&p, 1000), Ok(Change::Put(p)) if p.version == 1000));
+        let versioned = record(
+            r#"{"programId":"p1","programName":"n","checksum":"1","customerId":1,"customerName":"c","version":7}"#,
+            Some(1),
+        );
+        assert!(matches!(parse(&versioned, 1000), Ok(Change::Put(p)) if p.version == 7));
+        let del = record(r#"{"op":"delete","programId":"p1"}"#, Some(2));
+        assert_eq!(
+            parse(&del, 2000),
+            Ok(Change::Delete {
+                program_id: ProgramId::parse("p1").expect("id"),
+                version: 2000
+            })
+        );
+        for (bad, says) in [
+            ("{", "not a JSON object"),
+            ("[1]", "not a JSON object"),
+            (r#"{"op":"flush"}"#, "field `op`"),
+            (r#"{"op":"delete","programId":"a b"}"#, "programId"),
+            (
+                r#"{"op":"delete","programId":"p1","extra":1}"#,
+                "unknown field",
+            ),
+            (r#"{"programId":"p1"}"#, "programName"),
+        ] {
+            let err = parse(&record(bad, Some(1)), 1).expect_err(bad);
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+}
