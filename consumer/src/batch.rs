@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::types::AttributeValue;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -20,6 +19,7 @@ use crate::metric;
 use crate::writer::{Item, MAX_ITEMS_PER_CALL, Refused, WriteFailed, write_chunk};
 
 pub use adtrack_reader::Record;
+use adtrack_reader::dead_letter::{DeadLetter, MAX_REASON, truncated};
 
 /// Where events and dead letters go.
 #[derive(Debug, Clone)]
@@ -53,10 +53,6 @@ struct Pending {
 /// parts, so memory stays bounded whatever the page holds (one 1 MiB
 /// aggregate can carry tens of thousands of events).
 const FLUSH_ITEMS: usize = 2_000;
-/// Longest `reason` of a dead letter.
-const MAX_REASON: usize = 512;
-/// Raw bytes a dead letter keeps (DynamoDB items are at most 400 KB).
-const MAX_DEAD_DATA: usize = 300 * 1024;
 
 /// What a batch has decoded and not yet written.
 #[derive(Default)]
@@ -143,7 +139,7 @@ pub async fn process(
                 sequence = r.sequence_number,
                 bad,
                 events = total,
-                reason = bounded(&reason),
+                reason = truncated(&reason, MAX_REASON),
                 "dead-lettering a record that holds data that is not a valid event"
             );
             held.dead
@@ -311,69 +307,9 @@ fn dead_letter_refused(r: &Refused) {
 /// what became of them.
 type ChunkResult = (bool, Vec<usize>, Result<Vec<Refused>, WriteFailed>);
 
-fn bounded(text: &str) -> String {
-    let mut cut = text.len().min(MAX_REASON);
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    text[..cut].to_owned()
-}
-
-/// The dead-letter table's item for one record (see `crate::item`).
-#[derive(serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-struct DeadLetterItem<'a> {
-    dead_letter_id: String,
-    shard_id: &'a str,
-    sequence_number: &'a str,
-    reason: String,
-    bad_events: usize,
-    events: usize,
-    failed_at: i64,
-    /// The record's first bytes (a DynamoDB binary attribute).
-    data: RawBytes<'a>,
-    data_bytes: usize,
-    data_md5: String,
-}
-
-/// Bytes stored as a binary attribute.
-struct RawBytes<'a>(&'a [u8]);
-
-impl serde::Serialize for RawBytes<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(self.0)
-    }
-}
-
 fn dead_letter_item(r: &Record, reason: &str, bad: usize, total: usize) -> Item {
-    use md5::{Digest, Md5};
-    let item = DeadLetterItem {
-        dead_letter_id: format!("{}/{}", r.shard_id, r.sequence_number),
-        shard_id: &r.shard_id,
-        sequence_number: &r.sequence_number,
-        reason: bounded(reason),
-        bad_events: bad,
-        events: total,
-        failed_at: time::OffsetDateTime::now_utc().unix_timestamp(),
-        data: RawBytes(&r.data[..r.data.len().min(MAX_DEAD_DATA)]),
-        data_bytes: r.data.len(),
-        data_md5: Md5::digest(&r.data)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
-    };
-    // Strings, numbers and bytes only: the conversion cannot fail; were it
-    // to, the dead letter still names its record.
-    serde_dynamo::to_item(item).unwrap_or_else(|e| {
-        HashMap::from([
-            (
-                "deadLetterId".to_owned(),
-                AttributeValue::S(format!("{}/{}", r.shard_id, r.sequence_number)),
-            ),
-            (
-                "reason".to_owned(),
-                AttributeValue::S(bounded(&e.to_string())),
-            ),
-        ])
-    })
+    let mut d = DeadLetter::new(format!("{}/{}", r.shard_id, r.sequence_number), r, reason);
+    d.bad_events = Some(bad);
+    d.events = Some(total);
+    d.item()
 }

@@ -7,9 +7,8 @@
 //! code, never by their text.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
-use adtrack_service::retry::Backoff;
+use adtrack_service::retry::CALLS;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::ProvideErrorMetadata;
 use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
@@ -19,16 +18,8 @@ use crate::metric;
 
 /// DynamoDB's BatchWriteItem limit.
 pub const MAX_ITEMS_PER_CALL: usize = 25;
-/// Failed writes and reads wait up to 50 ms after the first failure,
-/// doubling to 10 s (the services' one backoff policy).
-pub const RETRY: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(10));
 
 pub type Item = HashMap<String, AttributeValue>;
-
-/// Writing stopped (shutdown) before every item was durable.
-#[derive(Debug, thiserror::Error)]
-#[error("stopped before all items were written")]
-pub struct Interrupted;
 
 /// Items still unwritten after every attempt (or when stopped).
 #[derive(Debug, thiserror::Error)]
@@ -201,7 +192,7 @@ async fn write_call(
                 last_error,
             }));
         }
-        if backoff(attempt, stop).await.is_err() {
+        if CALLS.sleep(attempt, stop).await.is_err() {
             return Err(Failure::Gave(WriteFailed {
                 unwritten: items_of(pending),
                 attempts: attempt,
@@ -209,9 +200,4 @@ async fn write_call(
             }));
         }
     }
-}
-
-/// Sleeps [`RETRY`]'s backoff; `Err` if `stop` fires first.
-pub async fn backoff(attempt: u32, stop: &CancellationToken) -> Result<(), Interrupted> {
-    RETRY.sleep(attempt, stop).await.map_err(|_| Interrupted)
 }

@@ -55,6 +55,31 @@ pub fn program_key(id: &ProgramId) -> String {
     format!("{PROGRAM_KEY_PREFIX}{id}")
 }
 
+/// The Lua both write scripts start with: the version a write takes
+/// (`requested`, or when 0 the largest of the counter plus one, Redis's
+/// clock in microseconds and the stored version plus one) and the counter
+/// rule (`KEYS[2]` raised to it; created only in mode `create`, so a write
+/// into an emptied Redis does not mark it complete). Returns the version
+/// as a number and as the decimal string stored.
+macro_rules! take_version_lua {
+    () => {
+        r#"
+local function take_version(requested, stored, mode)
+  local counter = redis.call('GET', KEYS[2])
+  local v = requested
+  if v == 0 then
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    v = math.max(tonumber(counter or '0') + 1, now, stored + 1)
+  end
+  local vs = string.format('%.0f', v)
+  if (counter or mode == 'create') and tonumber(counter or '0') < v then redis.call('SET', KEYS[2], vs) end
+  return v, vs
+end
+"#
+    };
+}
+
 /// Upsert, atomically: `KEYS[1]` program hash, `KEYS[2]` version counter;
 /// `ARGV[1]` requested version (0: take the next one, see the module docs),
 /// `ARGV[2]` channel, `ARGV[3]` program JSON without version, `ARGV[4]`
@@ -63,24 +88,18 @@ pub fn program_key(id: &ProgramId) -> String {
 /// does not mark it complete), `ARGV[5..]` field/value pairs. Returns
 /// `{1, version}` when written and published, `{0, stored_version}` when
 /// the stored version is not older (versions as decimal strings).
-pub const UPSERT_SCRIPT: &str = r#"
-local requested = tonumber(ARGV[1])
+pub const UPSERT_SCRIPT: &str = concat!(
+    take_version_lua!(),
+    r#"
 local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
-local counter = redis.call('GET', KEYS[2])
-local v = requested
-if v == 0 then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  v = math.max(tonumber(counter or '0') + 1, now, stored + 1)
-end
-local vs = string.format('%.0f', v)
-if (counter or ARGV[4] == 'create') and tonumber(counter or '0') < v then redis.call('SET', KEYS[2], vs) end
+local v, vs = take_version(tonumber(ARGV[1]), stored, ARGV[4])
 if v <= stored then return {0, string.format('%.0f', stored)} end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'version', vs, unpack(ARGV, 5))
 redis.call('PUBLISH', ARGV[2], '{"op":"upsert","version":' .. vs .. ',"program":' .. ARGV[3] .. '}')
 return {1, vs}
-"#;
+"#
+);
 
 /// Delete, atomically: `KEYS[1]` program hash, `KEYS[2]` version counter;
 /// `ARGV[1]` channel, `ARGV[2]` program id (JSON string), `ARGV[3]`
@@ -91,7 +110,9 @@ return {1, vs}
 /// (`existed` 1 when a program was there); `{0, version, 0}` when it was
 /// already deleted at that version or later; `{0, version, 1}` when Redis
 /// holds a newer version of the program than the one requested.
-pub const DELETE_SCRIPT: &str = r#"
+pub const DELETE_SCRIPT: &str = concat!(
+    take_version_lua!(),
+    r#"
 local stored = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 local deleted = redis.call('HGET', KEYS[1], 'deleted') == '1'
 local requested = tonumber(ARGV[3])
@@ -99,20 +120,13 @@ if deleted and requested <= stored then return {0, string.format('%.0f', stored)
 if requested > 0 and requested <= stored then return {0, string.format('%.0f', stored), 1} end
 local existed = 0
 if not deleted then existed = redis.call('EXISTS', KEYS[1]) end
-local counter = redis.call('GET', KEYS[2])
-local v = requested
-if v == 0 then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  v = math.max(tonumber(counter or '0') + 1, now, stored + 1)
-end
-local vs = string.format('%.0f', v)
-if (counter or ARGV[4] == 'create') and tonumber(counter or '0') < v then redis.call('SET', KEYS[2], vs) end
+local v, vs = take_version(requested, stored, ARGV[4])
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'version', vs, 'deleted', '1')
 redis.call('PUBLISH', ARGV[1], '{"op":"delete","version":' .. vs .. ',"programId":' .. ARGV[2] .. '}')
 return {1, vs, existed}
-"#;
+"#
+);
 
 /// Marks Redis complete (it holds every program of the table): `KEYS[1]`
 /// version counter, `ARGV[1]` the table's highest version. Raises the

@@ -229,47 +229,40 @@ impl Leases {
         let now = now_ms();
         let mut shards = HashMap::new();
         let mut workers = Vec::new();
-        let mut start = None;
-        loop {
-            let out = self
-                .client
-                .scan()
-                .table_name(&self.table)
-                .consistent_read(true)
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(err)?;
-            for item in out.items.unwrap_or_default() {
-                let Some(key) = item.get("shardKey").and_then(|v| v.as_s().ok()) else {
-                    continue;
-                };
-                let expires = item
-                    .get("leaseExpiresAt")
-                    .and_then(|v| v.as_n().ok())
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                if let Some(worker) = key.strip_prefix(&worker_prefix) {
-                    if expires > now {
-                        workers.push(worker.to_owned());
-                    }
-                } else if let Some(shard) = key.strip_prefix(&prefix) {
-                    shards.insert(
-                        shard.to_owned(),
-                        ShardRow {
-                            checkpoint: item
-                                .get("sequenceNumber")
-                                .and_then(|v| v.as_s().ok())
-                                .cloned(),
-                            owner: item.get("leaseOwner").and_then(|v| v.as_s().ok()).cloned(),
-                            expires_ms: expires,
-                        },
-                    );
+        let mut items = self
+            .client
+            .scan()
+            .table_name(&self.table)
+            .consistent_read(true)
+            .into_paginator()
+            .items()
+            .send();
+        while let Some(item) = items.next().await {
+            let item = item.map_err(err)?;
+            let Some(key) = item.get("shardKey").and_then(|v| v.as_s().ok()) else {
+                continue;
+            };
+            let expires = item
+                .get("leaseExpiresAt")
+                .and_then(|v| v.as_n().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if let Some(worker) = key.strip_prefix(&worker_prefix) {
+                if expires > now {
+                    workers.push(worker.to_owned());
                 }
-            }
-            start = out.last_evaluated_key;
-            if start.is_none() {
-                break;
+            } else if let Some(shard) = key.strip_prefix(&prefix) {
+                shards.insert(
+                    shard.to_owned(),
+                    ShardRow {
+                        checkpoint: item
+                            .get("sequenceNumber")
+                            .and_then(|v| v.as_s().ok())
+                            .cloned(),
+                        owner: item.get("leaseOwner").and_then(|v| v.as_s().ok()).cloned(),
+                        expires_ms: expires,
+                    },
+                );
             }
         }
         if !workers.contains(&self.owner) {

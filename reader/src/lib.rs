@@ -10,6 +10,7 @@
 //! an event source mapping becomes the same [`Record`]s, and the handler's
 //! answer becomes a partial batch response.
 
+pub mod dead_letter;
 pub mod lambda;
 pub mod lease;
 mod reader;

@@ -8,17 +8,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use adtrack_service::retry::{Backoff, Stopped};
+use adtrack_service::retry::{CALLS, Stopped};
 use aws_sdk_kinesis::types::{Shard, ShardIteratorType};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::lease::{Leases, SHARD_END};
 use crate::{Handler, Record, Settings, StartPosition};
-
-/// Failed Kinesis and lease calls wait up to 50 ms after the first failure,
-/// doubling to 10 s.
-const RETRY: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(10));
 
 /// A shard's parents: the split or merged shard, and the merge's other one.
 fn parents(s: &Shard) -> impl Iterator<Item = &str> {
@@ -68,7 +64,7 @@ impl From<Stopped> for Interrupted {
 }
 
 async fn backoff(attempt: u32, stop: &CancellationToken) -> Result<(), Interrupted> {
-    Ok(RETRY.sleep(attempt, stop).await?)
+    Ok(CALLS.sleep(attempt, stop).await?)
 }
 
 struct Worked {
@@ -104,10 +100,6 @@ impl<H: Handler> Reader<H> {
 
     pub fn handler(&self) -> &H {
         &self.handler
-    }
-
-    pub fn leases(&self) -> &Leases {
-        &self.leases
     }
 
     /// Coordinates leases until `stop`, then stops every shard task (their

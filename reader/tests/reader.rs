@@ -102,9 +102,9 @@ impl Running {
 
     async fn stop(self) -> Vec<Seen> {
         self.stop.cancel();
-        let seen_later = self.reader.clone();
-        self.task.await.expect("reader task");
-        seen_later.handler().seen.lock().expect("lock").clone()
+        let Self { reader, task, .. } = self;
+        task.await.expect("reader task");
+        reader.handler().seen.lock().expect("lock").clone()
     }
 }
 

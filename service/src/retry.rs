@@ -15,6 +15,11 @@ pub struct Backoff {
     pub cap: Duration,
 }
 
+/// Failed AWS and store calls of the readers and writers (the consumer's
+/// writes, the Kinesis reader, the core-data updates): up to 50 ms after the
+/// first failure, doubling to 10 s.
+pub const CALLS: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(10));
+
 /// The wait was cut short by the stop token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stopped;

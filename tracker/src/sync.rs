@@ -97,7 +97,12 @@ async fn session(
         vanished = loaded.vanished,
         "program cache loaded from Redis"
     );
-    warm_if_complete(health, &loaded);
+    if !warm_if_complete(health, &loaded) && !health.is_cache_warm() {
+        tracing::warn!(
+            programs = loaded.programs,
+            "Redis has no program version counter (it lost its data, or no programs were ever synced): not ready until it holds every program"
+        );
+    }
     let mut messages = pubsub.into_on_message();
     // While Redis does not hold every program, look again every second.
     let mut incomplete = tokio::time::interval(Duration::from_secs(1));
@@ -114,9 +119,8 @@ async fn session(
             _ = alive.tick() => {}
             _ = incomplete.tick(), if !health.is_cache_warm() => {
                 match cache.load_all().await {
-                    Ok(loaded) if loaded.redis_complete => {
+                    Ok(loaded) if warm_if_complete(health, &loaded) => {
                         tracing::info!(programs = loaded.programs, "Redis holds every program: ready");
-                        health.set_cache_warm();
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "loading programs failed"),
@@ -164,18 +168,13 @@ async fn session(
 /// A tracker becomes ready only once Redis holds every program (its version
 /// counter is there): a new tracker never takes an emptied Redis for the
 /// truth and refuses hits for programs the sync has not restored yet.
-fn warm_if_complete(health: &Health, loaded: &Loaded) {
-    if health.is_cache_warm() {
-        return;
-    }
-    if loaded.redis_complete {
+/// True when this load made it ready.
+fn warm_if_complete(health: &Health, loaded: &Loaded) -> bool {
+    let becomes_ready = !health.is_cache_warm() && loaded.redis_complete;
+    if becomes_ready {
         health.set_cache_warm();
-    } else {
-        tracing::warn!(
-            programs = loaded.programs,
-            "Redis has no program version counter (it lost its data, or no programs were ever synced): not ready until it holds every program"
-        );
     }
+    becomes_ready
 }
 
 /// A Redis without its version counter lost its data: the cache keeps what

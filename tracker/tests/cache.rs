@@ -130,7 +130,7 @@ async fn resynchronises_after_redis_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_miss_never_overwrites_a_newer_push_that_overtook_its_read() {
     let stack = Stack::start(1).expect("stack");
-    let mut store = load_programs(&stack).await;
+    let store = load_programs(&stack).await;
     let redis_addr = ([127, 0, 0, 1], stack.redis.port).into();
     let proxy = TcpProxy::start(redis_addr).await;
     // A Redis timeout long enough that the held read is still awaited.
@@ -397,7 +397,7 @@ async fn not_ready_while_draining() {
 async fn ids_sharing_a_key_hash_get_their_own_answers() {
     use adtrack_tracker::cache::{CacheSettings, Lookup, ProgramCache};
     let redis = adtrack_testkit::Redis::start().expect("redis");
-    let mut store = RedisPrograms::connect(&redis.url(), Counter::Create)
+    let store = RedisPrograms::connect(&redis.url(), Counter::Create)
         .await
         .expect("redis");
     store
@@ -538,7 +538,7 @@ async fn an_emptied_redis_is_restored_from_the_programs_table_without_an_operato
 
     let stack = Stack::start(1).expect("stack");
     let programs = parse_program_file(PROGRAMS).expect("programs");
-    let mut store = Programs::new(
+    let store = Programs::new(
         ProgramTable::new(dynamodb_client(&stack.dynamodb.url()), PROGRAMS_TABLE),
         RedisPrograms::connect(&stack.redis.url(), Counter::KeepIfPresent)
             .await

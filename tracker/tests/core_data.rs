@@ -50,7 +50,7 @@ async fn dead_letters(stack: &Stack) -> Vec<std::collections::HashMap<String, At
 async fn core_data_records_reach_a_running_tracker_and_bad_ones_never_block_the_next() {
     let stack = Stack::start(1).expect("stack");
     let table = ProgramTable::new(dynamodb_client(&stack.dynamodb.url()), PROGRAMS_TABLE);
-    let mut store = Programs::new(
+    let store = Programs::new(
         table.clone(),
         RedisPrograms::connect(&stack.redis.url(), Counter::KeepIfPresent)
             .await

@@ -11,7 +11,7 @@ use support::{Tracker, load_programs, wait_status};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_replies_and_pushed_updates() {
     let stack = Stack::start(1).expect("stack");
-    let mut store = load_programs(&stack).await;
+    let store = load_programs(&stack).await;
     let t = Tracker::start(&stack, &[]).await;
     let http = Http::new();
 

@@ -26,7 +26,7 @@ use proptest::test_runner::{Config, TestRunner};
 use support::PROGRAMS;
 
 async fn state(redis: &Redis) -> (Arc<AppState>, delivery::Engine) {
-    let mut store = RedisPrograms::connect(&redis.url(), Counter::Create)
+    let store = RedisPrograms::connect(&redis.url(), Counter::Create)
         .await
         .expect("redis");
     store

@@ -10,7 +10,7 @@ pub mod stream;
 pub mod stream_config;
 pub mod table;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use adtrack_proto::program::{Program, ProgramId};
 use anyhow::Result;
@@ -107,7 +107,7 @@ impl Programs {
     }
 
     /// Writes one program: the table, then Redis.
-    pub async fn put(&mut self, program: &Program) -> Result<WriteOutcome> {
+    pub async fn put(&self, program: &Program) -> Result<WriteOutcome> {
         let outcome = self.table.put(program).await?;
         if let WriteOutcome::Written(v) = outcome {
             let mut p = program.clone();
@@ -118,25 +118,23 @@ impl Programs {
     }
 
     /// Deletes one program: the table's tombstone, then Redis's.
-    pub async fn delete(&mut self, id: &ProgramId) -> Result<DeleteOutcome> {
+    pub async fn delete(&self, id: &ProgramId) -> Result<DeleteOutcome> {
         self.delete_at(id, 0).await
     }
 
     /// Deletes one program at `version` (0: the next one); refused when the
     /// table holds a newer version.
-    pub async fn delete_at(&mut self, id: &ProgramId, version: u64) -> Result<DeleteOutcome> {
+    pub async fn delete_at(&self, id: &ProgramId, version: u64) -> Result<DeleteOutcome> {
         let outcome = self.table.delete_at(id, version).await?;
-        if let DeleteOutcome::Stale(v) = outcome {
-            return Ok(DeleteOutcome::Stale(v));
-        }
-        let version = match outcome {
+        match outcome {
+            DeleteOutcome::Stale(_) => {}
+            // Also for one deleted before: Redis may have missed it.
             DeleteOutcome::Deleted(v)
             | DeleteOutcome::Tombstoned(v)
-            | DeleteOutcome::AlreadyDeleted(v)
-            | DeleteOutcome::Stale(v) => v,
-        };
-        // Also for one deleted before: Redis may have missed it.
-        self.redis.delete(id, version).await?;
+            | DeleteOutcome::AlreadyDeleted(v) => {
+                self.redis.delete(id, v).await?;
+            }
+        }
         Ok(outcome)
     }
 
@@ -152,8 +150,9 @@ impl Programs {
     /// table, as [`Programs::sync`] does). Running it again after an
     /// interruption finishes it; running it on what is loaded changes
     /// nothing.
-    pub async fn load(&mut self, programs: &[Program]) -> Result<LoadReport> {
-        let plan = self.plan(programs).await?;
+    pub async fn load(&self, programs: &[Program]) -> Result<LoadReport> {
+        let mut stored = self.table.scan_all().await?;
+        let plan = plan_against(&stored, programs);
         let to_write: Vec<&Program> = {
             let ids: HashSet<&ProgramId> = plan.added.iter().chain(&plan.changed).collect();
             programs
@@ -161,29 +160,51 @@ impl Programs {
                 .filter(|p| ids.contains(&p.program_id))
                 .collect()
         };
-        let table = &self.table;
-        let outcomes: Vec<WriteOutcome> = futures_util::stream::iter(to_write.iter())
-            .map(|p| table.put(p))
+        let outcomes: Vec<WriteOutcome> = futures_util::stream::iter(&to_write)
+            .map(|p| self.table.put(p))
             .buffered(LOAD_CONCURRENCY)
             .try_collect()
             .await?;
-        let lost_races = outcomes
-            .iter()
-            .filter(|o| matches!(o, WriteOutcome::Stale(_)))
-            .count();
-        // The table's versions now; Redis gets each program it lacks at
-        // that version (the changes, and copies an earlier, interrupted
-        // load did not finish).
-        let stored = self.table.scan_all().await?;
-        let mut redis_written = self
-            .copy_to_redis(&stored, programs.iter().map(|p| &p.program_id))
-            .await?;
-        // A Redis that does not hold every program (new, or emptied) gets
-        // the rest of the table too, and is then marked complete.
-        if !self.redis.is_complete().await? {
-            let synced = self.sync(false).await?;
-            redis_written += synced.written + synced.deleted;
+        // The table as it is now: the scan, with what this load wrote. A
+        // write another writer won is that writer's to copy to Redis.
+        let mut lost_races = 0;
+        for (p, outcome) in to_write.iter().zip(outcomes) {
+            match outcome {
+                WriteOutcome::Written(v) => {
+                    let mut p = (*p).clone();
+                    p.version = v;
+                    stored.insert(p.program_id.clone(), Entry::Present(p));
+                }
+                WriteOutcome::Stale(_) => {
+                    lost_races += 1;
+                    stored.remove(&p.program_id);
+                }
+            }
         }
+        let redis_written = if self.redis.is_complete().await? {
+            // Redis gets each program of the file it lacks at the table's
+            // version: the changes, and copies an earlier, interrupted
+            // load did not finish.
+            let ids: Vec<ProgramId> = programs
+                .iter()
+                .map(|p| p.program_id.clone())
+                .filter(|id| stored.contains_key(id))
+                .collect();
+            let held: HashMap<ProgramId, Held> = ids
+                .iter()
+                .cloned()
+                .zip(self.redis.versions(&ids).await?)
+                .filter_map(|(id, h)| h.map(|h| (id, h)))
+                .collect();
+            let entries = ids.iter().map(|id| (id, &stored[id]));
+            let copy = RedisCopy::plan(entries, &held);
+            self.apply(&copy).await?
+        } else {
+            // A Redis that does not hold every program (new, or emptied)
+            // gets the whole table, and is then marked complete.
+            let synced = self.sync_from(&stored, false).await?;
+            synced.written + synced.deleted
+        };
         Ok(LoadReport {
             plan,
             lost_races,
@@ -191,30 +212,11 @@ impl Programs {
         })
     }
 
-    /// Writes to Redis every one of `ids` whose Redis version differs from
-    /// the table's; returns how many it wrote.
-    async fn copy_to_redis<'a>(
-        &mut self,
-        stored: &BTreeMap<ProgramId, Entry>,
-        ids: impl Iterator<Item = &'a ProgramId>,
-    ) -> Result<usize> {
-        let ids: Vec<ProgramId> = ids.filter(|id| stored.contains_key(*id)).cloned().collect();
-        let held = self.redis.versions(&ids).await?;
-        let mut puts = Vec::new();
-        let mut deletes = Vec::new();
-        for (id, held) in ids.iter().zip(held) {
-            let entry = &stored[id];
-            if held.is_some_and(|h| h.version >= entry.version()) {
-                continue;
-            }
-            match entry {
-                Entry::Present(p) => puts.push(p.clone()),
-                Entry::Deleted { version } => deletes.push((id.clone(), *version)),
-            }
-        }
-        self.redis.put_all(&puts).await?;
-        self.redis.delete_all(&deletes).await?;
-        Ok(puts.len() + deletes.len())
+    /// Writes a [`RedisCopy`] to Redis; returns how many it wrote.
+    async fn apply(&self, copy: &RedisCopy) -> Result<usize> {
+        self.redis.put_all(&copy.puts).await?;
+        self.redis.delete_all(&copy.deletes).await?;
+        Ok(copy.puts.len() + copy.deletes.len())
     }
 
     /// Brings Redis to the table's content and publishes what changed;
@@ -222,24 +224,71 @@ impl Programs {
     /// are deleted there (never while the table is empty: that is a table
     /// not loaded yet, not a table without programs); without it they are
     /// counted in [`SyncReport::only_in_redis`] and left alone.
-    pub async fn sync(&mut self, prune: bool) -> Result<SyncReport> {
-        let mut report = SyncReport {
-            redis_was_incomplete: !self.redis.is_complete().await?,
-            ..SyncReport::default()
-        };
+    pub async fn sync(&self, prune: bool) -> Result<SyncReport> {
         let stored = self.table.scan_all().await?;
-        report.table_items = stored.len();
+        self.sync_from(&stored, prune).await
+    }
+
+    /// [`Programs::sync`] from a table snapshot already read.
+    async fn sync_from(
+        &self,
+        stored: &BTreeMap<ProgramId, Entry>,
+        prune: bool,
+    ) -> Result<SyncReport> {
+        let redis_was_incomplete = !self.redis.is_complete().await?;
         let held = self.redis.all_versions().await?;
-        let mut puts = Vec::new();
-        let mut deletes = Vec::new();
-        let mut max_version = 0;
-        for (id, entry) in &stored {
-            max_version = max_version.max(entry.version());
-            let h = held.get(id).copied();
-            match h {
+        let copy = RedisCopy::plan(stored.iter(), &held);
+        // Programs only Redis holds: gone from the table for good? Re-read
+        // each (a program written since the scan is in the table by now,
+        // since every write reaches the table first).
+        let mut pruned = Vec::new();
+        let mut only_in_redis = 0;
+        for (id, h) in &held {
+            if h.deleted || stored.contains_key(id) {
+                continue;
+            }
+            if !prune || stored.is_empty() {
+                only_in_redis += 1;
+            } else if self.table.get(id).await?.is_none() {
+                pruned.push((id.clone(), h.version + 1));
+            }
+        }
+        self.apply(&copy).await?;
+        self.redis.delete_all(&pruned).await?;
+        let max_version = stored.values().map(Entry::version).max().unwrap_or(0);
+        self.redis.mark_complete(max_version).await?;
+        Ok(SyncReport {
+            table_items: stored.len(),
+            written: copy.puts.len(),
+            deleted: copy.deletes.len(),
+            pruned: pruned.len(),
+            only_in_redis,
+            ahead: copy.ahead,
+            redis_was_incomplete,
+        })
+    }
+}
+
+/// What Redis lacks of some table entries: programs to write, tombstones
+/// to write, and how many entries Redis holds newer than the table.
+#[derive(Debug, Default)]
+struct RedisCopy {
+    puts: Vec<Program>,
+    deletes: Vec<(ProgramId, u64)>,
+    ahead: usize,
+}
+
+impl RedisCopy {
+    fn plan<'a>(
+        entries: impl Iterator<Item = (&'a ProgramId, &'a Entry)>,
+        held: &HashMap<ProgramId, Held>,
+    ) -> Self {
+        let mut copy = Self::default();
+        for (id, entry) in entries {
+            match held.get(id) {
                 Some(h) if h.version == entry.version() => continue,
                 Some(h) if h.version > entry.version() => {
-                    report.ahead += 1;
+                    copy.ahead += 1;
                     tracing::warn!(
                         program = %id,
                         redis = h.version,
@@ -251,32 +300,11 @@ impl Programs {
                 _ => {}
             }
             match entry {
-                Entry::Present(p) => puts.push(p.clone()),
-                Entry::Deleted { version } => deletes.push((id.clone(), *version)),
+                Entry::Present(p) => copy.puts.push(p.clone()),
+                Entry::Deleted { version } => copy.deletes.push((id.clone(), *version)),
             }
         }
-        // Programs only Redis holds: gone from the table for good? Re-read
-        // each (a program written since the scan is in the table by now,
-        // since every write reaches the table first).
-        let mut pruned = Vec::new();
-        for (id, h) in &held {
-            if h.deleted || stored.contains_key(id) {
-                continue;
-            }
-            if !prune || stored.is_empty() {
-                report.only_in_redis += 1;
-            } else if self.table.get(id).await?.is_none() {
-                pruned.push((id.clone(), h.version + 1));
-            }
-        }
-        report.written = puts.len();
-        report.deleted = deletes.len();
-        report.pruned = pruned.len();
-        self.redis.put_all(&puts).await?;
-        self.redis.delete_all(&deletes).await?;
-        self.redis.delete_all(&pruned).await?;
-        self.redis.mark_complete(max_version).await?;
-        Ok(report)
+        copy
     }
 }
 
@@ -315,7 +343,7 @@ pub fn absent_from(stored: &BTreeMap<ProgramId, Entry>, programs: &[Program]) ->
 /// its data), and a full comparison every `full_every`; a failed round is
 /// tried again at the next check.
 pub async fn watch(
-    store: &mut Programs,
+    store: &Programs,
     prune: bool,
     check_every: std::time::Duration,
     full_every: std::time::Duration,

@@ -144,14 +144,25 @@ fn parse_file(file: &str) -> Result<std::result::Result<Vec<Program>, ExitCode>>
     })
 }
 
+async fn aws() -> aws_config::SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest()).load().await
+}
+
+fn table_of(cli: &Cli, aws: &aws_config::SdkConfig) -> ProgramTable {
+    ProgramTable::new(aws_sdk_dynamodb::Client::new(aws), &cli.programs_table)
+}
+
 async fn table(cli: &Cli) -> ProgramTable {
-    let aws = aws_config::defaults(BehaviorVersion::latest()).load().await;
-    ProgramTable::new(aws_sdk_dynamodb::Client::new(&aws), &cli.programs_table)
+    table_of(cli, &aws().await)
+}
+
+async fn programs_with(cli: &Cli, aws: &aws_config::SdkConfig) -> Result<Programs> {
+    let redis = RedisPrograms::connect(&cli.redis_url, Counter::KeepIfPresent).await?;
+    Ok(Programs::new(table_of(cli, aws), redis))
 }
 
 async fn programs(cli: &Cli) -> Result<Programs> {
-    let redis = RedisPrograms::connect(&cli.redis_url, Counter::KeepIfPresent).await?;
-    Ok(Programs::new(table(cli).await, redis))
+    programs_with(cli, &aws().await).await
 }
 
 fn parse_id(s: &str) -> Result<ProgramId> {
@@ -168,7 +179,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(p) => p,
                 Err(code) => return Ok(code),
             };
-            let mut store = self::programs(&cli).await?;
+            let store = self::programs(&cli).await?;
             if cli.dry_run {
                 let plan = store.plan(&programs).await?;
                 print_plan(&plan);
@@ -207,7 +218,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(p) => p,
                 Err(code) => return Ok(code),
             };
-            let mut store = self::programs(&cli).await?;
+            let store = self::programs(&cli).await?;
             let stored = store.table.scan_all().await?;
             let gone = absent_from(&stored, &programs);
             if gone.is_empty() {
@@ -218,14 +229,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 for id in &gone {
                     println!("would delete {id}");
                 }
-                if !yes && !cli.dry_run {
-                    eprintln!(
-                        "updater: {} program(s) absent from {file}; nothing deleted: run again with --yes",
-                        gone.len()
-                    );
-                    return Ok(ExitCode::from(2));
+                if cli.dry_run {
+                    return Ok(ExitCode::SUCCESS);
                 }
-                return Ok(ExitCode::SUCCESS);
+                eprintln!(
+                    "updater: {} program(s) absent from {file}; nothing deleted: run again with --yes",
+                    gone.len()
+                );
+                return Ok(ExitCode::from(2));
             }
             for id in &gone {
                 store.delete(id).await?;
@@ -238,7 +249,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let value: serde_json::Value =
                 serde_json::from_str(json).context("the program is not valid JSON")?;
             let program = Program::from_json(&value).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let mut store = self::programs(&cli).await?;
+            let store = self::programs(&cli).await?;
             if cli.dry_run {
                 let plan = store.plan(std::slice::from_ref(&program)).await?;
                 print_plan(&plan);
@@ -260,7 +271,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Delete { program_id } => {
             let id = parse_id(program_id)?;
-            let mut store = self::programs(&cli).await?;
+            let store = self::programs(&cli).await?;
             if cli.dry_run {
                 match store.table.get(&id).await? {
                     Some(Entry::Present(p)) => {
@@ -333,14 +344,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Stream(args) => {
-            let aws = aws_config::defaults(BehaviorVersion::latest()).load().await;
+            let aws = aws().await;
             let dynamodb = aws_sdk_dynamodb::Client::new(&aws);
-            let redis = RedisPrograms::connect(&cli.redis_url, Counter::KeepIfPresent).await?;
             let handler = CoreData {
-                store: tokio::sync::Mutex::new(Programs::new(
-                    ProgramTable::new(dynamodb.clone(), &cli.programs_table),
-                    redis,
-                )),
+                store: programs_with(&cli, &aws).await?,
                 dynamodb: dynamodb.clone(),
                 stream: args.core_data_stream.clone(),
                 dead_letter_table: args.dead_letter_table.clone(),
@@ -363,7 +370,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             full_every_secs,
             prune,
         } => {
-            let mut store = self::programs(&cli).await?;
+            let store = self::programs(&cli).await?;
             if !watch {
                 if cli.dry_run {
                     bail!("sync has no dry run");
@@ -374,7 +381,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
             let shutdown = adtrack_service::shutdown_on_signals();
             adtrack_updater::watch(
-                &mut store,
+                &store,
                 *prune,
                 Duration::from_millis(*check_every_ms),
                 Duration::from_secs(*full_every_secs),

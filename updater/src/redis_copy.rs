@@ -15,6 +15,7 @@ use adtrack_proto::redis_layout::{
     StoredProgram, UPSERT_SCRIPT, VERSION_KEY, program_key,
 };
 use anyhow::{Context, Result, anyhow};
+use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 
 use crate::{DeleteOutcome, WriteOutcome};
@@ -52,7 +53,8 @@ pub struct Held {
     pub deleted: bool,
 }
 
-/// A connection to the programs in Redis.
+/// A connection to the programs in Redis. Cheap to share: every call runs
+/// on a clone of one multiplexed connection.
 pub struct RedisPrograms {
     conn: MultiplexedConnection,
     counter: Counter,
@@ -74,6 +76,10 @@ impl RedisPrograms {
             upsert: redis::Script::new(UPSERT_SCRIPT),
             delete: redis::Script::new(DELETE_SCRIPT),
         })
+    }
+
+    fn conn(&self) -> MultiplexedConnection {
+        self.conn.clone()
     }
 
     fn upsert_invocation(&self, program: &Program) -> redis::ScriptInvocation<'_> {
@@ -105,11 +111,10 @@ impl RedisPrograms {
     }
 
     /// Writes one program (version 0: Redis takes the next one).
-    pub async fn put(&mut self, program: &Program) -> Result<WriteOutcome> {
-        let mut conn = self.conn.clone();
+    pub async fn put(&self, program: &Program) -> Result<WriteOutcome> {
         let reply: (i64, u64) = self
             .upsert_invocation(program)
-            .invoke_async(&mut conn)
+            .invoke_async(&mut self.conn())
             .await
             .context("writing program to Redis")?;
         Ok(outcome(reply))
@@ -118,7 +123,7 @@ impl RedisPrograms {
     /// Writes programs in pipelined chunks; one outcome per program, in
     /// order. Each write is atomic with its PUBLISH; the whole is not (a
     /// load is made whole by the table: running it again finishes it).
-    pub async fn put_all(&mut self, programs: &[Program]) -> Result<Vec<WriteOutcome>> {
+    pub async fn put_all(&self, programs: &[Program]) -> Result<Vec<WriteOutcome>> {
         let mut out = Vec::with_capacity(programs.len());
         for chunk in programs.chunks(PIPELINE_CHUNK) {
             let mut pipe = redis::pipe();
@@ -127,7 +132,7 @@ impl RedisPrograms {
                 pipe.invoke_script(&self.upsert_invocation(p));
             }
             let replies: Vec<(i64, u64)> = pipe
-                .query_async(&mut self.conn)
+                .query_async(&mut self.conn())
                 .await
                 .context("writing programs to Redis")?;
             out.extend(replies.into_iter().map(outcome));
@@ -136,13 +141,13 @@ impl RedisPrograms {
     }
 
     /// Writes programs atomically (one `MULTI`/`EXEC`): all or nothing.
-    pub async fn load_atomic(&mut self, programs: &[Program]) -> Result<Vec<WriteOutcome>> {
+    pub async fn load_atomic(&self, programs: &[Program]) -> Result<Vec<WriteOutcome>> {
         if programs.is_empty() {
             return Ok(Vec::new());
         }
         // Load outside the transaction: EVALSHA inside MULTI cannot fall back.
         self.upsert
-            .load_async(&mut self.conn)
+            .load_async(&mut self.conn())
             .await
             .context("loading the upsert script")?;
         let mut pipe = redis::pipe();
@@ -151,7 +156,7 @@ impl RedisPrograms {
             pipe.invoke_script(&self.upsert_invocation(p));
         }
         let replies: Vec<(i64, u64)> = pipe
-            .query_async(&mut self.conn)
+            .query_async(&mut self.conn())
             .await
             .context("writing programs to Redis")?;
         Ok(replies.into_iter().map(outcome).collect())
@@ -160,18 +165,17 @@ impl RedisPrograms {
     /// Deletes a program at `version` (0: Redis takes the next one),
     /// leaving a tombstone (also for an id Redis does not hold) and
     /// publishing the deletion.
-    pub async fn delete(&mut self, id: &ProgramId, version: u64) -> Result<DeleteOutcome> {
-        let mut conn = self.conn.clone();
+    pub async fn delete(&self, id: &ProgramId, version: u64) -> Result<DeleteOutcome> {
         let reply: (i64, u64, i64) = self
             .delete_invocation(id, version)
-            .invoke_async(&mut conn)
+            .invoke_async(&mut self.conn())
             .await
             .context("deleting program in Redis")?;
         Ok(delete_outcome(reply))
     }
 
     /// Deletes programs at their versions, in pipelined chunks.
-    pub async fn delete_all(&mut self, ids: &[(ProgramId, u64)]) -> Result<Vec<DeleteOutcome>> {
+    pub async fn delete_all(&self, ids: &[(ProgramId, u64)]) -> Result<Vec<DeleteOutcome>> {
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(PIPELINE_CHUNK) {
             let mut pipe = redis::pipe();
@@ -180,7 +184,7 @@ impl RedisPrograms {
                 pipe.invoke_script(&self.delete_invocation(id, *version));
             }
             let replies: Vec<(i64, u64, i64)> = pipe
-                .query_async(&mut self.conn)
+                .query_async(&mut self.conn())
                 .await
                 .context("deleting programs in Redis")?;
             out.extend(replies.into_iter().map(delete_outcome));
@@ -189,17 +193,17 @@ impl RedisPrograms {
     }
 
     /// Reads one program as stored.
-    pub async fn get(&mut self, id: &ProgramId) -> Result<StoredProgram> {
+    pub async fn get(&self, id: &ProgramId) -> Result<StoredProgram> {
         let fields: BTreeMap<String, String> = redis::cmd("HGETALL")
             .arg(program_key(id))
-            .query_async(&mut self.conn)
+            .query_async(&mut self.conn())
             .await
             .context("reading program from Redis")?;
         StoredProgram::from_hash(&fields).map_err(|e| anyhow!("stored program {id}: {e}"))
     }
 
     /// The version (and tombstone flag) Redis holds for each of `ids`.
-    pub async fn versions(&mut self, ids: &[ProgramId]) -> Result<Vec<Option<Held>>> {
+    pub async fn versions(&self, ids: &[ProgramId]) -> Result<Vec<Option<Held>>> {
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(PIPELINE_CHUNK * 10) {
             let mut pipe = redis::pipe();
@@ -210,7 +214,7 @@ impl RedisPrograms {
                     .arg("deleted");
             }
             let replies: Vec<(Option<u64>, Option<String>)> = pipe
-                .query_async(&mut self.conn)
+                .query_async(&mut self.conn())
                 .await
                 .context("reading program versions from Redis")?;
             out.extend(replies.into_iter().map(|(v, d)| {
@@ -225,25 +229,21 @@ impl RedisPrograms {
 
     /// Every program hash in Redis with what it holds (SCAN, then the
     /// versions pipelined).
-    pub async fn all_versions(&mut self) -> Result<HashMap<ProgramId, Held>> {
+    pub async fn all_versions(&self) -> Result<HashMap<ProgramId, Held>> {
+        let mut conn = self.conn();
+        let mut scan = conn
+            .scan_options::<String>(
+                redis::ScanOptions::default()
+                    .with_pattern(PROGRAM_KEY_PATTERN)
+                    .with_count(1000),
+            )
+            .await
+            .context("scanning program keys in Redis")?;
         let mut keys: Vec<String> = Vec::new();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(PROGRAM_KEY_PATTERN)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut self.conn)
-                .await
-                .context("scanning program keys in Redis")?;
-            keys.extend(page);
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
+        while let Some(key) = scan.next_item().await {
+            keys.push(key.context("scanning program keys in Redis")?);
         }
+        // SCAN may return a key twice.
         keys.sort();
         keys.dedup();
         let ids: Vec<ProgramId> = keys
@@ -261,21 +261,21 @@ impl RedisPrograms {
 
     /// Whether Redis holds the version counter: the mark that it holds
     /// every program (it is gone after Redis lost its data).
-    pub async fn is_complete(&mut self) -> Result<bool> {
+    pub async fn is_complete(&self) -> Result<bool> {
         let counter: Option<u64> = redis::cmd("GET")
             .arg(VERSION_KEY)
-            .query_async(&mut self.conn)
+            .query_async(&mut self.conn())
             .await
             .context("reading the version counter")?;
         Ok(counter.is_some())
     }
 
     /// Marks Redis complete: the counter raised to at least `version`.
-    pub async fn mark_complete(&mut self, version: u64) -> Result<()> {
+    pub async fn mark_complete(&self, version: u64) -> Result<()> {
         let _: u64 = redis::Script::new(COMPLETE_SCRIPT)
             .key(VERSION_KEY)
             .arg(version)
-            .invoke_async(&mut self.conn)
+            .invoke_async(&mut self.conn())
             .await
             .context("setting the version counter")?;
         Ok(())

@@ -18,26 +18,15 @@
 //! reshard order) or by Lambda behind an event source mapping
 //! (`updater-lambda`), with [`CoreData`] as the handler of both.
 
-use std::collections::HashMap;
-use std::time::Duration;
-
 use adtrack_proto::program::{Program, ProgramId};
+use adtrack_reader::dead_letter::DeadLetter;
 use adtrack_reader::{Handler, Record};
-use adtrack_service::retry::Backoff;
+use adtrack_service::retry::CALLS;
 use anyhow::Result;
-use aws_sdk_dynamodb::types::AttributeValue;
-use serde::{Deserialize, Serialize};
-use tokio::sync::Mutex;
+use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::{DeleteOutcome, Programs, WriteOutcome};
-
-/// Failed writes wait up to 50 ms after the first failure, doubling to 5 s.
-const RETRY: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
-/// Raw bytes a dead letter keeps of its record.
-const MAX_DEAD_DATA: usize = 64 * 1024;
-/// Longest reason a dead letter keeps.
-const MAX_REASON: usize = 512;
 
 /// One record's meaning.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,11 +35,10 @@ pub enum Change {
     Delete { program_id: ProgramId, version: u64 },
 }
 
+/// A delete record's fields besides `op`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DeleteRecord {
-    #[allow(dead_code)]
-    op: String,
     #[serde(rename = "programId")]
     program_id: String,
     #[serde(default)]
@@ -90,7 +78,9 @@ pub fn parse(record: &Record, arrival: u64) -> Result<Change, String> {
             Ok(Change::Put(program))
         }
         Some(serde_json::Value::String(op)) if op == "delete" => {
-            let d: DeleteRecord = serde_json::from_value(value.clone())
+            let mut fields = obj.clone();
+            fields.remove("op");
+            let d: DeleteRecord = serde_json::from_value(fields.into())
                 .map_err(|e| format!("a delete record: {e}"))?;
             let program_id =
                 ProgramId::parse(&d.program_id).map_err(|e| format!("field `programId`: {e}"))?;
@@ -115,38 +105,10 @@ pub enum Applied {
     DeadLettered,
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct DeadLetterItem<'a> {
-    dead_letter_id: String,
-    stream: &'a str,
-    shard_id: &'a str,
-    sequence_number: &'a str,
-    reason: String,
-    failed_at: i64,
-    #[serde(with = "serde_bytes_compat")]
-    data: &'a [u8],
-    data_bytes: usize,
-}
-
-mod serde_bytes_compat {
-    pub fn serialize<S: serde::Serializer>(v: &&[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
-    }
-}
-
-fn bounded(reason: &str) -> String {
-    let mut end = reason.len().min(MAX_REASON);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    reason[..end].to_owned()
-}
-
 /// The core-data handler: the store, where bad records go, and how long an
 /// unavailable store is waited out.
 pub struct CoreData {
-    pub store: Mutex<Programs>,
+    pub store: Programs,
     pub dynamodb: aws_sdk_dynamodb::Client,
     pub stream: String,
     pub dead_letter_table: String,
@@ -165,7 +127,7 @@ impl CoreData {
                 return Ok(Applied::DeadLettered);
             }
         };
-        let mut store = self.store.lock().await;
+        let store = &self.store;
         Ok(match change {
             Change::Put(program) => match store.put(&program).await? {
                 WriteOutcome::Written(v) => Applied::Written(v),
@@ -182,24 +144,19 @@ impl CoreData {
     }
 
     async fn dead_letter(&self, record: &Record, reason: &str) -> Result<()> {
-        let item = DeadLetterItem {
-            dead_letter_id: format!(
+        let mut dead = DeadLetter::new(
+            format!(
                 "{}/{}/{}",
                 self.stream, record.shard_id, record.sequence_number
             ),
-            stream: &self.stream,
-            shard_id: &record.shard_id,
-            sequence_number: &record.sequence_number,
-            reason: bounded(reason),
-            failed_at: time::OffsetDateTime::now_utc().unix_timestamp(),
-            data: &record.data[..record.data.len().min(MAX_DEAD_DATA)],
-            data_bytes: record.data.len(),
-        };
-        let item: HashMap<String, AttributeValue> = serde_dynamo::to_item(item)?;
+            record,
+            reason,
+        );
+        dead.stream = Some(&self.stream);
         self.dynamodb
             .put_item()
             .table_name(&self.dead_letter_table)
-            .set_item(Some(item))
+            .set_item(Some(dead.item()))
             .send()
             .await
             .map_err(|e| anyhow::anyhow!("{}", aws_sdk_dynamodb::error::DisplayErrorContext(&e)))?;
@@ -235,7 +192,7 @@ impl Handler for CoreData {
                         if self.max_attempts != 0 && attempt >= self.max_attempts {
                             return i;
                         }
-                        if RETRY.sleep(attempt, stop).await.is_err() {
+                        if CALLS.sleep(attempt, stop).await.is_err() {
                             return i;
                         }
                     }

@@ -258,35 +258,30 @@ impl ProgramTable {
 
     async fn scan_segment(&self, segment: i32) -> Result<Vec<(ProgramId, Entry)>> {
         let mut out = Vec::new();
-        let mut start = None;
-        loop {
-            let page = self
-                .client
-                .scan()
-                .table_name(&self.table)
-                .consistent_read(true)
-                .segment(segment)
-                .total_segments(SCAN_SEGMENTS)
-                .set_exclusive_start_key(start)
-                .send()
-                .await
+        let mut items = self
+            .client
+            .scan()
+            .table_name(&self.table)
+            .consistent_read(true)
+            .segment(segment)
+            .total_segments(SCAN_SEGMENTS)
+            .into_paginator()
+            .items()
+            .send();
+        while let Some(item) = items.next().await {
+            let item = item
                 .map_err(err)
                 .with_context(|| format!("scanning table {}", self.table))?;
-            for item in page.items.unwrap_or_default() {
-                let id = item
-                    .get("programId")
-                    .and_then(|v| v.as_s().ok())
-                    .ok_or_else(|| anyhow!("an item of table {} has no programId", self.table))?;
-                let id = ProgramId::parse(id)
-                    .map_err(|e| anyhow!("table {}: program id {id:?}: {e}", self.table))?;
-                let entry = entry_of(item)
-                    .with_context(|| format!("program {id} in table {}", self.table))?;
-                out.push((id, entry));
-            }
-            start = page.last_evaluated_key;
-            if start.is_none() {
-                return Ok(out);
-            }
+            let id = item
+                .get("programId")
+                .and_then(|v| v.as_s().ok())
+                .ok_or_else(|| anyhow!("an item of table {} has no programId", self.table))?;
+            let id = ProgramId::parse(id)
+                .map_err(|e| anyhow!("table {}: program id {id:?}: {e}", self.table))?;
+            let entry =
+                entry_of(item).with_context(|| format!("program {id} in table {}", self.table))?;
+            out.push((id, entry));
         }
+        Ok(out)
     }
 }

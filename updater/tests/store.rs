@@ -60,7 +60,7 @@ async fn writes_go_to_the_table_first_then_to_redis_with_the_same_version() {
         let msg = messages.next().await.expect("message");
         ProgramChange::parse(msg.get_payload_bytes()).expect("parses")
     };
-    let mut store = programs(&stack).await;
+    let store = programs(&stack).await;
     let p = reference().remove(0);
 
     let WriteOutcome::Written(v1) = store.put(&p).await.expect("put") else {
@@ -154,7 +154,7 @@ async fn concurrent_writers_never_make_a_version_go_backwards() {
     // one of them also writes explicit old versions, which must all lose.
     let mut writers = Vec::new();
     for w in 0..4 {
-        let mut store = programs(&stack).await;
+        let store = programs(&stack).await;
         let base = base.clone();
         writers.push(tokio::spawn(async move {
             let mut written = Vec::new();
@@ -191,7 +191,7 @@ async fn concurrent_writers_never_make_a_version_go_backwards() {
         (newest, &newest_name),
         "the table ends at the newest write"
     );
-    let mut store = store;
+    let store = store;
     assert_eq!(
         store.redis.get(&base.program_id).await.expect("get"),
         StoredProgram::Present(in_table),
@@ -219,7 +219,7 @@ async fn concurrent_writers_never_make_a_version_go_backwards() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_restores_an_emptied_redis_from_the_table_and_marks_it_complete() {
     let stack = Stack::start(1).expect("stack");
-    let mut store = programs(&stack).await;
+    let store = programs(&stack).await;
     let mut all = reference();
     let mut third = all[0].clone();
     third.program_id = id("third");
@@ -318,11 +318,11 @@ async fn sync_restores_an_emptied_redis_from_the_table_and_marks_it_complete() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_table_never_prunes_redis() {
     let stack = Stack::start(1).expect("stack");
-    let mut redis_only = RedisPrograms::connect(&stack.redis.url(), Counter::Create)
+    let redis_only = RedisPrograms::connect(&stack.redis.url(), Counter::Create)
         .await
         .expect("redis");
     redis_only.load_atomic(&reference()).await.expect("load");
-    let mut store = programs(&stack).await;
+    let store = programs(&stack).await;
     let report = store.sync(true).await.expect("sync");
     assert_eq!(
         (report.table_items, report.pruned, report.only_in_redis),

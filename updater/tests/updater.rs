@@ -27,7 +27,7 @@ async fn load_put_delete_get_and_versions() {
     pubsub.subscribe(CHANGES_CHANNEL).await.expect("subscribe");
     let mut messages = pubsub.into_on_message();
 
-    let mut store = RedisPrograms::connect(&redis.url(), Counter::Create)
+    let store = RedisPrograms::connect(&redis.url(), Counter::Create)
         .await
         .expect("connect");
     let programs = parse_program_file(REFERENCE).expect("valid");
@@ -147,7 +147,7 @@ async fn load_put_delete_get_and_versions() {
 
     // After Redis loses everything, a reload still carries newer versions.
     redis.restart().expect("restart");
-    let mut store = RedisPrograms::connect(&redis.url(), Counter::Create)
+    let store = RedisPrograms::connect(&redis.url(), Counter::Create)
         .await
         .expect("connect");
     let outcomes = store.load_atomic(&programs).await.expect("load");

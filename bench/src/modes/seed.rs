@@ -27,7 +27,7 @@ pub async fn seed(env: &HashMap<String, String>, n: u32) -> Result<()> {
     let url = env
         .get("REDIS_URL")
         .context("no REDIS_URL in the stack file")?;
-    let mut store =
+    let store =
         adtrack_updater::RedisPrograms::connect(url, adtrack_updater::Counter::Create).await?;
     let last = ProgramId::parse(&format!("bench-{}", n.saturating_sub(1)))?;
     if matches!(store.get(&last).await?, StoredProgram::Present(_)) {

@@ -75,7 +75,7 @@ impl Tracker {
 
 /// Loads `dev/programs.json` (the reference format) with the updater's store.
 pub async fn load_programs(stack: &Stack) -> adtrack_updater::RedisPrograms {
-    let mut store = adtrack_updater::RedisPrograms::connect(
+    let store = adtrack_updater::RedisPrograms::connect(
         &stack.redis.url(),
         adtrack_updater::Counter::Create,
     )
