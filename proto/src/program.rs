@@ -27,7 +27,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -162,10 +162,22 @@ pub fn host_matches(pattern: &str, host: &str) -> bool {
 
 /// A field of a program record that is missing or wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("field `{field}`: {reason}")]
 pub struct FieldError {
+    /// The path of the field (`customerId`, `allowedRedirectHosts[2]`);
+    /// empty when the record as a whole is wrong (not an object, a required
+    /// field missing).
     pub field: String,
     pub reason: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            f.write_str(&self.reason)
+        } else {
+            write!(f, "field `{}`: {}", self.field, self.reason)
+        }
+    }
 }
 
 impl FieldError {
@@ -190,33 +202,160 @@ const KNOWN_FIELDS: [&str; 10] = [
     "version",
 ];
 
+/// The operators' record as serde reads it: unknown fields refused, each
+/// field checked as it is read (so an error carries the field's path); what
+/// spans fields (the window's order) is checked in [`Program::from_record`].
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "camelCase",
+    expecting = "a program record (a JSON object)"
+)]
+struct ProgramRecord {
+    #[serde(deserialize_with = "record::program_id")]
+    program_id: ProgramId,
+    #[serde(deserialize_with = "record::text")]
+    program_name: String,
+    #[serde(deserialize_with = "record::checksum")]
+    checksum: String,
+    #[serde(deserialize_with = "record::customer_id")]
+    customer_id: i32,
+    #[serde(deserialize_with = "record::text")]
+    customer_name: String,
+    #[serde(default)]
+    valid: Option<bool>,
+    #[serde(default, deserialize_with = "record::time")]
+    valid_from: Option<OffsetDateTime>,
+    #[serde(default, deserialize_with = "record::time")]
+    valid_until: Option<OffsetDateTime>,
+    #[serde(default, deserialize_with = "record::hosts")]
+    allowed_redirect_hosts: Vec<String>,
+    #[serde(default, deserialize_with = "record::version")]
+    version: u64,
+}
+
+/// The field readers of [`ProgramRecord`].
+mod record {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer};
+    use time::OffsetDateTime;
+    use time::format_description::well_known::Rfc3339;
+
+    use super::{MAX_REDIRECT_HOSTS, ProgramId, check_len, normalize_host_pattern};
+
+    /// Ids and checksums may be written as numbers (the reference data
+    /// writes them as strings).
+    #[derive(Deserialize)]
+    #[serde(untagged, expecting = "a string or an integer")]
+    enum StringOrInt {
+        Text(String),
+        Signed(i64),
+        Unsigned(u64),
+    }
+
+    impl StringOrInt {
+        fn into_text(self) -> String {
+            match self {
+                Self::Text(s) => s,
+                Self::Signed(n) => n.to_string(),
+                Self::Unsigned(n) => n.to_string(),
+            }
+        }
+    }
+
+    pub fn program_id<'de, D: Deserializer<'de>>(d: D) -> Result<ProgramId, D::Error> {
+        ProgramId::parse(&StringOrInt::deserialize(d)?.into_text()).map_err(D::Error::custom)
+    }
+
+    pub fn text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        let s = String::deserialize(d)?;
+        check_len(&s).map_err(D::Error::custom)?;
+        Ok(s)
+    }
+
+    pub fn checksum<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        let s = StringOrInt::deserialize(d)?.into_text();
+        check_len(&s).map_err(D::Error::custom)?;
+        Ok(s)
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged, expecting = "an integer or a string holding one")]
+    enum IntOrText {
+        Int(i64),
+        Text(String),
+    }
+
+    pub fn customer_id<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+        let raw = match IntOrText::deserialize(d)? {
+            IntOrText::Int(n) => n,
+            IntOrText::Text(s) => s
+                .trim()
+                .parse::<i64>()
+                .map_err(|_| D::Error::custom(format_args!("expected an integer, got {s:?}")))?,
+        };
+        i32::try_from(raw).map_err(|_| D::Error::custom("out of the 32-bit integer range"))
+    }
+
+    pub fn time<'de, D: Deserializer<'de>>(d: D) -> Result<Option<OffsetDateTime>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| {
+                OffsetDateTime::parse(&s, &Rfc3339).map_err(|e| {
+                    D::Error::custom(format_args!("{s:?} is not an RFC 3339 time ({e})"))
+                })
+            })
+            .transpose()
+    }
+
+    pub fn hosts<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        let hosts = Option::<Vec<String>>::deserialize(d)?.unwrap_or_default();
+        if hosts.len() > MAX_REDIRECT_HOSTS {
+            return Err(D::Error::custom(format_args!(
+                "at most {MAX_REDIRECT_HOSTS} hosts"
+            )));
+        }
+        hosts
+            .iter()
+            .map(|h| normalize_host_pattern(h).map_err(D::Error::custom))
+            .collect()
+    }
+
+    pub fn version<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        match Option::<u64>::deserialize(d)? {
+            None => Ok(0),
+            Some(v) if v > 0 && v < (1 << 53) => Ok(v),
+            Some(_) => Err(D::Error::custom("expected a positive integer below 2^53")),
+        }
+    }
+}
+
 impl Program {
     /// Reads one operator record (a JSON object), naming the field on error.
     pub fn from_json(value: &Value) -> Result<Self, FieldError> {
-        let obj = value
-            .as_object()
-            .ok_or_else(|| FieldError::new("(record)", "expected a JSON object"))?;
-        if let Some(unknown) = obj.keys().find(|k| !KNOWN_FIELDS.contains(&k.as_str())) {
-            return Err(FieldError::new(unknown, "unknown field"));
-        }
-        let program_id_text = string_or_int(obj, "programId")?
-            .ok_or_else(|| FieldError::new("programId", "is required"))?;
-        let program_id = ProgramId::parse(&program_id_text)
-            .map_err(|e| FieldError::new("programId", e.to_string()))?;
-        let program_name = required_text(obj, "programName")?;
-        let checksum = string_or_int(obj, "checksum")?
-            .ok_or_else(|| FieldError::new("checksum", "is required"))?;
-        check_len("checksum", &checksum)?;
-        let customer_id = customer_id(obj)?;
-        let customer_name = required_text(obj, "customerName")?;
-        let valid = match obj.get("valid") {
-            None | Some(Value::Null) => true,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => return Err(FieldError::new("valid", "expected true or false")),
-        };
-        let valid_from = timestamp(obj, "validFrom")?;
-        let valid_until = timestamp(obj, "validUntil")?;
-        if let (Some(from), Some(until)) = (valid_from, valid_until)
+        Self::from_record(serde_path_to_error::deserialize(value))
+    }
+
+    /// Reads one operator record from its JSON text, naming the field on
+    /// error.
+    pub fn from_json_slice(json: &[u8]) -> Result<Self, FieldError> {
+        let mut d = serde_json::Deserializer::from_slice(json);
+        let record = serde_path_to_error::deserialize(&mut d);
+        let program = Self::from_record(record)?;
+        d.end().map_err(|e| FieldError::new("", e.to_string()))?;
+        Ok(program)
+    }
+
+    fn from_record<E: std::error::Error>(
+        record: Result<ProgramRecord, serde_path_to_error::Error<E>>,
+    ) -> Result<Self, FieldError> {
+        let r = record.map_err(|e| {
+            let path = e.path().to_string();
+            FieldError {
+                field: if path == "." { String::new() } else { path },
+                reason: e.into_inner().to_string(),
+            }
+        })?;
+        if let (Some(from), Some(until)) = (r.valid_from, r.valid_until)
             && from >= until
         {
             return Err(FieldError::new(
@@ -224,52 +363,17 @@ impl Program {
                 "must be later than validFrom",
             ));
         }
-        let allowed_redirect_hosts = match obj.get("allowedRedirectHosts") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(items)) => {
-                if items.len() > MAX_REDIRECT_HOSTS {
-                    return Err(FieldError::new(
-                        "allowedRedirectHosts",
-                        format!("at most {MAX_REDIRECT_HOSTS} hosts"),
-                    ));
-                }
-                let mut hosts = Vec::with_capacity(items.len());
-                for item in items {
-                    let host = item.as_str().ok_or_else(|| {
-                        FieldError::new("allowedRedirectHosts", "expected an array of strings")
-                    })?;
-                    hosts.push(
-                        normalize_host_pattern(host)
-                            .map_err(|r| FieldError::new("allowedRedirectHosts", r))?,
-                    );
-                }
-                hosts
-            }
-            Some(_) => {
-                return Err(FieldError::new(
-                    "allowedRedirectHosts",
-                    "expected an array of host names",
-                ));
-            }
-        };
-        let version = match obj.get("version") {
-            None | Some(Value::Null) => 0,
-            Some(v) => v
-                .as_u64()
-                .filter(|v| *v > 0 && *v < (1 << 53))
-                .ok_or_else(|| FieldError::new("version", "expected a positive integer"))?,
-        };
         Ok(Self {
-            program_id,
-            program_name,
-            checksum,
-            customer_id,
-            customer_name,
-            valid,
-            valid_from,
-            valid_until,
-            allowed_redirect_hosts,
-            version,
+            program_id: r.program_id,
+            program_name: r.program_name,
+            checksum: r.checksum,
+            customer_id: r.customer_id,
+            customer_name: r.customer_name,
+            valid: r.valid.unwrap_or(true),
+            valid_from: r.valid_from,
+            valid_until: r.valid_until,
+            allowed_redirect_hosts: r.allowed_redirect_hosts,
+            version: r.version,
         })
     }
 
@@ -326,7 +430,7 @@ impl Program {
         let get = |field: &str| fields.get(field).map(String::as_str);
         let text = |field: &str| -> Result<String, FieldError> {
             let v = get(field).ok_or_else(|| FieldError::new(field, "is required"))?;
-            check_len(field, v)?;
+            check_len(v).map_err(|r| FieldError::new(field, r))?;
             Ok(v.to_owned())
         };
         let program_id = ProgramId::parse(get("programId").unwrap_or(""))
@@ -377,65 +481,11 @@ impl Program {
     }
 }
 
-fn check_len(field: &str, s: &str) -> Result<(), FieldError> {
+fn check_len(s: &str) -> Result<(), String> {
     if s.len() > MAX_TEXT_LEN {
-        return Err(FieldError::new(
-            field,
-            format!("longer than {MAX_TEXT_LEN} bytes"),
-        ));
+        return Err(format!("longer than {MAX_TEXT_LEN} bytes"));
     }
     Ok(())
-}
-
-fn required_text(obj: &Map<String, Value>, field: &str) -> Result<String, FieldError> {
-    match obj.get(field) {
-        Some(Value::String(s)) => {
-            check_len(field, s)?;
-            Ok(s.clone())
-        }
-        None | Some(Value::Null) => Err(FieldError::new(field, "is required")),
-        Some(_) => Err(FieldError::new(field, "expected a string")),
-    }
-}
-
-fn string_or_int(obj: &Map<String, Value>, field: &str) -> Result<Option<String>, FieldError> {
-    match obj.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(Some(n.to_string())),
-        Some(_) => Err(FieldError::new(field, "expected a string or an integer")),
-    }
-}
-
-fn customer_id(obj: &Map<String, Value>) -> Result<i32, FieldError> {
-    let field = "customerId";
-    let raw = match obj.get(field) {
-        None | Some(Value::Null) => return Err(FieldError::new(field, "is required")),
-        Some(Value::Number(n)) => n
-            .as_i64()
-            .ok_or_else(|| FieldError::new(field, "expected an integer"))?,
-        Some(Value::String(s)) => s
-            .trim()
-            .parse::<i64>()
-            .map_err(|_| FieldError::new(field, format!("expected an integer, got {s:?}")))?,
-        Some(_) => {
-            return Err(FieldError::new(
-                field,
-                "expected an integer or a string holding one",
-            ));
-        }
-    };
-    i32::try_from(raw).map_err(|_| FieldError::new(field, "out of the 32-bit integer range"))
-}
-
-fn timestamp(obj: &Map<String, Value>, field: &str) -> Result<Option<OffsetDateTime>, FieldError> {
-    match obj.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => OffsetDateTime::parse(s, &Rfc3339)
-            .map(Some)
-            .map_err(|e| FieldError::new(field, format!("not an RFC 3339 time ({e})"))),
-        Some(_) => Err(FieldError::new(field, "expected an RFC 3339 time string")),
-    }
 }
 
 /// Lower-cases and checks a redirect host pattern: a host name, or `*.` and a
@@ -585,9 +635,52 @@ mod tests {
             errors[0].to_string(),
             "record 1 (programId 1): field `customerId`: expected an integer, got \"x1\""
         );
+        assert!(
+            errors[1]
+                .to_string()
+                .starts_with("record 2 (programId 2): field `vaild`: unknown field `vaild`"),
+            "{}",
+            errors[1]
+        );
+    }
+
+    #[test]
+    fn errors_carry_the_path_of_the_bad_field() {
+        let base = json!({"programId":"p","programName":"a","checksum":"c","customerId":1,"customerName":"n"});
+        let with = |field: &str, value: Value| {
+            let mut v = base.clone();
+            v[field] = value;
+            Program::from_json(&v).expect_err(field)
+        };
+        let e = with("allowedRedirectHosts", json!(["a.example", 7]));
+        assert_eq!(e.field, "allowedRedirectHosts[1]", "{e}");
+        let e = with(
+            "allowedRedirectHosts",
+            json!(["a.example", "https://b.example/"]),
+        );
+        assert_eq!(e.field, "allowedRedirectHosts", "{e}");
+        assert_eq!(with("valid", json!("yes")).field, "valid");
+        assert_eq!(with("validFrom", json!("tomorrow")).field, "validFrom");
+        assert_eq!(with("version", json!(0)).field, "version");
+        assert_eq!(with("programName", json!(null)).field, "programName");
+        assert_eq!(with("checksum", json!("x".repeat(513))).field, "checksum");
+        let mut missing = base.clone();
+        missing
+            .as_object_mut()
+            .expect("object")
+            .remove("customerName");
+        let e = Program::from_json(&missing).expect_err("missing");
+        assert_eq!(e.to_string(), "missing field `customerName`");
+        let e = Program::from_json(&json!("p")).expect_err("not an object");
+        assert!(
+            e.to_string().contains("a program record (a JSON object)"),
+            "{e}"
+        );
+        let text = br#"{"programId":"p","programName":"a","checksum":"c","customerId":1,"customerName":"n"} x"#;
+        assert!(Program::from_json_slice(text).is_err(), "trailing text");
         assert_eq!(
-            errors[1].to_string(),
-            "record 2 (programId 2): field `vaild`: unknown field"
+            Program::from_json_slice(&text[..text.len() - 2]).expect("parses"),
+            Program::from_json(&base).expect("parses")
         );
     }
 
