@@ -5,7 +5,7 @@ each binary against the variables that binary reads.
 A binary's variables are the `env = "NAME"` attributes of its clap config
 (tracker/src/config.rs, consumer/src/config.rs, consumer/src/lambda_config.rs,
 consumer/src/write_config.rs (the group both consumer configs flatten),
-updater/src/main.rs). A template's are the `Environment` and `Secrets` names of
+updater/src/main.rs and updater/src/store_config.rs, updater/src/lambda_config.rs). A template's are the `Environment` and `Secrets` names of
 the ECS container that runs the binary (matched by its command, else its
 name) and the `Environment.Variables` of the Lambda function running on a
 `provided.*` runtime. Standard `AWS_*` variables are ignored on both sides.
@@ -60,10 +60,16 @@ BINARIES: tuple[Binary, ...] = (
         "lambda",
         required=False,
     ),
-    # The ECS tasks run the command line and the sync (updater/src/main.rs);
-    # `updater stream` (updater/src/stream_config.rs) runs only locally, the
-    # core-data stream being read by the updater Lambda in AWS.
-    Binary("updater", "updater (ECS one-off)", ("updater/src/main.rs",), "ecs"),
+    # The ECS tasks run the command line and the sync (updater/src/main.rs
+    # and the store settings it flattens); `updater stream`
+    # (updater/src/stream_config.rs) runs only locally, the core-data
+    # stream being read by the updater Lambda in AWS.
+    Binary(
+        "updater",
+        "updater (ECS one-off)",
+        ("updater/src/main.rs", "updater/src/store_config.rs"),
+        "ecs",
+    ),
 )
 
 ENV_ATTR = re.compile(r'\benv\s*=\s*"([A-Za-z_][A-Za-z0-9_]*)"')

@@ -372,53 +372,8 @@ async fn unprocessing_proxy(upstream: String, refused: Arc<AtomicU64>) -> u16 {
 }
 
 fn kinesis_event(records: &[(&str, Vec<u8>)]) -> aws_lambda_events::event::kinesis::KinesisEvent {
-    use base64_free::encode;
-    let recs: Vec<serde_json::Value> = records
-        .iter()
-        .map(|(seq, data)| {
-            serde_json::json!({
-                "kinesis": {
-                    "kinesisSchemaVersion": "1.0",
-                    "partitionKey": "pk",
-                    "sequenceNumber": seq,
-                    "data": encode(data),
-                    "approximateArrivalTimestamp": 1795000000.123
-                },
-                "eventSource": "aws:kinesis",
-                "eventVersion": "1.0",
-                "eventID": format!("shardId-000000000000:{seq}"),
-                "eventName": "aws:kinesis:record",
-                "invokeIdentityArn": "arn:aws:iam::123456789012:role/adtrack-consumer",
-                "awsRegion": "us-east-1",
-                "eventSourceARN": "arn:aws:kinesis:us-east-1:123456789012:stream/adtrack-events"
-            })
-        })
-        .collect();
-    serde_json::from_value(serde_json::json!({ "Records": recs })).expect("a Kinesis event")
-}
-
-/// Standard base64, enough for building test events.
-mod base64_free {
-    pub fn encode(data: &[u8]) -> String {
-        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        let mut out = String::new();
-        for chunk in data.chunks(3) {
-            let b = [
-                chunk[0],
-                *chunk.get(1).unwrap_or(&0),
-                *chunk.get(2).unwrap_or(&0),
-            ];
-            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
-    }
+    let records: Vec<(&str, &[u8])> = records.iter().map(|(s, d)| (*s, d.as_slice())).collect();
+    adtrack_testkit::lambda_kinesis_event("adtrack-events", &records)
 }
 
 fn lambda_tables() -> Tables {

@@ -914,3 +914,39 @@ impl TcpProxy {
             .load(std::sync::atomic::Ordering::SeqCst)
     }
 }
+
+/// A Kinesis event as Lambda's event source mapping delivers it: one
+/// record per `(sequence number, data)`, all from the first shard of
+/// `stream`, arrived now (a retried batch is the same event again).
+pub fn lambda_kinesis_event(
+    stream: &str,
+    records: &[(&str, &[u8])],
+) -> aws_lambda_events::event::kinesis::KinesisEvent {
+    use base64::Engine as _;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    let arrival = (now.as_millis() as f64) / 1000.0;
+    let records: Vec<serde_json::Value> = records
+        .iter()
+        .map(|(seq, data)| {
+            serde_json::json!({
+                "kinesis": {
+                    "kinesisSchemaVersion": "1.0",
+                    "partitionKey": "pk",
+                    "sequenceNumber": seq,
+                    "data": base64::engine::general_purpose::STANDARD.encode(data),
+                    "approximateArrivalTimestamp": arrival
+                },
+                "eventSource": "aws:kinesis",
+                "eventVersion": "1.0",
+                "eventID": format!("shardId-000000000000:{seq}"),
+                "eventName": "aws:kinesis:record",
+                "invokeIdentityArn": "arn:aws:iam::123456789012:role/adtrack",
+                "awsRegion": "us-east-1",
+                "eventSourceARN": format!("arn:aws:kinesis:us-east-1:123456789012:stream/{stream}")
+            })
+        })
+        .collect();
+    serde_json::from_value(serde_json::json!({ "Records": records })).expect("a Kinesis event")
+}

@@ -5,7 +5,10 @@
 //! to the table's content (after Redis lost its data, or a write reached the
 //! table and not Redis) and publishes what it changed.
 
+pub mod lambda;
+pub mod lambda_config;
 pub mod redis_copy;
+pub mod store_config;
 pub mod stream;
 pub mod stream_config;
 pub mod table;
@@ -106,13 +109,22 @@ impl Programs {
         Self { table, redis }
     }
 
-    /// Writes one program: the table, then Redis.
+    /// Writes one program: the table, then Redis. A write the table holds
+    /// already at its very version (a retry after Redis failed, a replayed
+    /// stream record) is copied to Redis again, so a retry finishes what
+    /// the first attempt began.
     pub async fn put(&self, program: &Program) -> Result<WriteOutcome> {
         let outcome = self.table.put(program).await?;
-        if let WriteOutcome::Written(v) = outcome {
-            let mut p = program.clone();
-            p.version = v;
-            self.redis.put(&p).await?;
+        match outcome {
+            WriteOutcome::Written(v) => {
+                let mut p = program.clone();
+                p.version = v;
+                self.redis.put(&p).await?;
+            }
+            WriteOutcome::Stale(v) if v == program.version => {
+                self.redis.put(program).await?;
+            }
+            WriteOutcome::Stale(_) => {}
         }
         Ok(outcome)
     }

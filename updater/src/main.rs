@@ -5,11 +5,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use adtrack_proto::program::{Program, ProgramId, parse_program_file};
+use adtrack_updater::store_config::StoreArgs;
 use adtrack_updater::stream::CoreData;
 use adtrack_updater::stream_config::StreamArgs;
 use adtrack_updater::{
-    Counter, DeleteOutcome, Entry, ProgramTable, Programs, RedisPrograms, WriteOutcome,
-    absent_from, plan_against,
+    DeleteOutcome, Entry, ProgramTable, Programs, WriteOutcome, absent_from, plan_against,
 };
 use anyhow::{Context, Result, bail};
 use aws_config::BehaviorVersion;
@@ -24,22 +24,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "updater", version)]
 struct Cli {
-    /// Redis holding the trackers' copy of the programs.
-    #[arg(
-        long,
-        env = "REDIS_URL",
-        value_name = "REDIS_URL",
-        default_value = "redis://127.0.0.1:6379"
-    )]
-    redis_url: String,
-    /// DynamoDB table holding the programs (the source of truth).
-    #[arg(
-        long,
-        env = "PROGRAMS_TABLE",
-        value_name = "PROGRAMS_TABLE",
-        default_value = "adtrack-programs"
-    )]
-    programs_table: String,
+    #[command(flatten)]
+    store: StoreArgs,
     /// Print what a write would do; write nothing.
     #[arg(long, global = true)]
     dry_run: bool,
@@ -148,17 +134,12 @@ async fn aws() -> aws_config::SdkConfig {
     aws_config::defaults(BehaviorVersion::latest()).load().await
 }
 
-fn table_of(cli: &Cli, aws: &aws_config::SdkConfig) -> ProgramTable {
-    ProgramTable::new(aws_sdk_dynamodb::Client::new(aws), &cli.programs_table)
-}
-
 async fn table(cli: &Cli) -> ProgramTable {
-    table_of(cli, &aws().await)
+    cli.store.table(&aws().await)
 }
 
 async fn programs_with(cli: &Cli, aws: &aws_config::SdkConfig) -> Result<Programs> {
-    let redis = RedisPrograms::connect(&cli.redis_url, Counter::KeepIfPresent).await?;
-    Ok(Programs::new(table_of(cli, aws), redis))
+    cli.store.connect(aws).await
 }
 
 async fn programs(cli: &Cli) -> Result<Programs> {
@@ -349,8 +330,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let handler = CoreData {
                 store: programs_with(&cli, &aws).await?,
                 dynamodb: dynamodb.clone(),
-                stream: args.core_data_stream.clone(),
-                dead_letter_table: args.dead_letter_table.clone(),
+                stream: args.core_data.core_data_stream.clone(),
+                dead_letter_table: args.core_data.dead_letter_table.clone(),
                 max_attempts: 0,
             };
             let reader = std::sync::Arc::new(adtrack_reader::Reader::new(
@@ -360,7 +341,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 args.settings(),
                 handler,
             ));
-            tracing::info!(stream = %args.core_data_stream, "applying the core-data stream");
+            tracing::info!(stream = %args.core_data.core_data_stream, "applying the core-data stream");
             reader.run(adtrack_service::shutdown_on_signals()).await;
             Ok(ExitCode::SUCCESS)
         }

@@ -16,7 +16,7 @@ use adtrack_proto::redis_layout::{
 };
 use anyhow::{Context, Result, anyhow};
 use redis::AsyncCommands;
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::{DeleteOutcome, WriteOutcome};
 
@@ -54,9 +54,11 @@ pub struct Held {
 }
 
 /// A connection to the programs in Redis. Cheap to share: every call runs
-/// on a clone of one multiplexed connection.
+/// on a clone of one multiplexed connection, which reconnects after Redis
+/// went away (a failover, a restart), so the long-running sync, the stream
+/// reader and a warm Lambda outlive it.
 pub struct RedisPrograms {
-    conn: MultiplexedConnection,
+    conn: ConnectionManager,
     counter: Counter,
     upsert: redis::Script,
     delete: redis::Script,
@@ -66,8 +68,17 @@ impl RedisPrograms {
     /// Connects; writes treat the version counter as `counter` says.
     pub async fn connect(url: &str, counter: Counter) -> Result<Self> {
         let client = redis::Client::open(url).with_context(|| format!("bad Redis URL {url}"))?;
+        // A bulk write's pipelined chunk of scripts answers well inside the
+        // response timeout; a Redis that answers nothing fails the call
+        // instead of hanging it. A lost connection is tried again once per
+        // call: the callers have their own retry (and a Lambda its time
+        // limit), so a call never waits out a long reconnect schedule.
+        let config = ConnectionManagerConfig::new()
+            .set_number_of_retries(1)
+            .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
+            .set_response_timeout(Some(std::time::Duration::from_secs(30)));
         let conn = client
-            .get_multiplexed_async_connection()
+            .get_connection_manager_with_config(config)
             .await
             .with_context(|| format!("cannot connect to Redis at {url}"))?;
         Ok(Self {
@@ -78,7 +89,7 @@ impl RedisPrograms {
         })
     }
 
-    fn conn(&self) -> MultiplexedConnection {
+    fn conn(&self) -> ConnectionManager {
         self.conn.clone()
     }
 

@@ -6,17 +6,14 @@ use std::time::Duration;
 use adtrack_reader::{Settings, StartPosition};
 use clap::Args;
 
+use crate::lambda_config::CoreDataArgs;
+
 /// Where the core-data stream is and how it is read.
 #[derive(Args, Debug, Clone)]
 pub struct StreamArgs {
-    /// Kinesis stream of core-data records.
-    #[arg(
-        long,
-        env = "CORE_DATA_STREAM",
-        value_name = "CORE_DATA_STREAM",
-        default_value = "adtrack-core-data"
-    )]
-    pub core_data_stream: String,
+    /// The stream, and where its bad records go (shared with the Lambda).
+    #[command(flatten)]
+    pub core_data: CoreDataArgs,
 
     /// DynamoDB table of shard leases and checkpoints (shared with the
     /// events consumer; rows are prefixed with the stream's name).
@@ -27,15 +24,6 @@ pub struct StreamArgs {
         default_value = "adtrack-checkpoints"
     )]
     pub checkpoint_table: String,
-
-    /// DynamoDB table the records that cannot be applied go to.
-    #[arg(
-        long,
-        env = "DEAD_LETTER_TABLE",
-        value_name = "DEAD_LETTER_TABLE",
-        default_value = "adtrack-dead-letters"
-    )]
-    pub dead_letter_table: String,
 
     /// How long a shard lease lasts without renewal, in seconds.
     #[arg(long, env = "UPDATER_LEASE_SECS", value_name = "UPDATER_LEASE_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -52,7 +40,7 @@ impl StreamArgs {
     /// oldest record: core data is never skipped.
     pub fn settings(&self) -> Settings {
         Settings {
-            stream: self.core_data_stream.clone(),
+            stream: self.core_data.core_data_stream.clone(),
             checkpoint_table: self.checkpoint_table.clone(),
             lease_duration: Duration::from_secs(self.lease_secs),
             poll_interval: Duration::from_millis(self.poll_interval_ms),

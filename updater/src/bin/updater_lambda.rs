@@ -1,0 +1,46 @@
+//! `updater-lambda` (deployed as `bootstrap`): the core-data stream's
+//! reader as an AWS Lambda function behind a Kinesis event source mapping.
+
+use std::process::ExitCode;
+
+use adtrack_updater::lambda::{LAMBDA_ATTEMPTS, handle};
+use adtrack_updater::lambda_config::LambdaConfig;
+use adtrack_updater::stream::CoreData;
+use aws_lambda_events::event::kinesis::KinesisEvent;
+use lambda_runtime::{LambdaEvent, service_fn};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config: LambdaConfig = match adtrack_service::parse_config() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    adtrack_service::init_logging(&config.log_format);
+    let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let store = match config.store.connect(&aws).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "cannot reach the program store");
+            return ExitCode::from(1);
+        }
+    };
+    let core = CoreData {
+        store,
+        dynamodb: aws_sdk_dynamodb::Client::new(&aws),
+        stream: config.core_data.core_data_stream.clone(),
+        dead_letter_table: config.core_data.dead_letter_table.clone(),
+        max_attempts: LAMBDA_ATTEMPTS,
+    };
+    let result = lambda_runtime::run(service_fn(|event: LambdaEvent<KinesisEvent>| {
+        let core = &core;
+        async move { Ok::<_, lambda_runtime::Error>(handle(core, event.payload).await) }
+    }))
+    .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("lambda runtime failed: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

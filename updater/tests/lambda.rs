@@ -1,0 +1,131 @@
+//! The updater Lambda's handler on real Redis and the DynamoDB stand-in,
+//! fed Kinesis events as the event source mapping delivers them: a batch
+//! is applied in order through the table and Redis, a bad record is
+//! dead-lettered without stopping the ones after it, a retried batch
+//! changes nothing, and a record the store cannot take (Redis down) is
+//! named in the partial batch response and applied when retried.
+
+use adtrack_proto::program::{ProgramId, parse_program_file};
+use adtrack_proto::redis_layout::StoredProgram;
+use adtrack_testkit::{
+    CORE_DATA_STREAM, DEAD_LETTER_TABLE, PROGRAMS_TABLE, Stack, dynamodb_client,
+    lambda_kinesis_event, scan_table,
+};
+use adtrack_updater::lambda::{LAMBDA_ATTEMPTS, handle};
+use adtrack_updater::stream::CoreData;
+use adtrack_updater::{Counter, Entry, ProgramTable, Programs, RedisPrograms};
+
+const REFERENCE: &str = r#"[{"programId":"212312","programName":"program1","checksum":"123","customerId":"9123","customerName":"Customer1","valid":true}]"#;
+
+fn id(s: &str) -> ProgramId {
+    ProgramId::parse(s).expect("id")
+}
+
+async fn core_data(stack: &Stack) -> CoreData {
+    let redis = RedisPrograms::connect(&stack.redis.url(), Counter::KeepIfPresent)
+        .await
+        .expect("redis");
+    let dynamodb = dynamodb_client(&stack.dynamodb.url());
+    CoreData {
+        store: Programs::new(ProgramTable::new(dynamodb.clone(), PROGRAMS_TABLE), redis),
+        dynamodb,
+        stream: CORE_DATA_STREAM.into(),
+        dead_letter_table: DEAD_LETTER_TABLE.into(),
+        max_attempts: LAMBDA_ATTEMPTS,
+    }
+}
+
+fn failures(r: &aws_lambda_events::event::streams::KinesisEventResponse) -> Vec<String> {
+    r.batch_item_failures
+        .iter()
+        .filter_map(|f| f.item_identifier.clone())
+        .collect()
+}
+
+async fn name_in_redis(core: &CoreData, program: &str) -> Option<String> {
+    match core.store.redis.get(&id(program)).await.expect("redis get") {
+        StoredProgram::Present(p) => Some(p.program_name),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lambda_applies_dead_letters_and_reports_the_first_record_it_could_not_apply() {
+    let mut stack = Stack::start(1).expect("stack");
+    let core = core_data(&stack).await;
+    core.store
+        .load(&parse_program_file(REFERENCE).expect("valid"))
+        .await
+        .expect("load");
+
+    let batch = lambda_kinesis_event(
+        CORE_DATA_STREAM,
+        &[
+            ("1", br#"{"programId":"lam","programName":"first","checksum":"1","customerId":7,"customerName":"c"}"#),
+            ("2", br#"{"programId":"lam","programName":"#),
+            ("3", br#"{"op":"delete","programId":"212312"}"#),
+            ("4", br#"{"programId":"lam","programName":"second","checksum":"1","customerId":7,"customerName":"c"}"#),
+        ],
+    );
+    let response = handle(&core, batch.clone()).await;
+    assert!(failures(&response).is_empty(), "{response:?}");
+    let Some(Entry::Present(lam)) = core.store.table.get(&id("lam")).await.expect("get") else {
+        panic!("lam is not in the table")
+    };
+    assert_eq!(lam.program_name, "second", "records apply in order");
+    assert_eq!(name_in_redis(&core, "lam").await.as_deref(), Some("second"));
+    assert!(matches!(
+        core.store.table.get(&id("212312")).await.expect("get"),
+        Some(Entry::Deleted { .. })
+    ));
+    assert!(matches!(
+        core.store.redis.get(&id("212312")).await.expect("get"),
+        StoredProgram::Deleted { .. }
+    ));
+    let dynamodb = dynamodb_client(&stack.dynamodb.url());
+    let dead = scan_table(&dynamodb, DEAD_LETTER_TABLE)
+        .await
+        .expect("scan");
+    assert_eq!(dead.len(), 1, "the malformed record is dead-lettered");
+
+    // Lambda retries a batch as it was: nothing changes the second time.
+    let response = handle(&core, batch).await;
+    assert!(failures(&response).is_empty(), "{response:?}");
+    let Some(Entry::Present(again)) = core.store.table.get(&id("lam")).await.expect("get") else {
+        panic!("lam is gone")
+    };
+    assert_eq!(
+        again.version, lam.version,
+        "a retried batch writes nothing new"
+    );
+    assert_eq!(
+        scan_table(&dynamodb, DEAD_LETTER_TABLE)
+            .await
+            .expect("scan")
+            .len(),
+        1,
+        "a retried bad record is the same dead letter"
+    );
+
+    // Redis down: the record is not done, and the response says so.
+    stack.redis.stop();
+    let later = lambda_kinesis_event(
+        CORE_DATA_STREAM,
+        &[(
+            "5",
+            br#"{"programId":"later","programName":"later","checksum":"1","customerId":7,"customerName":"c"}"#,
+        )],
+    );
+    let response = handle(&core, later.clone()).await;
+    assert_eq!(failures(&response), vec!["5".to_owned()]);
+
+    // Lambda retries it once Redis is back (empty, as after a failover):
+    // the same warm handler reconnects and applies it.
+    stack.redis.restart().expect("redis back");
+    let response = handle(&core, later).await;
+    assert!(failures(&response).is_empty(), "{response:?}");
+    assert_eq!(
+        name_in_redis(&core, "later").await.as_deref(),
+        Some("later")
+    );
+}
