@@ -6,7 +6,8 @@
 #       `docker run adtrack:dev consumer` or `... updater load -` pick another.
 #
 #   docker build --target lambda-zip --output type=local,dest=dist .
-#       dist/consumer-lambda.zip: the Lambda consumer as `bootstrap` for the
+#       dist/consumer-lambda.zip and dist/updater-lambda.zip: the Lambda
+#       consumer and the core-data updater, each as `bootstrap` for the
 #       provided.al2023 runtime (x86_64, statically linked against musl, so
 #       the glibc of the Lambda image does not matter).
 #
@@ -52,7 +53,8 @@ RUN cargo build --release --locked --bin tracker --bin consumer --bin updater \
  && install -m 0755 target/release/tracker target/release/consumer target/release/updater /out/
 
 # ---------------------------------------------------------------------------
-# lambda-builder: the Lambda consumer, static musl build named `bootstrap`.
+# lambda-builder: the two Lambdas, static musl builds, each named `bootstrap`
+# in its own zip.
 FROM chef AS lambda-builder
 # musl-tools: musl-gcc for the C parts (ring, aws-lc-sys); zip packs the bundle.
 # hadolint ignore=DL3008
@@ -63,18 +65,21 @@ RUN apt-get update \
 COPY --from=planner /src/recipe.json recipe.json
 COPY .cargo/ .cargo/
 RUN cargo chef cook --release --locked --target x86_64-unknown-linux-musl \
-      --recipe-path recipe.json --bin consumer-lambda
+      --recipe-path recipe.json --bin consumer-lambda --bin updater-lambda
 COPY . .
-RUN cargo build --release --locked --target x86_64-unknown-linux-musl --bin consumer-lambda \
- && install -d /out \
- && install -m 0755 target/x86_64-unknown-linux-musl/release/consumer-lambda /out/bootstrap \
- && touch -t 198001020000 /out/bootstrap \
- && zip -X -j /out/consumer-lambda.zip /out/bootstrap
+RUN cargo build --release --locked --target x86_64-unknown-linux-musl \
+      --bin consumer-lambda --bin updater-lambda \
+ && for fn in consumer-lambda updater-lambda; do \
+      install -d "/out/$fn" \
+      && install -m 0755 "target/x86_64-unknown-linux-musl/release/$fn" "/out/$fn/bootstrap" \
+      && touch -t 198001020000 "/out/$fn/bootstrap" \
+      && zip -X -j "/out/$fn.zip" "/out/$fn/bootstrap"; \
+    done
 
 # ---------------------------------------------------------------------------
-# lambda-zip: only the zip, for `--output type=local,dest=dist`.
+# lambda-zip: only the zips, for `--output type=local,dest=dist`.
 FROM scratch AS lambda-zip
-COPY --from=lambda-builder /out/consumer-lambda.zip /consumer-lambda.zip
+COPY --from=lambda-builder /out/consumer-lambda.zip /out/updater-lambda.zip /
 
 # ---------------------------------------------------------------------------
 # runtime: the service image (last stage, so the default build target).

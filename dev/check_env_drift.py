@@ -7,8 +7,8 @@ A binary's variables are the `env = "NAME"` attributes of its clap config
 consumer/src/write_config.rs (the group both consumer configs flatten),
 updater/src/main.rs and updater/src/store_config.rs, updater/src/lambda_config.rs). A template's are the `Environment` and `Secrets` names of
 the ECS container that runs the binary (matched by its command, else its
-name) and the `Environment.Variables` of the Lambda function running on a
-`provided.*` runtime. Standard `AWS_*` variables are ignored on both sides.
+name) and the `Environment.Variables` of each Lambda function running on a
+`provided.*` runtime (matched by its `adtrack:binary` tag). Standard `AWS_*` variables are ignored on both sides.
 
 Every difference is printed. The default run fails only on a variable that
 is in a template but not read by its binary and not listed in PENDING; with
@@ -59,6 +59,12 @@ BINARIES: tuple[Binary, ...] = (
         ("consumer/src/lambda_config.rs", "consumer/src/write_config.rs"),
         "lambda",
         required=False,
+    ),
+    Binary(
+        "updater-lambda",
+        "updater (Lambda)",
+        ("updater/src/lambda_config.rs", "updater/src/store_config.rs"),
+        "lambda",
     ),
     # The ECS tasks run the command line and the sync (updater/src/main.rs
     # and the store settings it flattens); `updater stream`
@@ -144,6 +150,14 @@ class Site:
     names: set[str] = field(default_factory=set)
 
 
+def lambda_binary(props: dict) -> str:
+    """The binary a Lambda function runs: its `adtrack:binary` tag."""
+    for tag in props.get("Tags") or []:
+        if isinstance(tag, dict) and tag.get("Key") == "adtrack:binary":
+            return str(tag.get("Value"))
+    return "(a Lambda without an adtrack:binary tag)"
+
+
 def template_sites(root: Path) -> tuple[list[Site], list[str]]:
     sites: list[Site] = []
     problems: list[str] = []
@@ -185,7 +199,7 @@ def template_sites(root: Path) -> tuple[list[Site], list[str]]:
                 if isinstance(runtime, str) and runtime.startswith("provided"):
                     env = props.get("Environment") or {}
                     names = names_in_map(env.get("Variables") if isinstance(env, dict) else None)
-                    sites.append(Site(f"{rel} {logical_id}", "consumer-lambda", names))
+                    sites.append(Site(f"{rel} {logical_id}", lambda_binary(props), names))
     return sites, problems
 
 
