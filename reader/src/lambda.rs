@@ -11,6 +11,31 @@ use bytes::Bytes;
 
 use crate::Record;
 
+/// Runs a Lambda function behind a Kinesis event source mapping: each
+/// invocation's event goes to `handle`, its partial batch response back to
+/// Lambda. Returns (with the exit code the process should end with) only
+/// when the runtime fails.
+pub async fn serve<F, Fut>(handle: F) -> std::process::ExitCode
+where
+    F: Fn(KinesisEvent) -> Fut,
+    Fut: std::future::Future<Output = KinesisEventResponse>,
+{
+    let handle = &handle;
+    let result = lambda_runtime::run(lambda_runtime::service_fn(
+        |event: lambda_runtime::LambdaEvent<KinesisEvent>| async move {
+            Ok::<_, lambda_runtime::Error>(handle(event.payload).await)
+        },
+    ))
+    .await;
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("lambda runtime failed: {e}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
 /// The records of one invocation, in order.
 pub fn records(event: KinesisEvent) -> Vec<Record> {
     event

@@ -155,6 +155,18 @@ impl Redis {
         self.proc.kill();
     }
 
+    /// Empties it (FLUSHALL), as a failover to an empty replica or a
+    /// mistaken command would.
+    pub fn flushall(&self) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s.write_all(b"FLUSHALL\r\n").expect("send FLUSHALL");
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).expect("FLUSHALL answered");
+        assert_eq!(&buf, b"+OK\r\n", "FLUSHALL refused");
+    }
+
     /// Starts a fresh server on the same port.
     pub fn restart(&mut self) -> Result<()> {
         self.stop();

@@ -75,15 +75,7 @@ async fn two_regions_each_fill_their_own_redis_from_one_table() {
 
     // The other region's Redis loses its data: its sync restores it, and
     // its tracker keeps serving meanwhile.
-    let client = redis::Client::open(there.as_str()).expect("client");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("conn");
-    let _: () = redis::cmd("FLUSHALL")
-        .query_async(&mut conn)
-        .await
-        .expect("flushall");
+    other_redis.flushall();
     assert_eq!(
         http.get(&tracker_there.url("/event/regional"))
             .await

@@ -37,18 +37,6 @@ fn reference() -> Vec<Program> {
     parse_program_file(REFERENCE).expect("valid")
 }
 
-async fn flushall(stack: &Stack) {
-    let client = redis::Client::open(stack.redis.url()).expect("client");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("conn");
-    let _: () = redis::cmd("FLUSHALL")
-        .query_async(&mut conn)
-        .await
-        .expect("flushall");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_go_to_the_table_first_then_to_redis_with_the_same_version() {
     let stack = Stack::start(1).expect("stack");
@@ -236,7 +224,7 @@ async fn sync_restores_an_emptied_redis_from_the_table_and_marks_it_complete() {
 
     // Redis loses everything; a stray program appears that the table never
     // held.
-    flushall(&stack).await;
+    stack.redis.flushall();
     assert!(!store.redis.is_complete().await.expect("complete"));
     let mut stray = all[0].clone();
     stray.program_id = id("only-in-redis");

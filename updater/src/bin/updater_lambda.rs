@@ -6,8 +6,6 @@ use std::process::ExitCode;
 use adtrack_updater::lambda::{LAMBDA_ATTEMPTS, handle};
 use adtrack_updater::lambda_config::LambdaConfig;
 use adtrack_updater::stream::CoreData;
-use aws_lambda_events::event::kinesis::KinesisEvent;
-use lambda_runtime::{LambdaEvent, service_fn};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -31,16 +29,5 @@ async fn main() -> ExitCode {
         dead_letter_table: config.core_data.dead_letter_table.clone(),
         max_attempts: LAMBDA_ATTEMPTS,
     };
-    let result = lambda_runtime::run(service_fn(|event: LambdaEvent<KinesisEvent>| {
-        let core = &core;
-        async move { Ok::<_, lambda_runtime::Error>(handle(core, event.payload).await) }
-    }))
-    .await;
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("lambda runtime failed: {e}");
-            ExitCode::from(1)
-        }
-    }
+    adtrack_reader::lambda::serve(|event| handle(&core, event)).await
 }
