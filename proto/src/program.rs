@@ -189,19 +189,6 @@ impl FieldError {
     }
 }
 
-const KNOWN_FIELDS: [&str; 10] = [
-    "programId",
-    "programName",
-    "checksum",
-    "customerId",
-    "customerName",
-    "valid",
-    "validFrom",
-    "validUntil",
-    "allowedRedirectHosts",
-    "version",
-];
-
 /// The operators' record as serde reads it: unknown fields refused, each
 /// field checked as it is read (so an error carries the field's path); what
 /// spans fields (the window's order) is checked in [`Program::from_record`].
@@ -419,15 +406,16 @@ impl Program {
 
     /// Reads a program back from its Redis hash fields (as written by
     /// [`Program::to_redis_fields`]), with the same checks as the JSON form
-    /// but without building JSON: the tracker's warm start reads 100,000s.
+    /// but without building JSON. Fields this version does not know are
+    /// ignored: a newer updater may write more.
     pub fn from_redis_fields(fields: &BTreeMap<String, String>) -> Result<Self, FieldError> {
-        if let Some(unknown) = fields
-            .keys()
-            .find(|k| !KNOWN_FIELDS.contains(&k.as_str()) && *k != "deleted")
-        {
-            return Err(FieldError::new(unknown, "unknown field"));
-        }
-        let get = |field: &str| fields.get(field).map(String::as_str);
+        Self::from_redis_with(|field| fields.get(field).map(String::as_str))
+    }
+
+    /// [`Program::from_redis_fields`] over any lookup of the hash's fields
+    /// (the tracker's warm start reads 100,000s of them positionally, from
+    /// HMGET, without building a map per program).
+    pub fn from_redis_with<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Result<Self, FieldError> {
         let text = |field: &str| -> Result<String, FieldError> {
             let v = get(field).ok_or_else(|| FieldError::new(field, "is required"))?;
             check_len(v).map_err(|r| FieldError::new(field, r))?;

@@ -213,6 +213,22 @@ pub enum StoredProgram {
     Present(Program),
 }
 
+/// The fields of a program hash a reader asks for with `HMGET`, in the
+/// order [`StoredProgram::from_hmget`] reads them.
+pub const HASH_FIELDS: [&str; 11] = [
+    "programId",
+    "programName",
+    "checksum",
+    "customerId",
+    "customerName",
+    "valid",
+    "validFrom",
+    "validUntil",
+    "allowedRedirectHosts",
+    "version",
+    "deleted",
+];
+
 impl StoredProgram {
     /// Interprets the result of `HGETALL adtrack:program:{id}`.
     pub fn from_hash(
@@ -221,14 +237,27 @@ impl StoredProgram {
         if fields.is_empty() {
             return Ok(Self::Absent);
         }
-        if fields.get("deleted").map(String::as_str) == Some("1") {
-            let version = fields
-                .get("version")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
+        Self::from_lookup(|f| fields.get(f).map(String::as_str))
+    }
+
+    /// Interprets the result of `HMGET adtrack:program:{id}` with
+    /// [`HASH_FIELDS`]: one value (or nil) per field, in that order.
+    pub fn from_hmget(values: &[Option<String>]) -> Result<Self, FieldError> {
+        if values.iter().all(Option::is_none) {
+            return Ok(Self::Absent);
+        }
+        Self::from_lookup(|f| {
+            let i = HASH_FIELDS.iter().position(|h| *h == f)?;
+            values.get(i)?.as_deref()
+        })
+    }
+
+    fn from_lookup<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Result<Self, FieldError> {
+        if get("deleted") == Some("1") {
+            let version = get("version").and_then(|v| v.parse().ok()).unwrap_or(0);
             return Ok(Self::Deleted { version });
         }
-        Program::from_redis_fields(fields).map(Self::Present)
+        Program::from_redis_with(get).map(Self::Present)
     }
 }
 

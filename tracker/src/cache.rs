@@ -18,14 +18,14 @@
 //! program, so TinyLFU's admission sketch would be bookkeeping per hit for
 //! nothing.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use adtrack_proto::redis_layout::{
-    PROGRAM_KEY_PATTERN, PROGRAM_KEY_PREFIX, ProgramChange, StoredProgram, VERSION_KEY,
+    HASH_FIELDS, PROGRAM_KEY_PATTERN, PROGRAM_KEY_PREFIX, ProgramChange, StoredProgram, VERSION_KEY,
 };
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
@@ -523,13 +523,13 @@ async fn fetch(
 ) -> Result<Cached, FetchError> {
     let mut conn = conn.ok_or(FetchError::NotConnected)?;
     let key = format!("{PROGRAM_KEY_PREFIX}{id}");
-    let mut cmd = redis::cmd("HGETALL");
-    cmd.arg(&key);
-    let read = cmd.query_async::<BTreeMap<String, String>>(&mut conn);
-    let fields = tokio::time::timeout(timeout, read)
+    let mut cmd = redis::cmd("HMGET");
+    cmd.arg(&key).arg(&HASH_FIELDS[..]);
+    let read = cmd.query_async::<Vec<Option<String>>>(&mut conn);
+    let values = tokio::time::timeout(timeout, read)
         .await
         .map_err(|_| FetchError::Timeout(timeout))??;
-    Ok(interpret(&id, &key, &fields))
+    Ok(interpret(&id, &key, &values))
 }
 
 /// Scans every program hash and reads each page of them in one pipeline,
@@ -550,11 +550,13 @@ async fn read_pages(
             .query_async(&mut conn)
             .await?;
         if !keys.is_empty() {
+            // HMGET of the known fields, read positionally: no map of
+            // strings per program (the warm start reads 100,000s).
             let mut pipe = redis::pipe();
             for k in &keys {
-                pipe.cmd("HGETALL").arg(k);
+                pipe.cmd("HMGET").arg(k).arg(&HASH_FIELDS[..]);
             }
-            let hashes: Vec<BTreeMap<String, String>> = pipe.query_async(&mut conn).await?;
+            let hashes: Vec<Vec<Option<String>>> = pipe.query_async(&mut conn).await?;
             let page = keys
                 .into_iter()
                 .zip(hashes)
@@ -575,8 +577,8 @@ async fn read_pages(
     }
 }
 
-fn interpret(id: &str, key: &str, fields: &BTreeMap<String, String>) -> Cached {
-    match StoredProgram::from_hash(fields) {
+fn interpret(id: &str, key: &str, values: &[Option<String>]) -> Cached {
+    match StoredProgram::from_hmget(values) {
         Ok(StoredProgram::Present(p)) if p.program_id.as_str() == id => {
             Cached::Known(Arc::new(ProgramEntry::new(&p)))
         }
