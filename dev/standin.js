@@ -6,7 +6,8 @@
 //   node dev/standin.js dynamodb --port 0 [--path DIR] [--tables dev/tables.json]
 //   node dev/standin.js scan     --port N --table NAME [--limit N]   (prints items as JSON lines)
 //
-// kinesalite and dynalite are pinned in dev/package.json. Their CLIs bind every
+// kinesalite and dynalite are pinned in dev/package.json. ADTRACK_AWS_CALL_LOG:
+// see logCalls below. Their CLIs bind every
 // interface, so this launcher calls listen(port, '127.0.0.1') itself.
 'use strict'
 
@@ -77,6 +78,31 @@ async function ensureTable(port, def) {
   }
 }
 
+// With ADTRACK_AWS_CALL_LOG set, every call made by an adtrack binary (its
+// AWS app name, `app/adtrack-...` in the user agent) is appended to that
+// file as "app<TAB>service:Operation<TAB>resource": dev/check_iam.py
+// checks them against the IAM roles of the templates.
+function logCalls(server, service) {
+  const file = process.env.ADTRACK_AWS_CALL_LOG
+  if (!file) return
+  server.prependListener('request', (req) => {
+    const agent = `${req.headers['x-amz-user-agent'] || ''} ${req.headers['user-agent'] || ''}`
+    const app = (agent.match(/\bapp\/([A-Za-z0-9._-]+)/) || [])[1]
+    if (!app) return
+    const op = String(req.headers['x-amz-target'] || '').split('.').pop()
+    const chunks = []
+    req.on('data', (c) => chunks.push(c))
+    req.on('end', () => {
+      let body = {}
+      try { body = JSON.parse(Buffer.concat(chunks).toString('utf8') || '{}') } catch (e) { body = {} }
+      const resources = body.TableName || body.StreamName ||
+        (body.StreamARN || '').split('/').pop() ||
+        Object.keys(body.RequestItems || {}).join(',')
+      fs.appendFileSync(file, `${app}\t${service}:${op}\t${resources || ''}\n`)
+    })
+  })
+}
+
 function listen(server, port) {
   return new Promise((resolve, reject) => {
     server.once('error', reject)
@@ -90,12 +116,14 @@ async function main() {
   const port = Number(args.port || 0)
   if (kind === 'kinesis') {
     const server = require('kinesalite')({ path: args.path, createStreamMs: 0, deleteStreamMs: 0, updateStreamMs: 0, shardLimit: 50 })
+    logCalls(server, 'kinesis')
     const bound = await listen(server, port)
     if (args.stream) await ensureStream(bound, args.stream, Number(args.shards || 1))
     if (args['extra-stream']) await ensureStream(bound, args['extra-stream'], 1)
     console.log(`READY ${bound}`)
   } else if (kind === 'dynamodb') {
     const server = require('dynalite')({ path: args.path, createTableMs: 0, deleteTableMs: 0, updateTableMs: 0 })
+    logCalls(server, 'dynamodb')
     const bound = await listen(server, port)
     const file = args.tables || path.join(__dirname, 'tables.json')
     for (const def of JSON.parse(fs.readFileSync(file, 'utf8'))) await ensureTable(bound, def)

@@ -67,6 +67,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let prometheus = adtrack_service::metrics_endpoint::install(&[]);
     let aws = aws_config::defaults(BehaviorVersion::latest())
+        .app_name(aws_config::AppName::new("adtrack-consumer").expect("a valid app name"))
         .timeout_config(
             TimeoutConfig::builder()
                 .connect_timeout(Duration::from_secs(2))

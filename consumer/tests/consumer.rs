@@ -391,7 +391,11 @@ async fn lambda_reports_the_first_record_not_written() {
     let stack = Stack::start(1).expect("stack");
     let refused = Arc::new(AtomicU64::new(0));
     let port = unprocessing_proxy(stack.dynamodb.url(), refused.clone()).await;
-    let client = dynamodb_client(&format!("http://127.0.0.1:{port}"));
+    // Calling as the Lambda does, so its calls count as the Lambda's.
+    let client = adtrack_testkit::dynamodb_client_as(
+        &format!("http://127.0.0.1:{port}"),
+        "adtrack-consumer-lambda",
+    );
     let mut agg = Aggregator::new(51_200);
     for i in 0..5 {
         agg.push(UserRecord {

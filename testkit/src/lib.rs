@@ -630,14 +630,26 @@ pub async fn read_stream_events(url: &str) -> Result<Vec<StreamEvent>> {
 
 /// A DynamoDB client for the stand-in at `url`.
 pub fn dynamodb_client(url: &str) -> aws_sdk_dynamodb::Client {
+    aws_sdk_dynamodb::Client::from_conf(dynamodb_config(url).build())
+}
+
+/// A DynamoDB client for the stand-in at `url` that calls as the binary
+/// `app` does (its AWS app name, `adtrack-consumer-lambda` ...): for a test
+/// that runs a binary's code in process, so the stand-ins' call log
+/// (`ADTRACK_AWS_CALL_LOG`, checked against the IAM roles by
+/// `dev/check_iam.py`) counts those calls as that binary's.
+pub fn dynamodb_client_as(url: &str, app: &str) -> aws_sdk_dynamodb::Client {
+    let app = aws_sdk_dynamodb::config::AppName::new(app.to_owned()).expect("a valid app name");
+    aws_sdk_dynamodb::Client::from_conf(dynamodb_config(url).app_name(app).build())
+}
+
+fn dynamodb_config(url: &str) -> aws_sdk_dynamodb::config::Builder {
     use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
-    let conf = aws_sdk_dynamodb::Config::builder()
+    aws_sdk_dynamodb::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .endpoint_url(url)
         .region(Region::new("us-east-1"))
         .credentials_provider(Credentials::new("local", "local", None, None, "test"))
-        .build();
-    aws_sdk_dynamodb::Client::from_conf(conf)
 }
 
 /// Every item of a table (consistent scan).

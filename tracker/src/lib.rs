@@ -68,6 +68,7 @@ pub async fn run(
     let redis = redis::Client::open(config.redis_url.as_str())
         .with_context(|| format!("REDIS_URL {:?} is not a Redis URL", config.redis_url))?;
     let aws = aws_config::defaults(BehaviorVersion::latest())
+        .app_name(aws_config::AppName::new("adtrack-tracker").expect("a valid app name"))
         .timeout_config(
             TimeoutConfig::builder()
                 .connect_timeout(Duration::from_secs(2))

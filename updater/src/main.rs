@@ -143,7 +143,17 @@ fn parse_file(file: &str) -> Result<std::result::Result<Vec<Program>, ExitCode>>
 }
 
 async fn aws() -> aws_config::SdkConfig {
-    aws_config::defaults(BehaviorVersion::latest()).load().await
+    aws_as("adtrack-updater").await
+}
+
+/// The AWS configuration, calling as `app` (the user agent's app name, seen
+/// in CloudTrail; `updater stream` calls as `adtrack-updater-stream`, since
+/// it runs only locally, where the updater Lambda runs in AWS).
+async fn aws_as(app: &'static str) -> aws_config::SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .app_name(aws_config::AppName::new(app).expect("a valid app name"))
+        .load()
+        .await
 }
 
 async fn table(cli: &Cli) -> ProgramTable {
@@ -338,7 +348,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Stream(args) => {
-            let aws = aws().await;
+            let aws = aws_as("adtrack-updater-stream").await;
             let dynamodb = aws_sdk_dynamodb::Client::new(&aws);
             let handler = CoreData {
                 store: programs_with(&cli, &aws).await?,

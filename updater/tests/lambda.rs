@@ -9,7 +9,7 @@ use adtrack_proto::program::{ProgramId, parse_program_file};
 use adtrack_proto::redis_layout::StoredProgram;
 use adtrack_testkit::{
     CORE_DATA_STREAM, DEAD_LETTER_TABLE, PROGRAMS_TABLE, Stack, dynamodb_client,
-    lambda_kinesis_event, scan_table,
+    dynamodb_client_as, lambda_kinesis_event, scan_table,
 };
 use adtrack_updater::lambda::{LAMBDA_ATTEMPTS, handle};
 use adtrack_updater::stream::CoreData;
@@ -25,7 +25,8 @@ async fn core_data(stack: &Stack) -> CoreData {
     let redis = RedisPrograms::connect(&stack.redis.url(), Counter::KeepIfPresent)
         .await
         .expect("redis");
-    let dynamodb = dynamodb_client(&stack.dynamodb.url());
+    // Calling as the Lambda does, so its calls count as the Lambda's.
+    let dynamodb = dynamodb_client_as(&stack.dynamodb.url(), "adtrack-updater-lambda");
     CoreData {
         store: Programs::new(ProgramTable::new(dynamodb.clone(), PROGRAMS_TABLE), redis),
         dynamodb,
@@ -53,7 +54,15 @@ async fn name_in_redis(core: &CoreData, program: &str) -> Option<String> {
 async fn the_lambda_applies_dead_letters_and_reports_the_first_record_it_could_not_apply() {
     let mut stack = Stack::start(1).expect("stack");
     let core = core_data(&stack).await;
-    core.store
+    // Set up and look through a store of the test's own, so what the
+    // Lambda's client calls is only what the handler calls.
+    let store = Programs::new(
+        ProgramTable::new(dynamodb_client(&stack.dynamodb.url()), PROGRAMS_TABLE),
+        RedisPrograms::connect(&stack.redis.url(), Counter::KeepIfPresent)
+            .await
+            .expect("redis"),
+    );
+    store
         .load(&parse_program_file(REFERENCE).expect("valid"))
         .await
         .expect("load");
@@ -69,13 +78,13 @@ async fn the_lambda_applies_dead_letters_and_reports_the_first_record_it_could_n
     );
     let response = handle(&core, batch.clone()).await;
     assert!(failures(&response).is_empty(), "{response:?}");
-    let Some(Entry::Present(lam)) = core.store.table.get(&id("lam")).await.expect("get") else {
+    let Some(Entry::Present(lam)) = store.table.get(&id("lam")).await.expect("get") else {
         panic!("lam is not in the table")
     };
     assert_eq!(lam.program_name, "second", "records apply in order");
     assert_eq!(name_in_redis(&core, "lam").await.as_deref(), Some("second"));
     assert!(matches!(
-        core.store.table.get(&id("212312")).await.expect("get"),
+        store.table.get(&id("212312")).await.expect("get"),
         Some(Entry::Deleted { .. })
     ));
     assert!(matches!(
@@ -91,7 +100,7 @@ async fn the_lambda_applies_dead_letters_and_reports_the_first_record_it_could_n
     // Lambda retries a batch as it was: nothing changes the second time.
     let response = handle(&core, batch).await;
     assert!(failures(&response).is_empty(), "{response:?}");
-    let Some(Entry::Present(again)) = core.store.table.get(&id("lam")).await.expect("get") else {
+    let Some(Entry::Present(again)) = store.table.get(&id("lam")).await.expect("get") else {
         panic!("lam is gone")
     };
     assert_eq!(

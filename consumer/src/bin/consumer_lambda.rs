@@ -13,7 +13,10 @@ async fn main() -> ExitCode {
         Err(code) => return code,
     };
     adtrack_service::init_logging(&config.log_format);
-    let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .app_name(aws_config::AppName::new("adtrack-consumer-lambda").expect("a valid app name"))
+        .load()
+        .await;
     let client = aws_sdk_dynamodb::Client::new(&aws);
     let tables = config.write.tables(LAMBDA_WRITE_ATTEMPTS);
     adtrack_reader::lambda::serve(|event| handle(&client, &tables, event)).await

@@ -14,7 +14,10 @@ async fn main() -> ExitCode {
         Err(code) => return code,
     };
     adtrack_service::init_logging(&config.log_format);
-    let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .app_name(aws_config::AppName::new("adtrack-updater-lambda").expect("a valid app name"))
+        .load()
+        .await;
     let store = match config.store.connect(&aws).await {
         Ok(s) => s,
         Err(e) => {
