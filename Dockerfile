@@ -99,9 +99,13 @@ COPY --from=builder /out/ /usr/local/bin/
 LABEL org.opencontainers.image.title="adtrack" \
       org.opencontainers.image.description="adtrack tracker, consumer and updater" \
       org.opencontainers.image.licenses="Apache-2.0"
-USER 10001:10001
 # Writable state (the tracker's disk spool, TRACKER_SPOOL_DIR) goes here; in
-# ECS it is a task volume, as the root filesystem is mounted read-only.
+# ECS it is the task volume `data`, as the root filesystem is mounted
+# read-only. Declared as a VOLUME so that Fargate (and Docker) give the
+# mounted volume this directory's owner, user 10001: without it a bind-mount
+# volume is owned by root and the tracker cannot create its spool.
+VOLUME ["/var/lib/adtrack"]
+USER 10001:10001
 WORKDIR /var/lib/adtrack
 # 8080 public HTTP (tracker), 9090 tracker admin (/metrics), 9091 consumer admin.
 EXPOSE 8080 9090 9091
