@@ -11,19 +11,51 @@ use bytes::Bytes;
 
 use crate::Record;
 
+/// CloudWatch namespace of the Lambdas' metrics.
+pub const METRICS_NAMESPACE: &str = "adtrack";
+
+/// Installs the metrics backend of a Lambda function: the `metrics` crate's
+/// counters, gauges and histograms as CloudWatch embedded metric format
+/// documents, one per invocation, written to the function's log (which
+/// CloudWatch turns into metrics in [`METRICS_NAMESPACE`], dimension
+/// `Function`), since a Lambda has no port to scrape.
+pub fn install_metrics(
+    function: &'static str,
+) -> Result<&'static metrics_cloudwatch_embedded::Collector, metrics_cloudwatch_embedded::Error> {
+    metrics_cloudwatch_embedded::Builder::new()
+        .cloudwatch_namespace(METRICS_NAMESPACE)
+        .with_dimension("Function", function)
+        .init()
+}
+
 /// Runs a Lambda function behind a Kinesis event source mapping: each
 /// invocation's event goes to `handle`, its partial batch response back to
-/// Lambda. Returns (with the exit code the process should end with) only
-/// when the runtime fails.
-pub async fn serve<F, Fut>(handle: F) -> std::process::ExitCode
+/// Lambda, and the metrics it recorded to the log as one embedded metric
+/// format document ([`install_metrics`], under `function`). Returns (with
+/// the exit code the process should end with) only when the runtime fails.
+pub async fn serve<F, Fut>(function: &'static str, handle: F) -> std::process::ExitCode
 where
     F: Fn(KinesisEvent) -> Fut,
     Fut: std::future::Future<Output = KinesisEventResponse>,
 {
+    let metrics = match install_metrics(function) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the metrics backend; running without metrics");
+            None
+        }
+    };
     let handle = &handle;
     let result = lambda_runtime::run(lambda_runtime::service_fn(
         |event: lambda_runtime::LambdaEvent<KinesisEvent>| async move {
-            Ok::<_, lambda_runtime::Error>(handle(event.payload).await)
+            let response = handle(event.payload).await;
+            if let Some(m) = metrics {
+                m.set_property("RequestId", event.context.request_id.clone());
+                if let Err(e) = m.flush(std::io::stdout().lock()) {
+                    tracing::warn!(error = %e, "cannot write this invocation's metrics");
+                }
+            }
+            Ok::<_, lambda_runtime::Error>(response)
         },
     ))
     .await;
@@ -73,6 +105,30 @@ pub fn response(records: &[Record], done: usize) -> KinesisEventResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_are_written_as_embedded_metric_format() {
+        let collector =
+            install_metrics("test-function").expect("the only recorder of this test binary");
+        metrics::counter!("adtrack_test_records", "outcome" => "applied").increment(3);
+        let mut out = Vec::new();
+        collector.flush(&mut out).expect("flush");
+        let text = String::from_utf8(out).expect("utf-8");
+        let doc: serde_json::Value = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).expect("one JSON document per line")
+            })
+            .find(|d| d.get("adtrack_test_records").is_some())
+            .unwrap_or_else(|| panic!("no document with the counter: {text}"));
+        assert_eq!(doc["adtrack_test_records"], 3);
+        assert_eq!(doc["Function"], "test-function");
+        assert_eq!(doc["outcome"], "applied");
+        let cw = &doc["_aws"]["CloudWatchMetrics"][0];
+        assert_eq!(cw["Namespace"], METRICS_NAMESPACE);
+        assert_eq!(cw["Metrics"][0]["Name"], "adtrack_test_records");
+        assert_eq!(cw["Dimensions"], serde_json::json!([["Function", "outcome"]]));
+    }
 
     fn record(seq: &str) -> Record {
         Record {

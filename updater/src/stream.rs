@@ -28,6 +28,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{DeleteOutcome, Programs, WriteOutcome};
 
+/// Core-data records handled, by `outcome`: `written`, `stale` (already
+/// there or older than the table's), `deleted`, `dead_lettered`, and
+/// `not_applied` (the store failed past the attempts; retried).
+pub const RECORDS: &str = "adtrack_updater_records";
+
 /// One record's meaning.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -179,6 +184,13 @@ impl Handler for CoreData {
                 match self.apply(record, arrival).await {
                     Ok(applied) => {
                         tracing::debug!(sequence = %record.sequence_number, ?applied, "core-data record applied");
+                        let outcome = match applied {
+                            Applied::Written(_) => "written",
+                            Applied::Stale(_) => "stale",
+                            Applied::Deleted(_) => "deleted",
+                            Applied::DeadLettered => "dead_lettered",
+                        };
+                        metrics::counter!(RECORDS, "outcome" => outcome).increment(1);
                         break;
                     }
                     Err(e) => {
@@ -190,6 +202,7 @@ impl Handler for CoreData {
                             "applying a core-data record failed; retrying"
                         );
                         if self.max_attempts != 0 && attempt >= self.max_attempts {
+                            metrics::counter!(RECORDS, "outcome" => "not_applied").increment(1);
                             return i;
                         }
                         if CALLS.sleep(attempt, stop).await.is_err() {

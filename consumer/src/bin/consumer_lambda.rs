@@ -19,5 +19,5 @@ async fn main() -> ExitCode {
         .await;
     let client = aws_sdk_dynamodb::Client::new(&aws);
     let tables = config.write.tables(LAMBDA_WRITE_ATTEMPTS);
-    adtrack_reader::lambda::serve(|event| handle(&client, &tables, event)).await
+    adtrack_reader::lambda::serve("consumer-lambda", |event| handle(&client, &tables, event)).await
 }

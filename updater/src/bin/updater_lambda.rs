@@ -32,5 +32,5 @@ async fn main() -> ExitCode {
         dead_letter_table: config.core_data.dead_letter_table.clone(),
         max_attempts: LAMBDA_ATTEMPTS,
     };
-    adtrack_reader::lambda::serve(|event| handle(&core, event)).await
+    adtrack_reader::lambda::serve("updater-lambda", |event| handle(&core, event)).await
 }
