@@ -127,7 +127,10 @@ mod tests {
         let cw = &doc["_aws"]["CloudWatchMetrics"][0];
         assert_eq!(cw["Namespace"], METRICS_NAMESPACE);
         assert_eq!(cw["Metrics"][0]["Name"], "adtrack_test_records");
-        assert_eq!(cw["Dimensions"], serde_json::json!([["Function", "outcome"]]));
+        assert_eq!(
+            cw["Dimensions"],
+            serde_json::json!([["Function", "outcome"]])
+        );
     }
 
     fn record(seq: &str) -> Record {
