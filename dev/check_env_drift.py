@@ -5,7 +5,10 @@ each binary against the variables that binary reads.
 A binary's variables are the `env = "NAME"` attributes of its clap config
 (tracker/src/config.rs, consumer/src/config.rs, consumer/src/lambda_config.rs,
 consumer/src/write_config.rs (the group both consumer configs flatten),
-updater/src/main.rs and updater/src/store_config.rs, updater/src/lambda_config.rs). A template's are the `Environment` and `Secrets` names of
+updater/src/main.rs and updater/src/store_config.rs, updater/src/lambda_config.rs,
+and the argument groups they share: service/src/lib.rs (LOG_FORMAT),
+reader/src/dead_letter.rs (DEAD_LETTER_TABLE), reader/src/lease.rs
+(CHECKPOINT_TABLE)). A template's are the `Environment` and `Secrets` names of
 the ECS container that runs the binary (matched by its command, else its
 name) and the `Environment.Variables` of each Lambda function running on a
 `provided.*` runtime (matched by its `adtrack:binary` tag). Standard `AWS_*` variables are ignored on both sides.
@@ -45,25 +48,30 @@ class Binary:
     required: bool = True  # False: skipped with a note while the sources are missing
 
 
+# The argument groups the binaries share: LOG_FORMAT (service), DEAD_LETTER_TABLE
+# (the reader's dead letters) and, for the pollers, CHECKPOINT_TABLE (its leases).
+SHARED_LAMBDA: tuple[str, ...] = ("service/src/lib.rs", "reader/src/dead_letter.rs")
+SHARED_READER: tuple[str, ...] = SHARED_LAMBDA + ("reader/src/lease.rs",)
+
 BINARIES: tuple[Binary, ...] = (
     Binary("tracker", "tracker (ECS)", ("tracker/src/config.rs",), "ecs"),
     Binary(
         "consumer",
         "consumer (ECS)",
-        ("consumer/src/config.rs", "consumer/src/write_config.rs"),
+        ("consumer/src/config.rs", "consumer/src/write_config.rs") + SHARED_READER,
         "ecs",
     ),
     Binary(
         "consumer-lambda",
         "consumer (Lambda)",
-        ("consumer/src/lambda_config.rs", "consumer/src/write_config.rs"),
+        ("consumer/src/lambda_config.rs", "consumer/src/write_config.rs", *SHARED_LAMBDA),
         "lambda",
         required=False,
     ),
     Binary(
         "updater-lambda",
         "updater (Lambda)",
-        ("updater/src/lambda_config.rs", "updater/src/store_config.rs"),
+        ("updater/src/lambda_config.rs", "updater/src/store_config.rs", *SHARED_LAMBDA),
         "lambda",
     ),
     # The ECS tasks run the command line and the sync (updater/src/main.rs

@@ -35,14 +35,9 @@ pub struct Config {
     #[arg(long, env = "CONSUMER_LEASE_SECS", value_name = "CONSUMER_LEASE_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub lease_secs: u64,
 
-    /// DynamoDB table holding per-shard checkpoints and leases.
-    #[arg(
-        long,
-        env = "CHECKPOINT_TABLE",
-        value_name = "CHECKPOINT_TABLE",
-        default_value = "adtrack-checkpoints"
-    )]
-    pub checkpoint_table: String,
+    /// Where per-shard checkpoints and leases are kept.
+    #[command(flatten)]
+    pub checkpoints: adtrack_reader::lease::CheckpointArgs,
 
     /// Pause between reads of an idle shard, in milliseconds (Kinesis allows
     /// 5 reads per second per shard).
@@ -68,9 +63,8 @@ pub struct Config {
     )]
     pub admin_addr: SocketAddr,
 
-    /// Log format: `json` or `text`.
-    #[arg(long, env = "LOG_FORMAT", value_name = "LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
-    pub log_format: String,
+    #[command(flatten)]
+    pub log: adtrack_service::LogArgs,
 }
 
 fn start_position(s: &str) -> Result<StartPosition, String> {

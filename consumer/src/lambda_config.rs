@@ -13,9 +13,8 @@ pub struct LambdaConfig {
     #[command(flatten)]
     pub write: WriteConfig,
 
-    /// Log format: `json` or `text`.
-    #[arg(long, env = "LOG_FORMAT", value_name = "LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
-    pub log_format: String,
+    #[command(flatten)]
+    pub log: adtrack_service::LogArgs,
 }
 
 #[cfg(test)]

@@ -48,7 +48,7 @@ impl Config {
     pub fn reader_settings(&self) -> Settings {
         Settings {
             stream: self.events_stream.clone(),
-            checkpoint_table: self.checkpoint_table.clone(),
+            checkpoint_table: self.checkpoints.checkpoint_table.clone(),
             lease_duration: self.lease_duration(),
             poll_interval: self.poll_interval(),
             max_records: self.max_records,

@@ -11,7 +11,7 @@ async fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    adtrack_service::init_logging(&config.log_format);
+    config.log.init();
     let admin = match TcpListener::bind(config.admin_addr).await {
         Ok(l) => l,
         Err(e) => {

@@ -16,14 +16,9 @@ pub struct WriteConfig {
     )]
     pub events_table: String,
 
-    /// DynamoDB table for records and events that cannot be stored as events.
-    #[arg(
-        long,
-        env = "DEAD_LETTER_TABLE",
-        value_name = "DEAD_LETTER_TABLE",
-        default_value = "adtrack-dead-letters"
-    )]
-    pub dead_letter_table: String,
+    /// Where records and events that cannot be stored as events go.
+    #[command(flatten)]
+    pub dead_letters: adtrack_reader::dead_letter::DeadLetterArgs,
 
     /// Days an event item is kept (its `expiresAt` time-to-live attribute).
     #[arg(long, env = "CONSUMER_EVENT_TTL_DAYS", value_name = "CONSUMER_EVENT_TTL_DAYS", default_value_t = 90, value_parser = clap::value_parser!(u32).range(1..=3650))]
@@ -40,7 +35,7 @@ impl WriteConfig {
     pub fn tables(&self, max_attempts: u32) -> Tables {
         Tables {
             events: self.events_table.clone(),
-            dead_letters: self.dead_letter_table.clone(),
+            dead_letters: self.dead_letters.dead_letter_table.clone(),
             ttl_days: self.event_ttl_days,
             write_concurrency: self.write_concurrency as usize,
             max_attempts,

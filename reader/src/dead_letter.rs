@@ -127,3 +127,17 @@ mod tests {
         assert!(!item.contains_key("stream") && !item.contains_key("badEvents"));
     }
 }
+
+/// Where records that cannot be handled go (the consumer's and the
+/// core-data reader's shared setting).
+#[derive(clap::Args, Debug, Clone)]
+pub struct DeadLetterArgs {
+    /// DynamoDB table for records that cannot be stored or applied.
+    #[arg(
+        long,
+        env = "DEAD_LETTER_TABLE",
+        value_name = "DEAD_LETTER_TABLE",
+        default_value = "adtrack-dead-letters"
+    )]
+    pub dead_letter_table: String,
+}

@@ -278,3 +278,17 @@ impl ShardRow {
         self.owner.as_deref().is_some_and(|o| o != me) && self.expires_ms > now_ms()
     }
 }
+
+/// Where the reader keeps its leases and checkpoints (shared by every
+/// stream it reads; rows are prefixed with the stream's name).
+#[derive(clap::Args, Debug, Clone)]
+pub struct CheckpointArgs {
+    /// DynamoDB table of shard leases and checkpoints.
+    #[arg(
+        long,
+        env = "CHECKPOINT_TABLE",
+        value_name = "CHECKPOINT_TABLE",
+        default_value = "adtrack-checkpoints"
+    )]
+    pub checkpoint_table: String,
+}

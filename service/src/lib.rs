@@ -85,3 +85,18 @@ async fn wait_for_signal() {
         }
     }
 }
+
+/// How a binary logs (shared by every adtrack binary's configuration).
+#[derive(clap::Args, Debug, Clone)]
+pub struct LogArgs {
+    /// Log format: `json` or `text`.
+    #[arg(long, env = "LOG_FORMAT", value_name = "LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
+    pub log_format: String,
+}
+
+impl LogArgs {
+    /// Installs the logger in this format.
+    pub fn init(&self) {
+        init_logging(&self.log_format);
+    }
+}

@@ -17,14 +17,9 @@ pub struct CoreDataArgs {
     )]
     pub core_data_stream: String,
 
-    /// DynamoDB table the records that cannot be applied go to.
-    #[arg(
-        long,
-        env = "DEAD_LETTER_TABLE",
-        value_name = "DEAD_LETTER_TABLE",
-        default_value = "adtrack-dead-letters"
-    )]
-    pub dead_letter_table: String,
+    /// Where the records that cannot be applied go.
+    #[command(flatten)]
+    pub dead_letters: adtrack_reader::dead_letter::DeadLetterArgs,
 }
 
 /// adtrack updater as an AWS Lambda function behind the core-data stream's
@@ -38,9 +33,8 @@ pub struct LambdaConfig {
     #[command(flatten)]
     pub core_data: CoreDataArgs,
 
-    /// Log format: `json` or `text`.
-    #[arg(long, env = "LOG_FORMAT", value_name = "LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
-    pub log_format: String,
+    #[command(flatten)]
+    pub log: adtrack_service::LogArgs,
 }
 
 #[cfg(test)]

@@ -354,7 +354,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 store: programs_with(&cli, &aws).await?,
                 dynamodb: dynamodb.clone(),
                 stream: args.core_data.core_data_stream.clone(),
-                dead_letter_table: args.core_data.dead_letter_table.clone(),
+                dead_letter_table: args.core_data.dead_letters.dead_letter_table.clone(),
                 max_attempts: 0,
             };
             let reader = std::sync::Arc::new(adtrack_reader::Reader::new(

@@ -15,15 +15,10 @@ pub struct StreamArgs {
     #[command(flatten)]
     pub core_data: CoreDataArgs,
 
-    /// DynamoDB table of shard leases and checkpoints (shared with the
-    /// events consumer; rows are prefixed with the stream's name).
-    #[arg(
-        long,
-        env = "CHECKPOINT_TABLE",
-        value_name = "CHECKPOINT_TABLE",
-        default_value = "adtrack-checkpoints"
-    )]
-    pub checkpoint_table: String,
+    /// Where leases and checkpoints are kept (shared with the events
+    /// consumer).
+    #[command(flatten)]
+    pub checkpoints: adtrack_reader::lease::CheckpointArgs,
 
     /// How long a shard lease lasts without renewal, in seconds.
     #[arg(long, env = "UPDATER_LEASE_SECS", value_name = "UPDATER_LEASE_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -41,7 +36,7 @@ impl StreamArgs {
     pub fn settings(&self) -> Settings {
         Settings {
             stream: self.core_data.core_data_stream.clone(),
-            checkpoint_table: self.checkpoint_table.clone(),
+            checkpoint_table: self.checkpoints.checkpoint_table.clone(),
             lease_duration: Duration::from_secs(self.lease_secs),
             poll_interval: Duration::from_millis(self.poll_interval_ms),
             max_records: 1000,

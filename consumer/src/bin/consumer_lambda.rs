@@ -12,7 +12,7 @@ async fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    adtrack_service::init_logging(&config.log_format);
+    config.log.init();
     let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .app_name(aws_config::AppName::new("adtrack-consumer-lambda").expect("a valid app name"))
         .load()

@@ -13,7 +13,7 @@ async fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    adtrack_service::init_logging(&config.log_format);
+    config.log.init();
     let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .app_name(aws_config::AppName::new("adtrack-updater-lambda").expect("a valid app name"))
         .load()
@@ -29,7 +29,7 @@ async fn main() -> ExitCode {
         store,
         dynamodb: aws_sdk_dynamodb::Client::new(&aws),
         stream: config.core_data.core_data_stream.clone(),
-        dead_letter_table: config.core_data.dead_letter_table.clone(),
+        dead_letter_table: config.core_data.dead_letters.dead_letter_table.clone(),
         max_attempts: LAMBDA_ATTEMPTS,
     };
     adtrack_reader::lambda::serve("updater-lambda", |event| handle(&core, event)).await
