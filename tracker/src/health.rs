@@ -93,7 +93,7 @@ impl Health {
             r.push("program cache not warm yet (or Redis does not hold every program yet)");
         }
         if !self.stream_ok.load(Ordering::Acquire) {
-            r.push("Kinesis stream has not answered yet");
+            r.push("the delivery engine has not listed the Kinesis stream's shards yet");
         }
         if self.is_draining() {
             r.push("draining for shutdown");

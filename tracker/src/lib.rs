@@ -104,14 +104,8 @@ pub async fn run(
 
     let give_up = CancellationToken::new();
     let background = CancellationToken::new();
-    let delivery = delivery::start(
-        engine,
-        aws,
-        health.clone(),
-        give_up.clone(),
-        background.clone(),
-    )
-    .context("starting the delivery thread")?;
+    let delivery = delivery::start(engine, aws, health.clone(), give_up.clone())
+        .context("starting the delivery thread")?;
     let spool_task = spool.map(|spool| tokio::spawn(spool_gauges(spool, background.clone())));
     let sync_task = tokio::spawn(sync::run(
         redis,

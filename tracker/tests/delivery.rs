@@ -411,6 +411,56 @@ async fn sigkill_under_throttling_loses_nothing_older_than_the_memory_age_bound(
     assert!(acknowledged.len() > 100);
 }
 
+/// Until the delivery engine has listed the stream's shards every event
+/// would go to the spool (and, while the spool holds any, new ones follow
+/// them there): the tracker is not ready before that, even though the
+/// stream answers other calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_until_the_engine_has_listed_the_shards() {
+    let stack = Stack::start(1).expect("stack");
+    load_programs(&stack).await;
+    let refuse = Arc::new(AtomicBool::new(true));
+    let refused = Arc::new(AtomicU64::new(0));
+    let port = {
+        let (refuse, refused) = (refuse.clone(), refused.clone());
+        intercepting_proxy(stack.kinesis.url(), move |target, body| {
+            if target.ends_with(".ListShards") && refuse.load(Ordering::Acquire) {
+                refused.fetch_add(1, Ordering::Relaxed);
+                return Intercept::error("LimitExceededException", "refused by the test proxy");
+            }
+            Intercept::pass(body)
+        })
+        .await
+    };
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let t = Tracker::spawn(&stack, &[("AWS_ENDPOINT_URL_KINESIS", endpoint.as_str())]);
+    let http = Http::new();
+    wait_until(
+        "ListShards refused twice",
+        Duration::from_secs(30),
+        || async { refused.load(Ordering::Relaxed) >= 2 },
+    )
+    .await;
+    let r = http
+        .get(&format!("{}/health/ready", t.admin))
+        .await
+        .expect("ready");
+    assert_eq!(r.status, 503, "ready before the engine has the shards");
+    let reasons = r.json()["reasons"].to_string();
+    assert!(reasons.contains("shards"), "{reasons}");
+
+    refuse.store(false, Ordering::Release);
+    t.wait_ready().await;
+    let r = http.get(&t.url("/event/212312")).await.expect("hit");
+    assert_eq!(r.status, 200);
+    let m = t.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "adtrack_kinesis_behind", &[]),
+        0.0,
+        "a ready tracker delivers from memory"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_still_in_flight_cannot_take_the_flush_time() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -23,7 +23,7 @@ use super::inbox::Inbox;
 use super::put::{CallError, Entry, EntryResult, RecordStream};
 use super::retry::{self, CallFailure, EntryFailure};
 use super::{DeliveryReport, DeliverySettings};
-use crate::health::{BEAT_EVERY, Beat};
+use crate::health::{BEAT_EVERY, Beat, Health};
 use crate::metric;
 use crate::outgoing::Outgoing;
 use crate::shard_map::ShardMap;
@@ -123,6 +123,8 @@ pub struct Engine {
     pub(super) settings: DeliverySettings,
     /// Reported to every time round the loop (liveness), when set.
     pub(super) beat: Option<Arc<Beat>>,
+    /// Told once the engine has the stream's shards (readiness), when set.
+    pub(super) health: Option<Arc<Health>>,
 }
 
 struct Run<S: RecordStream> {
@@ -159,11 +161,19 @@ impl Engine {
     ) -> DeliveryReport {
         let stream = Arc::new(stream);
         let mut pause = Duration::from_millis(100);
+        let mut attempts = 0u32;
         let map = loop {
+            if let Some(beat) = &self.beat {
+                beat.beat();
+            }
             match stream.shard_map().await {
                 Ok(map) => break map,
                 Err(e) => {
-                    tracing::warn!(stream = self.settings.stream, error = %e, "cannot list the stream's shards yet");
+                    // One line at first, then one every ~30 s while it lasts.
+                    if attempts.is_multiple_of(8) {
+                        tracing::warn!(stream = self.settings.stream, error = %e, "cannot list the stream's shards yet; not ready");
+                    }
+                    attempts += 1;
                     tokio::select! {
                         _ = give_up.cancelled() => return self.abandon_inbox(),
                         _ = tokio::time::sleep(pause) => {}
@@ -179,6 +189,11 @@ impl Engine {
             "delivery engine started"
         );
         self.shared.kinesis_down.store(false, Ordering::Release);
+        // Ready only now: before this, every event would go to the spool,
+        // and while the spool holds any, new events follow them there.
+        if let Some(health) = &self.health {
+            health.set_stream_ok();
+        }
         let now = Instant::now();
         let mut run = Run {
             stream,

@@ -120,6 +120,7 @@ pub fn channel(
             shared,
             settings,
             beat: None,
+            health: None,
         },
     ))
 }
@@ -130,17 +131,17 @@ pub struct DeliveryThread {
     thread: std::thread::JoinHandle<()>,
 }
 
-/// Starts the engine, and the readiness check of the stream, on a thread
-/// with its own single-threaded runtime and its own Kinesis client.
-/// `stop_check` ends the readiness check early.
+/// Starts the engine on a thread with its own single-threaded runtime and
+/// its own Kinesis client. The tracker is ready (as far as the stream goes)
+/// once the engine has listed the stream's shards.
 pub fn start(
     mut engine: Engine,
     aws: SdkConfig,
     health: Arc<Health>,
     give_up: CancellationToken,
-    stop_check: CancellationToken,
 ) -> std::io::Result<DeliveryThread> {
     engine.beat = Some(health.register("delivery engine", crate::LOOP_DEADLINE));
+    engine.health = Some(health);
     let (tx, done) = tokio::sync::oneshot::channel();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -155,10 +156,7 @@ pub fn start(
                     client: aws_sdk_kinesis::Client::new(&aws),
                     stream: engine.settings.stream.clone(),
                 };
-                let check = tokio::spawn(check_stream(stream.clone(), health, stop_check));
                 let report = engine.run(stream, give_up).await;
-                check.abort();
-                let _ = check.await;
                 let _ = tx.send(report);
             });
         })?;
@@ -196,43 +194,6 @@ impl DeliveryThread {
         let thread = self.thread;
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         report
-    }
-}
-
-/// Asks Kinesis about the stream until it answers; readiness waits for it.
-async fn check_stream(stream: KinesisStream, health: Arc<Health>, stop: CancellationToken) {
-    let mut pause = Duration::from_millis(200);
-    let mut attempts = 0u32;
-    loop {
-        match stream
-            .client
-            .describe_stream_summary()
-            .stream_name(&stream.stream)
-            .send()
-            .await
-        {
-            Ok(_) => {
-                health.set_stream_ok();
-                tracing::info!(stream = stream.stream, "Kinesis stream answered");
-                return;
-            }
-            Err(e) => {
-                // One line at first, then one every ~30 s while it lasts.
-                if attempts.is_multiple_of(8) {
-                    tracing::warn!(
-                        stream = stream.stream,
-                        error = %aws_sdk_kinesis::error::DisplayErrorContext(&e),
-                        "Kinesis stream not available; not ready"
-                    );
-                }
-                attempts += 1;
-            }
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
-        }
-        pause = (pause * 2).min(Duration::from_secs(5));
     }
 }
 
