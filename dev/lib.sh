@@ -43,6 +43,39 @@ ensure_tools() {
   fi
 }
 
+# A venv at $1 holding the pinned packages of the requirements file $2 ($3
+# says what they are), installed on the first run and again only when that
+# file (or the Python version) changes.
+ensure_venv() {
+  local venv="$1" requirements="$2" what="$3" python="${PYTHON:-python3}" want
+  local stamp="$venv/.requirements.sha256"
+  command -v "$python" >/dev/null || { say "installing python3"; apt_install python3 python3-venv; }
+  want="$({ sha256sum "$requirements"; "$python" --version 2>&1; } | sha256sum | cut -d' ' -f1)"
+  if [ -x "$venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] &&
+     "$venv/bin/python" -c '' 2>/dev/null; then
+    return 0
+  fi
+  mkdir -p "$(dirname "$venv")"
+  # One installer at a time (CI and a developer may share the cache).
+  exec 9>"$venv.lock"
+  command -v flock >/dev/null && flock 9
+  if [ -x "$venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+    exec 9>&-
+    return 0
+  fi
+  say "installing $what into $venv ($requirements)"
+  rm -f "$stamp"
+  if ! "$python" -m venv --clear "$venv" >/dev/null 2>&1; then
+    say "installing python3-venv"
+    apt_install python3-venv
+    "$python" -m venv --clear "$venv" || die "cannot create a venv with $python"
+  fi
+  "$venv/bin/python" -m pip install --disable-pip-version-check --no-input --quiet \
+    --requirement "$requirements" || die "pip install -r $requirements failed"
+  printf '%s\n' "$want" >"$stamp"
+  exec 9>&-
+}
+
 # cargo fuzz, for dev/fuzz (built from the crate registry once).
 ensure_cargo_fuzz() {
   if ! cargo fuzz --version >/dev/null 2>&1; then

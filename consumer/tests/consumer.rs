@@ -1,7 +1,8 @@
 //! The consumer on the real Kinesis and DynamoDB stand-ins: poison records
 //! dead-lettered while the batch proceeds, a poller killed mid-batch, a
 //! DynamoDB outage, two pollers sharing and taking over shards, and the
-//! Lambda handler's partial batch response.
+//! Lambda handler's partial batch response, in process and from the real
+//! `bootstrap` binary through the Lambda runtime API.
 
 use std::collections::{HashMap, HashSet};
 use std::process::Command;
@@ -13,9 +14,9 @@ use adtrack_consumer::batch::Tables;
 use adtrack_proto::kpl::{Aggregator, UserRecord};
 use adtrack_proto::v1::TrackingEvent;
 use adtrack_testkit::{
-    CHECKPOINT_TABLE, DEAD_LETTER_TABLE, EVENTS_STREAM, EVENTS_TABLE, Http, Intercept, Patch, Proc,
-    Stack, attr_s, dynamodb_client, free_port, intercepting_proxy, kinesis_client, scan_table,
-    wait_until,
+    CHECKPOINT_TABLE, DEAD_LETTER_TABLE, EVENTS_STREAM, EVENTS_TABLE, Http, Intercept,
+    LambdaRuntime, Patch, Proc, Stack, attr_s, binary, dynamodb_client, free_port,
+    intercepting_proxy, kinesis_client, lambda_kinesis_event_json, scan_table, wait_until,
 };
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
@@ -442,6 +443,81 @@ async fn lambda_reports_the_first_record_not_written() {
     let ok = kinesis_event(&[("200", event("ok-3")), ("201", event("ok-4"))]);
     let response = adtrack_consumer::lambda::handle(&client, &lambda_tables(), ok).await;
     assert!(response.batch_item_failures.is_empty());
+}
+
+/// The real `consumer-lambda` binary (deployed as `bootstrap`) as Lambda
+/// runs it, through a runtime API emulator: the partial batch response on
+/// the wire names the first record not written, a poison record is
+/// dead-lettered, and each invocation's metrics reach stdout (the
+/// function's log) as an embedded metric format document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bootstrap_binary_answers_through_the_lambda_runtime_api() {
+    let stack = Stack::start(1).expect("stack");
+    let refused = Arc::new(AtomicU64::new(0));
+    let port = unprocessing_proxy(stack.dynamodb.url(), refused.clone()).await;
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let lambda = LambdaRuntime::start(
+        &binary("consumer-lambda"),
+        &[
+            ("AWS_ENDPOINT_URL_DYNAMODB", endpoint.as_str()),
+            ("EVENTS_TABLE", EVENTS_TABLE),
+            ("DEAD_LETTER_TABLE", DEAD_LETTER_TABLE),
+        ],
+    )
+    .expect("the function under the runtime emulator");
+    let records = [
+        ("300", event("wire-1")),
+        ("301", b"poison".to_vec()),
+        ("302", event("poison-write-2")),
+        ("303", event("wire-2")),
+    ];
+    let records: Vec<(&str, &[u8])> = records.iter().map(|(s, d)| (*s, d.as_slice())).collect();
+    let (status, answer) = lambda
+        .invoke(&lambda_kinesis_event_json(EVENTS_STREAM, &records))
+        .await
+        .expect("invoke");
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer,
+        serde_json::json!({"batchItemFailures": [{"itemIdentifier": "302"}]}),
+        "retry from the record not written; output: {}",
+        lambda.output()
+    );
+    let ids: HashSet<String> = event_ids(&stack).await.into_iter().collect();
+    assert!(ids.contains("wire-1"), "written before the failure");
+    assert!(!ids.contains("poison-write-2"), "refused by the proxy");
+    let ddb = dynamodb_client(&stack.dynamodb.url());
+    let dead = scan_table(&ddb, DEAD_LETTER_TABLE).await.expect("scan");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(attr_s(&dead[0], "sequenceNumber"), "301");
+
+    let ok = [("400", event("wire-3"))];
+    let ok: Vec<(&str, &[u8])> = ok.iter().map(|(s, d)| (*s, d.as_slice())).collect();
+    let (status, answer) = lambda
+        .invoke(&lambda_kinesis_event_json(EVENTS_STREAM, &ok))
+        .await
+        .expect("invoke");
+    assert_eq!(status, 200);
+    assert_eq!(answer, serde_json::json!({"batchItemFailures": []}));
+
+    let output = lambda.output();
+    let emf: Vec<serde_json::Value> = output
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|d| d.get("_aws").is_some())
+        .collect();
+    for doc in &emf {
+        assert_eq!(doc["Function"], "consumer-lambda", "{doc}");
+        assert_eq!(doc["_aws"]["CloudWatchMetrics"][0]["Namespace"], "adtrack");
+    }
+    let invocations: HashSet<&str> = emf.iter().filter_map(|d| d["RequestId"].as_str()).collect();
+    assert_eq!(invocations.len(), 2, "metrics of each invocation: {output}");
+    let batches: Vec<&serde_json::Value> = emf
+        .iter()
+        .filter(|d| d.get("adtrack_consumer_lambda_batches_total").is_some())
+        .map(|d| &d["result"])
+        .collect();
+    assert_eq!(batches, ["partial", "ok"], "{output}");
 }
 
 /// Peak resident memory of a process, in KiB (`VmHWM`).

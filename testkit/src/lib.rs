@@ -946,6 +946,11 @@ pub fn lambda_kinesis_event(
     stream: &str,
     records: &[(&str, &[u8])],
 ) -> aws_lambda_events::event::kinesis::KinesisEvent {
+    serde_json::from_value(lambda_kinesis_event_json(stream, records)).expect("a Kinesis event")
+}
+
+/// [`lambda_kinesis_event`] as the JSON document Lambda hands the function.
+pub fn lambda_kinesis_event_json(stream: &str, records: &[(&str, &[u8])]) -> serde_json::Value {
     use base64::Engine as _;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -972,5 +977,129 @@ pub fn lambda_kinesis_event(
             })
         })
         .collect();
-    serde_json::from_value(serde_json::json!({ "Records": records })).expect("a Kinesis event")
+    serde_json::json!({ "Records": records })
+}
+
+/// A Lambda function run as Lambda runs it: the function's real binary
+/// (`bootstrap`) polling a Lambda Runtime API emulator (cargo-lambda's,
+/// `cargo lambda watch --only-lambda-apis`) for invocations, with the
+/// answers taken off the emulator's invoke endpoint, on the wire.
+pub struct LambdaRuntime {
+    port: u16,
+    stdout: PathBuf,
+    function: Proc,
+    _emulator: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl LambdaRuntime {
+    /// The emulator: `ADTRACK_CARGO_LAMBDA`, else `cargo-lambda` on the PATH
+    /// (`./dev/test` installs it from `dev/requirements-test.txt`).
+    fn emulator_command() -> Result<Command> {
+        let program =
+            std::env::var("ADTRACK_CARGO_LAMBDA").unwrap_or_else(|_| "cargo-lambda".into());
+        let found = Command::new(&program)
+            .args(["lambda", "--version"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            bail!(
+                "{program} is missing: ./dev/test installs cargo-lambda (dev/requirements-test.txt) and sets ADTRACK_CARGO_LAMBDA"
+            );
+        }
+        Ok(Command::new(program))
+    }
+
+    /// Starts the emulator on a free port, then `binary` as the function,
+    /// with `env` on top of what the runtime sets.
+    pub fn start(binary: &Path, env: &[(&str, &str)]) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port();
+        let emulator_log = std::fs::File::create(dir.path().join("emulator.log"))?;
+        let emulator = Proc::new(
+            Self::emulator_command()?
+                .args(["lambda", "watch", "--only-lambda-apis", "--ignore-changes"])
+                .args(["-A", "127.0.0.1", "-P", &port.to_string()])
+                // It reads the workspace's metadata, though it builds nothing.
+                .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+                .stdin(Stdio::null())
+                .stdout(emulator_log.try_clone()?)
+                .stderr(emulator_log)
+                .spawn()
+                .context("starting cargo-lambda")?,
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                let log =
+                    std::fs::read_to_string(dir.path().join("emulator.log")).unwrap_or_default();
+                bail!("the Lambda runtime emulator did not listen on {port}: {log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let stdout = dir.path().join("function.out");
+        let out = std::fs::File::create(&stdout)?;
+        let mut cmd = Command::new(binary);
+        cmd.env(
+            "AWS_LAMBDA_RUNTIME_API",
+            format!("http://127.0.0.1:{port}/.rt"),
+        )
+        // The emulator's one function when it starts none itself.
+        .env("AWS_LAMBDA_FUNCTION_NAME", "_")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "local")
+        .env("AWS_SECRET_ACCESS_KEY", "local")
+        .env("LOG_FORMAT", "json");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let function = Proc::new(
+            cmd.stdin(Stdio::null())
+                .stdout(out.try_clone()?)
+                .stderr(out)
+                .spawn()
+                .with_context(|| format!("starting {}", binary.display()))?,
+        );
+        Ok(Self {
+            port,
+            stdout,
+            function,
+            _emulator: emulator,
+            _dir: dir,
+        })
+    }
+
+    /// Invokes the function with `event` and waits for its answer: the
+    /// HTTP status of the invoke call and the function's response document.
+    pub async fn invoke(&self, event: &serde_json::Value) -> Result<(u16, serde_json::Value)> {
+        let url = format!(
+            "http://127.0.0.1:{}/2015-03-31/functions/_/invocations",
+            self.port
+        );
+        let body = serde_json::to_vec(event)?;
+        let reply = tokio::time::timeout(
+            Duration::from_secs(120),
+            Http::new().request("POST", &url, &[("content-type", "application/json")], &body),
+        )
+        .await
+        .context("the invocation did not end within 120 s")??;
+        let doc = serde_json::from_slice(&reply.body)
+            .with_context(|| format!("the invocation answered {}", reply.text()))?;
+        Ok((reply.status, doc))
+    }
+
+    /// What the function wrote to stdout and stderr so far (its log lines
+    /// and embedded-metric-format documents).
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    /// The function's process id.
+    pub fn pid(&self) -> u32 {
+        self.function.pid()
+    }
 }

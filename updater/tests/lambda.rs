@@ -3,13 +3,15 @@
 //! is applied in order through the table and Redis, a bad record is
 //! dead-lettered without stopping the ones after it, a retried batch
 //! changes nothing, and a record the store cannot take (Redis down) is
-//! named in the partial batch response and applied when retried.
+//! named in the partial batch response and applied when retried; and the
+//! same from the real `bootstrap` binary through the Lambda runtime API.
 
 use adtrack_proto::program::{ProgramId, parse_program_file};
 use adtrack_proto::redis_layout::StoredProgram;
 use adtrack_testkit::{
-    CORE_DATA_STREAM, DEAD_LETTER_TABLE, PROGRAMS_TABLE, Stack, dynamodb_client,
-    dynamodb_client_as, lambda_kinesis_event, scan_table,
+    CORE_DATA_STREAM, DEAD_LETTER_TABLE, LambdaRuntime, PROGRAMS_TABLE, Stack, binary,
+    dynamodb_client, dynamodb_client_as, lambda_kinesis_event, lambda_kinesis_event_json,
+    scan_table,
 };
 use adtrack_updater::lambda::{LAMBDA_ATTEMPTS, handle};
 use adtrack_updater::stream::CoreData;
@@ -136,5 +138,100 @@ async fn the_lambda_applies_dead_letters_and_reports_the_first_record_it_could_n
     assert_eq!(
         name_in_redis(&core, "later").await.as_deref(),
         Some("later")
+    );
+}
+
+/// The real `updater-lambda` binary (deployed as `bootstrap`) as Lambda runs
+/// it, through a runtime API emulator: a batch is applied and its bad record
+/// dead-lettered, a record the store cannot take (Redis down) is named in
+/// the partial batch response on the wire, and the retried record is
+/// applied once Redis is back, by the same warm process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bootstrap_binary_answers_through_the_lambda_runtime_api() {
+    let mut stack = Stack::start(1).expect("stack");
+    let redis_url = stack.redis.url();
+    let dynamodb_url = stack.dynamodb.url();
+    let lambda = LambdaRuntime::start(
+        &binary("updater-lambda"),
+        &[
+            ("AWS_ENDPOINT_URL_DYNAMODB", dynamodb_url.as_str()),
+            ("REDIS_URL", redis_url.as_str()),
+            ("PROGRAMS_TABLE", PROGRAMS_TABLE),
+            ("CORE_DATA_STREAM", CORE_DATA_STREAM),
+            ("DEAD_LETTER_TABLE", DEAD_LETTER_TABLE),
+        ],
+    )
+    .expect("the function under the runtime emulator");
+    // A fresh connection each time: Redis is restarted below.
+    let in_redis = async |program: &str| {
+        let redis = RedisPrograms::connect(&redis_url, Counter::KeepIfPresent)
+            .await
+            .expect("redis");
+        match redis.get(&id(program)).await.expect("redis get") {
+            StoredProgram::Present(p) => Some(p.program_name),
+            _ => None,
+        }
+    };
+
+    let batch = lambda_kinesis_event_json(
+        CORE_DATA_STREAM,
+        &[
+            ("1", br#"{"programId":"wire","programName":"first","checksum":"1","customerId":7,"customerName":"c"}"#),
+            ("2", br#"{"programId":"wire","programName":"#),
+        ],
+    );
+    let (status, answer) = lambda.invoke(&batch).await.expect("invoke");
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer,
+        serde_json::json!({"batchItemFailures": []}),
+        "output: {}",
+        lambda.output()
+    );
+    assert_eq!(in_redis("wire").await.as_deref(), Some("first"));
+    let dead = scan_table(&dynamodb_client(&dynamodb_url), DEAD_LETTER_TABLE)
+        .await
+        .expect("scan");
+    assert_eq!(dead.len(), 1, "the malformed record is dead-lettered");
+
+    stack.redis.stop();
+    let later = lambda_kinesis_event_json(
+        CORE_DATA_STREAM,
+        &[(
+            "3",
+            br#"{"programId":"later","programName":"later","checksum":"1","customerId":7,"customerName":"c"}"#,
+        )],
+    );
+    let (status, answer) = lambda.invoke(&later).await.expect("invoke");
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer,
+        serde_json::json!({"batchItemFailures": [{"itemIdentifier": "3"}]}),
+        "output: {}",
+        lambda.output()
+    );
+
+    stack.redis.restart().expect("redis back");
+    let (_, answer) = lambda.invoke(&later).await.expect("invoke");
+    assert_eq!(answer, serde_json::json!({"batchItemFailures": []}));
+    assert_eq!(in_redis("later").await.as_deref(), Some("later"));
+
+    let output = lambda.output();
+    let emf: Vec<serde_json::Value> = output
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|d| d.get("_aws").is_some())
+        .collect();
+    assert!(
+        emf.iter().all(|d| d["Function"] == "updater-lambda"),
+        "{output}"
+    );
+    let invocations: std::collections::HashSet<&str> =
+        emf.iter().filter_map(|d| d["RequestId"].as_str()).collect();
+    assert_eq!(invocations.len(), 3, "metrics of each invocation: {output}");
+    assert!(
+        emf.iter()
+            .any(|d| d["outcome"] == "dead_lettered" && d["adtrack_updater_records"] == 1),
+        "{output}"
     );
 }
