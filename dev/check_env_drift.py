@@ -158,6 +158,17 @@ class Site:
     names: set[str] = field(default_factory=set)
 
 
+def service_containers(task_props: dict) -> list[dict]:
+    """The containers of an ECS task definition that run the adtrack image
+    (the foundation stack's repository), leaving out sidecars such as the
+    metrics collector, whose images are someone else's."""
+    return [
+        c
+        for c in task_props.get("ContainerDefinitions") or []
+        if isinstance(c, dict) and "RepositoryUri" in repr(c.get("Image"))
+    ]
+
+
 def lambda_binary(props: dict) -> str:
     """The binary a Lambda function runs: its `adtrack:binary` tag."""
     for tag in props.get("Tags") or []:
@@ -187,9 +198,7 @@ def template_sites(root: Path) -> tuple[list[Site], list[str]]:
                 continue
             props = res.get("Properties") or {}
             if res.get("Type") == "AWS::ECS::TaskDefinition":
-                for container in props.get("ContainerDefinitions") or []:
-                    if not isinstance(container, dict):
-                        continue
+                for container in service_containers(props):
                     command = container.get("Command")
                     binary = (
                         command[0]

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from check_env_drift import CfnLoader, lambda_binary
+from check_env_drift import CfnLoader, lambda_binary, service_containers
 
 # The binaries deployed, by the app name they call AWS with.
 DEPLOYED = {
@@ -142,7 +142,7 @@ def roles_of(resources: dict[str, dict]) -> dict[str, set[str]]:
         props = res.get("Properties") or {}
         if res.get("Type") == "AWS::ECS::TaskDefinition":
             role = role_id(props.get("TaskRoleArn"), template)
-            for c in props.get("ContainerDefinitions") or []:
+            for c in service_containers(props):
                 cmd = c.get("Command")
                 binary = cmd[0] if isinstance(cmd, list) and cmd else c.get("Name")
                 if role:

@@ -1,6 +1,6 @@
 //! The consumer on the real Kinesis and DynamoDB stand-ins: poison records
 //! dead-lettered while the batch proceeds, a poller killed mid-batch, a
-//! DynamoDB outage, two pollers sharing and taking over shards, and the
+//! DynamoDB outage, a Kinesis outage, two pollers sharing and taking over shards, and the
 //! Lambda handler's partial batch response, in process and from the real
 //! `bootstrap` binary through the Lambda runtime API.
 
@@ -99,6 +99,13 @@ fn mixed(prefix: &str, n: usize) -> Vec<(Vec<u8>, String)> {
 struct Poller {
     proc: Proc,
     admin: String,
+}
+
+impl Drop for Poller {
+    /// What it exposed by the end, for dev/check_metrics.py.
+    fn drop(&mut self) {
+        adtrack_testkit::log_exposed_metrics("consumer", &self.admin);
+    }
 }
 
 fn start_poller(stack: &Stack, extra: &[(&str, &str)]) -> Poller {
@@ -255,6 +262,40 @@ async fn dynamodb_outage_is_waited_out() {
     assert_eq!(event_ids(&stack).await.len(), 500);
 }
 
+/// Kinesis gone for a while: the poller counts its failed reads (what the
+/// consumer-read-errors alarm watches), keeps its place, and goes on once
+/// the stream is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_outage_is_counted_and_waited_out() {
+    let mut stack = Stack::start(1).expect("stack");
+    put(&stack, mixed("before-k", 100)).await;
+    let poller = start_poller(&stack, &[]);
+    wait_until("first events", Duration::from_secs(60), || async {
+        event_ids(&stack).await.len() >= 100
+    })
+    .await;
+    stack.kinesis.stop();
+    let http = Http::new();
+    wait_until("failed reads counted", Duration::from_secs(60), || async {
+        let text = http
+            .get(&format!("{}/metrics", poller.admin))
+            .await
+            .map(|r| r.text())
+            .unwrap_or_default();
+        adtrack_testkit::metric_sum(&text, "adtrack_consumer_read_errors_total", &[]) > 0.0
+    })
+    .await;
+    stack.kinesis.restart().expect("kinesis back");
+    put(&stack, mixed("after-k", 100)).await;
+    wait_until(
+        "events put after the outage",
+        Duration::from_secs(90),
+        || async { event_ids(&stack).await.len() >= 200 },
+    )
+    .await;
+    assert_eq!(event_ids(&stack).await.len(), 200, "each event once");
+}
+
 async fn lease_owners(stack: &Stack) -> HashMap<String, String> {
     let ddb = dynamodb_client(&stack.dynamodb.url());
     scan_table(&ddb, CHECKPOINT_TABLE)
@@ -296,6 +337,7 @@ async fn two_pollers_share_shards_and_take_over_from_a_dead_one() {
         .await
         .expect("metrics")
         .text();
+    adtrack_testkit::log_metric_names("consumer", &a_metrics);
     assert!(adtrack_testkit::metric_value(&a_metrics, "adtrack_consumer_leases_held") >= 1.0);
 
     a.proc.kill();

@@ -1103,3 +1103,128 @@ impl LambdaRuntime {
         self.function.pid()
     }
 }
+
+/// With `ADTRACK_METRICS_LOG` set, appends each metric of a Prometheus
+/// exposition that `binary` served, as `binary<TAB>name<TAB>label,names`,
+/// to that file: `dev/check_metrics.py` checks the alarms and the
+/// dashboard against what the binaries really expose.
+pub fn log_metric_names(binary: &str, exposition: &str) {
+    let mut lines = String::new();
+    for line in exposition.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        let name = &line[..name_end];
+        let mut labels = Vec::new();
+        if let Some(rest) = line[name_end..].strip_prefix('{') {
+            let body = rest.rsplit_once('}').map_or(rest, |(b, _)| b);
+            let mut in_value = false;
+            let mut escaped = false;
+            let mut key = String::new();
+            for ch in body.chars() {
+                if in_value {
+                    match (escaped, ch) {
+                        (true, _) => escaped = false,
+                        (false, '\\') => escaped = true,
+                        (false, '"') => in_value = false,
+                        _ => {}
+                    }
+                } else if ch == '"' {
+                    in_value = true;
+                    labels.push(std::mem::take(&mut key));
+                } else if ch != '=' && ch != ',' {
+                    key.push(ch);
+                }
+            }
+        }
+        labels.sort();
+        lines.push_str(&format!("{binary}\t{name}\t{}\n", labels.join(",")));
+    }
+    append_metrics_log(&lines);
+}
+
+/// [`log_metric_names`] of what `binary` serves at `admin`
+/// (`http://127.0.0.1:PORT`) `/metrics` now; blocking, for `Drop`.
+pub fn log_exposed_metrics(binary: &str, admin: &str) {
+    if std::env::var_os("ADTRACK_METRICS_LOG").is_none() {
+        return;
+    }
+    let Some(addr) = admin.strip_prefix("http://") else {
+        return;
+    };
+    let Ok(mut conn) = TcpStream::connect(addr) else {
+        return;
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    if conn
+        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .is_err()
+    {
+        return;
+    }
+    let mut reply = String::new();
+    let _ = conn.read_to_string(&mut reply);
+    if let Some((head, body)) = reply.split_once("\r\n\r\n")
+        && head.split(' ').nth(1) == Some("200")
+    {
+        log_metric_names(binary, body);
+    }
+}
+
+/// Each embedded-metric-format document in a Lambda's output, logged as
+/// [`log_metric_names`] does: the function as the binary, the dimensions
+/// besides `Function` as the labels.
+fn log_emf_names(output: &str) {
+    let mut lines = String::new();
+    for doc in output
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    {
+        let Some(function) = doc["Function"].as_str() else {
+            continue;
+        };
+        for directive in doc["_aws"]["CloudWatchMetrics"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let mut labels: Vec<&str> = directive["Dimensions"][0]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|d| d.as_str())
+                .filter(|d| *d != "Function")
+                .collect();
+            labels.sort_unstable();
+            for metric in directive["Metrics"].as_array().into_iter().flatten() {
+                if let Some(name) = metric["Name"].as_str() {
+                    lines.push_str(&format!("{function}\t{name}\t{}\n", labels.join(",")));
+                }
+            }
+        }
+    }
+    append_metrics_log(&lines);
+}
+
+fn append_metrics_log(lines: &str) {
+    let Some(path) = std::env::var_os("ADTRACK_METRICS_LOG") else {
+        return;
+    };
+    if lines.is_empty() {
+        return;
+    }
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = f.write_all(lines.as_bytes());
+    }
+}
+
+impl Drop for LambdaRuntime {
+    fn drop(&mut self) {
+        log_emf_names(&self.output());
+    }
+}

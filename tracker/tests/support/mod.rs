@@ -61,11 +61,13 @@ impl Tracker {
     }
 
     pub async fn metrics(&self) -> String {
-        Http::new()
+        let text = Http::new()
             .get(&format!("{}/metrics", self.admin))
             .await
             .map(|r| r.text())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        adtrack_testkit::log_metric_names("tracker", &text);
+        text
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -96,4 +98,11 @@ pub async fn wait_status(http: &Http, url: &str, want: u16) {
         || async { http.get(url).await.is_ok_and(|r| r.status == want) },
     )
     .await;
+}
+
+impl Drop for Tracker {
+    /// What it exposed by the end, for dev/check_metrics.py.
+    fn drop(&mut self) {
+        adtrack_testkit::log_exposed_metrics("tracker", &self.admin);
+    }
 }
