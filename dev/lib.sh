@@ -28,6 +28,10 @@ ensure_tools() {
   command -v npm >/dev/null || { say "installing npm"; apt_install npm; }
   command -v curl >/dev/null || { say "installing curl"; apt_install curl; }
   command -v taskset >/dev/null || { say "installing util-linux (taskset)"; apt_install util-linux; }
+  # For the image runtime test (dev/in_image.py builds the image's root
+  # filesystem with it).
+  command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] ||
+    { say "installing debootstrap"; apt_install debootstrap; }
   if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
     # For the bench's nginx comparison; keep the package from starting a service.
     say "installing nginx-light"
