@@ -2,7 +2,8 @@
 //! the stream with the AWS SDK reach a running tracker through `updater
 //! stream` (programs table, then Redis and its PUBLISH); a malformed record
 //! is dead-lettered and the next record still applies; a delete turns hits
-//! into 404; and reading the whole stream again changes nothing.
+//! into 404; reading the whole stream again changes nothing; and records
+//! put by boto3 (an operator's own producer) apply the same way.
 
 mod support;
 
@@ -158,5 +159,67 @@ async fn core_data_records_reach_a_running_tracker_and_bad_ones_never_block_the_
             .expect("get")
             .status,
         404
+    );
+}
+
+/// An operator's own producer puts core-data records with boto3 (the AWS
+/// SDK for Python, from `dev/requirements-test.txt`): a PutRecords batch of
+/// two programs and a delete, as a script of theirs would, reaches a
+/// running tracker through `updater stream`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_put_with_boto3_reach_a_running_tracker() {
+    let python = std::env::var("ADTRACK_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let stack = Stack::start(1).expect("stack");
+    let store = Programs::new(
+        ProgramTable::new(dynamodb_client(&stack.dynamodb.url()), PROGRAMS_TABLE),
+        RedisPrograms::connect(&stack.redis.url(), Counter::KeepIfPresent)
+            .await
+            .expect("redis"),
+    );
+    store
+        .load(&parse_program_file(PROGRAMS).expect("programs"))
+        .await
+        .expect("load");
+    // Records take their arrival as their version: let the load's
+    // microsecond versions fall in an earlier millisecond.
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let tracker = Tracker::start(&stack, &[]).await;
+    let _updater = stream_updater(&stack);
+    let http = Http::new();
+
+    let producer = r#"
+import json, os, sys
+import boto3
+kinesis = boto3.client("kinesis", endpoint_url=sys.argv[1], region_name=os.environ["AWS_REGION"])
+programs = [
+    {"programId": "boto-1", "programName": "first", "checksum": "1",
+     "customerId": "7", "customerName": "Operator", "valid": True},
+    {"programId": "boto-2", "programName": "second", "checksum": "2",
+     "customerId": "7", "customerName": "Operator", "valid": True},
+]
+answer = kinesis.put_records(StreamName=sys.argv[2], Records=[
+    {"Data": json.dumps(p).encode(), "PartitionKey": "core-data"} for p in programs
+])
+assert answer["FailedRecordCount"] == 0, answer
+kinesis.put_record(StreamName=sys.argv[2], PartitionKey="core-data",
+                   Data=json.dumps({"op": "delete", "programId": "212312"}).encode())
+print("put", len(programs) + 1)
+"#;
+    let out = std::process::Command::new(&python)
+        .args(["-c", producer, &stack.kinesis.url(), CORE_DATA_STREAM])
+        .envs(stack.env())
+        .output()
+        .unwrap_or_else(|e| panic!("{python}: {e} (./dev/test sets ADTRACK_TEST_PYTHON)"));
+    assert!(
+        out.status.success(),
+        "the boto3 producer: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_status(&http, &tracker.url("/event/boto-1"), 200).await;
+    wait_status(&http, &tracker.url("/event/boto-2"), 200).await;
+    wait_status(&http, &tracker.url("/event/212312"), 404).await;
+    assert!(
+        dead_letters(&stack).await.is_empty(),
+        "nothing dead-lettered"
     );
 }
