@@ -543,11 +543,7 @@ async fn the_bootstrap_binary_answers_through_the_lambda_runtime_api() {
     assert_eq!(answer, serde_json::json!({"batchItemFailures": []}));
 
     let output = lambda.output();
-    let emf: Vec<serde_json::Value> = output
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|d| d.get("_aws").is_some())
-        .collect();
+    let emf = lambda.emf_documents();
     for doc in &emf {
         assert_eq!(doc["Function"], "consumer-lambda", "{doc}");
         assert_eq!(doc["_aws"]["CloudWatchMetrics"][0]["Namespace"], "adtrack");

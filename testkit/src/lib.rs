@@ -1102,6 +1102,21 @@ impl LambdaRuntime {
     pub fn pid(&self) -> u32 {
         self.function.pid()
     }
+
+    /// The embedded-metric-format documents in [`Self::output`], in order.
+    pub fn emf_documents(&self) -> Vec<serde_json::Value> {
+        emf_documents(&self.output())
+    }
+}
+
+/// The embedded-metric-format documents (JSON lines with `_aws`) in a
+/// Lambda's output.
+fn emf_documents(output: &str) -> Vec<serde_json::Value> {
+    output
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|d| d.get("_aws").is_some())
+        .collect()
 }
 
 /// With `ADTRACK_METRICS_LOG` set, appends each metric of a Prometheus
@@ -1177,10 +1192,7 @@ pub fn log_exposed_metrics(binary: &str, admin: &str) {
 /// besides `Function` as the labels.
 fn log_emf_names(output: &str) {
     let mut lines = String::new();
-    for doc in output
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-    {
+    for doc in emf_documents(output) {
         let Some(function) = doc["Function"].as_str() else {
             continue;
         };

@@ -47,12 +47,13 @@ async fn dead_letters(stack: &Stack) -> Vec<std::collections::HashMap<String, At
         .expect("scan")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn core_data_records_reach_a_running_tracker_and_bad_ones_never_block_the_next() {
-    let stack = Stack::start(1).expect("stack");
-    let table = ProgramTable::new(dynamodb_client(&stack.dynamodb.url()), PROGRAMS_TABLE);
+/// The reference programs loaded into the table and Redis; the store back.
+/// Records put afterwards take their arrival (milliseconds x 1000) as their
+/// version, so the load's microsecond versions must fall in an earlier
+/// millisecond: it waits that out.
+async fn load_reference(stack: &Stack) -> Programs {
     let store = Programs::new(
-        table.clone(),
+        ProgramTable::new(dynamodb_client(&stack.dynamodb.url()), PROGRAMS_TABLE),
         RedisPrograms::connect(&stack.redis.url(), Counter::KeepIfPresent)
             .await
             .expect("redis"),
@@ -61,6 +62,14 @@ async fn core_data_records_reach_a_running_tracker_and_bad_ones_never_block_the_
         .load(&parse_program_file(PROGRAMS).expect("programs"))
         .await
         .expect("load");
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    store
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_data_records_reach_a_running_tracker_and_bad_ones_never_block_the_next() {
+    let stack = Stack::start(1).expect("stack");
+    let table = load_reference(&stack).await.table;
     let tracker = Tracker::start(&stack, &[]).await;
     let mut updater = stream_updater(&stack);
     let http = Http::new();
@@ -170,19 +179,7 @@ async fn core_data_records_reach_a_running_tracker_and_bad_ones_never_block_the_
 async fn records_put_with_boto3_reach_a_running_tracker() {
     let python = std::env::var("ADTRACK_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
     let stack = Stack::start(1).expect("stack");
-    let store = Programs::new(
-        ProgramTable::new(dynamodb_client(&stack.dynamodb.url()), PROGRAMS_TABLE),
-        RedisPrograms::connect(&stack.redis.url(), Counter::KeepIfPresent)
-            .await
-            .expect("redis"),
-    );
-    store
-        .load(&parse_program_file(PROGRAMS).expect("programs"))
-        .await
-        .expect("load");
-    // Records take their arrival as their version: let the load's
-    // microsecond versions fall in an earlier millisecond.
-    tokio::time::sleep(Duration::from_millis(2)).await;
+    load_reference(&stack).await;
     let tracker = Tracker::start(&stack, &[]).await;
     let _updater = stream_updater(&stack);
     let http = Http::new();

@@ -222,11 +222,7 @@ async fn the_bootstrap_binary_answers_through_the_lambda_runtime_api() {
     assert_eq!(in_redis("later").await.as_deref(), Some("later"));
 
     let output = lambda.output();
-    let emf: Vec<serde_json::Value> = output
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|d| d.get("_aws").is_some())
-        .collect();
+    let emf = lambda.emf_documents();
     assert!(
         emf.iter().all(|d| d["Function"] == "updater-lambda"),
         "{output}"
