@@ -9,7 +9,11 @@ without --delete-data) and checks what they would do:
      deployed before it;
   2. each stack gets only parameters its template declares, and every one
      without a default;
-  3. undeploy removes stacks in the reverse of that order, and without
+  3. with --arch x86_64 and arm64: the images and Lambda zips are built for
+     that platform, every stack with a CpuArchitecture parameter is given
+     the matching value, and each ImageTag / LambdaCodeKey given names an
+     image or zip the same run builds and pushes;
+  4. undeploy removes stacks in the reverse of that order, and without
      --delete-data leaves the data stack and the ones it imports from.
 
 Usage: check_deploy_plan.py [--root DIR]
@@ -89,6 +93,11 @@ def option(argv: list[str], name: str) -> list[str]:
     return values
 
 
+def value(argv: list[str], name: str) -> str | None:
+    """The one value after NAME in ARGV."""
+    return argv[argv.index(name) + 1] if name in argv[:-1] else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent)
@@ -98,9 +107,34 @@ def main() -> int:
     failures: list[str] = []
     common = ["--certificate-arn", "arn:aws:acm:eu-west-1:123456789012:certificate/planned", "--tag", "planned"]
     order: list[str] = []
-    for mode in ("lambda", "ecs"):
-        where = f"deploy --consumer-mode {mode}"
-        plan = [c for c in dry_run(root, "deploy", [*common, "--consumer-mode", mode]) if c[:3] == ["aws", "cloudformation", "deploy"]]
+    platforms = {"x86_64": ("linux/amd64", "X86_64"), "arm64": ("linux/arm64", "ARM64")}
+    for mode, arch in (("lambda", "x86_64"), ("ecs", "x86_64"), ("lambda", "arm64"), ("ecs", "arm64")):
+        where = f"deploy --consumer-mode {mode} --arch {arch}"
+        commands = dry_run(root, "deploy", [*common, "--consumer-mode", mode, "--arch", arch])
+        plan = [c for c in commands if c[:3] == ["aws", "cloudformation", "deploy"]]
+        platform, cpu = platforms[arch]
+        images: set[str] = set()
+        pushed: set[str] = set()
+        uploaded: set[str] = set()
+        for c in commands:
+            if c[:2] == ["docker", "build"]:
+                if value(c, "--platform") != platform:
+                    failures.append(f"{where}: docker build for {value(c, '--platform')}, not {platform}")
+                if value(c, "-t"):
+                    images.add(value(c, "-t").rsplit(":", 1)[-1])
+            elif c[:2] == ["docker", "push"]:
+                pushed |= {c[2].rsplit(":", 1)[-1]}
+            elif c[:3] == ["aws", "s3", "cp"]:
+                uploaded.add(c[4].split("/", 3)[-1])
+        for c in plan:
+            template = Path((option(c, "--template-file") or ["?"])[0]).stem
+            given = dict(kv.split("=", 1) for kv in option(c, "--parameter-overrides"))
+            if template in facts and "CpuArchitecture" in facts[template][0] and given.get("CpuArchitecture") != cpu:
+                failures.append(f"{where}: {template} is given CpuArchitecture={given.get('CpuArchitecture')}, not {cpu}")
+            if "ImageTag" in given and not {given["ImageTag"]} <= (images & pushed):
+                failures.append(f"{where}: {template} runs image {given['ImageTag']}, which the run does not build and push")
+            if "LambdaCodeKey" in given and given["LambdaCodeKey"] not in uploaded:
+                failures.append(f"{where}: {template} runs {given['LambdaCodeKey']}, which the run does not upload")
         stacks = []
         for c in plan:
             name = (option(c, "--stack-name") or ["?"])[0]
@@ -160,7 +194,7 @@ def main() -> int:
 
     for f in failures:
         print(f"  FAIL: {f}")
-    print(f"deploy plan: {len(order)} stacks in order ({', '.join(order)}), undeploy reversed, {len(failures)} failure(s)")
+    print(f"deploy plan (x86_64 and arm64): {len(order)} stacks in order ({', '.join(order)}), undeploy reversed, {len(failures)} failure(s)")
     return 1 if failures else 0
 
 

@@ -4,7 +4,6 @@
 //! tracker's counters must agree, and a replay must not duplicate.
 
 use std::collections::HashSet;
-use std::process::Command;
 use std::time::Duration;
 
 use adtrack_testkit::{
@@ -27,7 +26,7 @@ fn start(stack: &Stack, bin: &str, env: &[(&str, String)]) -> Service {
     } else {
         "CONSUMER_ADMIN_ADDR"
     };
-    let mut cmd = Command::new(binary(bin));
+    let mut cmd = adtrack_testkit::command(&binary(bin));
     cmd.envs(stack.env())
         .env(admin_var, format!("127.0.0.1:{admin_port}"))
         .env("LOG_FORMAT", "text")
@@ -44,7 +43,7 @@ fn start(stack: &Stack, bin: &str, env: &[(&str, String)]) -> Service {
 /// Loads the dev programs and starts a tracker and a consumer on the
 /// stack; returns once the tracker is ready, with its public port.
 async fn start_pipeline(stack: &Stack) -> (u16, Service, Service) {
-    let load = Command::new(binary("updater"))
+    let load = adtrack_testkit::command(&binary("updater"))
         .envs(stack.env())
         .arg("load")
         .arg(dev_dir().join("programs.json"))

@@ -30,7 +30,7 @@ async fn every_mode_runs() {
     let stack = Stack::start(1).expect("stack");
     let (port, admin, consumer_admin) = (free_port(), free_port(), free_port());
     let spawn = |bin: &str, extra: Vec<(String, String)>| {
-        let mut cmd = Command::new(binary(bin));
+        let mut cmd = adtrack_testkit::command(&binary(bin));
         cmd.envs(stack.env())
             .env("LOG_FORMAT", "text")
             .env("RUST_LOG", "warn");
@@ -41,7 +41,7 @@ async fn every_mode_runs() {
     };
     // The sync marks the (empty) Redis complete, as a deployment's does; the
     // bench seeds its own programs.
-    let synced = Command::new(binary("updater"))
+    let synced = adtrack_testkit::command(&binary("updater"))
         .envs(stack.env())
         .arg("sync")
         .output()

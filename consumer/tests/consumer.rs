@@ -5,7 +5,6 @@
 //! `bootstrap` binary through the Lambda runtime API.
 
 use std::collections::{HashMap, HashSet};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -110,7 +109,7 @@ impl Drop for Poller {
 
 fn start_poller(stack: &Stack, extra: &[(&str, &str)]) -> Poller {
     let port = free_port();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_consumer"));
+    let mut cmd = adtrack_testkit::command(&binary("consumer"));
     cmd.envs(stack.env())
         .env("CONSUMER_ADMIN_ADDR", format!("127.0.0.1:{port}"))
         .env("CONSUMER_POLL_INTERVAL_MS", "200")

@@ -29,14 +29,21 @@ pub fn dev_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../dev")
 }
 
-/// Path of a workspace binary built into the same target directory as the
-/// running test (`cargo test --workspace` builds them all).
+/// Path of a workspace binary: built into the same target directory as the
+/// running test (`cargo test --workspace` builds them all), or taken from
+/// `ADTRACK_TEST_BIN_DIR` when that is set (`dev/cross-arm64 --test` points
+/// it at the arm64 builds).
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir");
+    let dir = match std::env::var_os("ADTRACK_TEST_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let exe = std::env::current_exe().expect("current exe");
+            exe.parent()
+                .and_then(|deps| deps.parent())
+                .expect("target dir")
+                .to_owned()
+        }
+    };
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -44,6 +51,20 @@ pub fn binary(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// A command that runs the workspace binary at `path`: directly, or under
+/// `ADTRACK_TEST_BIN_RUNNER` when that is set (`dev/cross-arm64 --test`
+/// runs the arm64 builds under qemu-user this way).
+pub fn command(path: &Path) -> Command {
+    match std::env::var_os("ADTRACK_TEST_BIN_RUNNER") {
+        Some(runner) => {
+            let mut cmd = Command::new(runner);
+            cmd.arg(path);
+            cmd
+        }
+        None => Command::new(path),
+    }
 }
 
 /// A free TCP port on 127.0.0.1 (free when asked; the caller binds it soon).
@@ -1041,7 +1062,7 @@ impl LambdaRuntime {
         }
         let stdout = dir.path().join("function.out");
         let out = std::fs::File::create(&stdout)?;
-        let mut cmd = Command::new(binary);
+        let mut cmd = command(binary);
         cmd.env(
             "AWS_LAMBDA_RUNTIME_API",
             format!("http://127.0.0.1:{port}/.rt"),

@@ -547,7 +547,7 @@ async fn an_emptied_redis_is_restored_from_the_programs_table_without_an_operato
     store.load(&programs).await.expect("load");
     let sync = || {
         Proc::new(
-            std::process::Command::new(binary("updater"))
+            adtrack_testkit::command(&binary("updater"))
                 .envs(stack.env())
                 .args(["sync", "--watch", "--check-every-ms", "200"])
                 .spawn()

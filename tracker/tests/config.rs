@@ -3,12 +3,12 @@
 //! naming the variable and exit code 2, before anything is started.
 
 use std::io::Read;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 fn start_with(env: &[(&str, &str)]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().expect("dir");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tracker"));
+    let mut cmd = adtrack_testkit::command(&adtrack_testkit::binary("tracker"));
     cmd.env("TRACKER_SPOOL_DIR", dir.path().join("spool"))
         .env("TRACKER_LISTEN_ADDR", "127.0.0.1:0")
         .env("TRACKER_ADMIN_ADDR", "127.0.0.1:0");

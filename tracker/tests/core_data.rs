@@ -32,7 +32,7 @@ async fn put_record(stack: &Stack, data: &str) {
 
 fn stream_updater(stack: &Stack) -> Proc {
     Proc::new(
-        std::process::Command::new(binary("updater"))
+        adtrack_testkit::command(&binary("updater"))
             .envs(stack.env())
             .env("UPDATER_LEASE_SECS", "3")
             .arg("stream")

@@ -16,7 +16,7 @@ use support::{PROGRAMS, Tracker, wait_status};
 
 fn sync(stack: &Stack, redis_url: &str) -> Proc {
     Proc::new(
-        std::process::Command::new(binary("updater"))
+        adtrack_testkit::command(&binary("updater"))
             .envs(stack.env())
             .env("REDIS_URL", redis_url)
             .env("RUST_LOG", "warn")

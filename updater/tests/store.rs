@@ -5,7 +5,7 @@
 //! diff, prune, list, --dry-run) through the binary.
 
 use std::collections::HashMap;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use adtrack_proto::program::{Program, ProgramId, parse_program_file};
 use adtrack_proto::redis_layout::{CHANGES_CHANNEL, ProgramChange, StoredProgram};
@@ -329,7 +329,7 @@ struct Cli<'a> {
 
 impl Cli<'_> {
     fn run(&self, args: &[&str]) -> Output {
-        Command::new(binary("updater"))
+        adtrack_testkit::command(&binary("updater"))
             .envs(self.stack.env())
             .args(args)
             .current_dir(self.dir.path())

@@ -2,8 +2,6 @@
 //! deletes, the published changes; and the command line's bad input that
 //! writes nothing (the table-first store is in `store.rs`).
 
-use std::process::Command;
-
 use adtrack_proto::program::{ProgramId, parse_program_file};
 use adtrack_proto::redis_layout::{CHANGES_CHANNEL, ProgramChange, StoredProgram};
 use adtrack_testkit::{PROGRAMS_TABLE, Redis, Stack, binary, dynamodb_client, scan_table};
@@ -169,7 +167,7 @@ fn malformed_input_writes_nothing_and_names_the_problem() {
     )
     .expect("write");
     let updater = |args: &[&str]| {
-        Command::new(binary("updater"))
+        adtrack_testkit::command(&binary("updater"))
             .envs(stack.env())
             .args(args)
             .arg(&file)

@@ -23,7 +23,7 @@ impl Tracker {
     pub fn spawn(stack: &Stack, extra: &[(&str, &str)]) -> Self {
         let (port, admin_port) = (free_port(), free_port());
         let spool = tempfile::tempdir().expect("spool dir");
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tracker"));
+        let mut cmd = adtrack_testkit::command(&adtrack_testkit::binary("tracker"));
         cmd.envs(stack.env())
             .env("TRACKER_SPOOL_DIR", spool.path())
             .env("TRACKER_LISTEN_ADDR", format!("127.0.0.1:{port}"))
