@@ -599,6 +599,23 @@ async fn a_split_and_a_merge_under_load_lose_nothing_for_a_kcl_reader() {
         .await
         .expect("split");
     active().await;
+    // Until events have landed in a child (a call started before the split
+    // may still be counted as delivered after it).
+    let in_shards = |names: &'static [&'static str]| {
+        let url = kinesis_url.clone();
+        async move {
+            wait_until("records in the new shards", Duration::from_secs(60), || {
+                let url = url.clone();
+                async move {
+                    adtrack_testkit::read_stream(&url)
+                        .await
+                        .is_ok_and(|rs| rs.iter().any(|r| names.contains(&r.shard_id.as_str())))
+                }
+            })
+            .await;
+        }
+    };
+    in_shards(&["shardId-000000000001", "shardId-000000000002"]).await;
     let at_split = metric_sum(&t.metrics().await, "adtrack_events_delivered_total", &[]);
     delivered(at_split + 400.0).await;
     client
@@ -610,6 +627,7 @@ async fn a_split_and_a_merge_under_load_lose_nothing_for_a_kcl_reader() {
         .await
         .expect("merge");
     active().await;
+    in_shards(&["shardId-000000000003"]).await;
     let at_merge = metric_sum(&t.metrics().await, "adtrack_events_delivered_total", &[]);
     delivered(at_merge + 400.0).await;
     let ids = load.finish().await;

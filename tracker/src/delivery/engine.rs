@@ -189,6 +189,14 @@ impl Engine {
             "delivery engine started"
         );
         self.shared.kinesis_down.store(false, Ordering::Release);
+        // The engine's gauges exist, at their first values, before anyone
+        // is told it runs.
+        let meters = Meters::new();
+        meters.behind.set(0.0);
+        meters.queue_events.set(0.0);
+        meters
+            .queue_bytes
+            .set(self.shared.mem_bytes.load(Ordering::Acquire) as f64);
         // Ready only now: before this, every event would go to the spool,
         // and while the spool holds any, new events follow them there.
         if let Some(health) = &self.health {
@@ -217,7 +225,7 @@ impl Engine {
             need_refresh: false,
             refresh_at: now + MAP_REFRESH,
             report: DeliveryReport::default(),
-            meters: Meters::new(),
+            meters,
             intake: Vec::new(),
             beat: self.beat,
             next_sweep: now + AGE_SWEEP,
