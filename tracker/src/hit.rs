@@ -86,9 +86,13 @@ impl Params {
     }
 }
 
+/// A name or value of the query: `+` is a space, `%XX` a byte, and the
+/// result must be UTF-8. One allocation, and no decoding of text that has
+/// no `%`.
 fn decode(s: &str) -> Result<String, QueryError> {
     let bytes = s.as_bytes();
     let mut i = 0;
+    let mut escaped = false;
     while i < bytes.len() {
         if bytes[i] == b'%' {
             let ok = i + 2 < bytes.len()
@@ -97,16 +101,23 @@ fn decode(s: &str) -> Result<String, QueryError> {
             if !ok {
                 return Err(QueryError::BadPercent);
             }
+            escaped = true;
             i += 3;
         } else {
             i += 1;
         }
     }
-    let plus_as_space = s.replace('+', " ");
-    percent_encoding::percent_decode_str(&plus_as_space)
-        .decode_utf8()
-        .map(|c| c.into_owned())
-        .map_err(|_| QueryError::NotUtf8)
+    if !escaped {
+        return Ok(s.replace('+', " "));
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    for (n, piece) in s.split('+').enumerate() {
+        if n > 0 {
+            out.push(b' ');
+        }
+        out.extend(percent_encoding::percent_decode_str(piece));
+    }
+    String::from_utf8(out).map_err(|_| QueryError::NotUtf8)
 }
 
 /// How the client's IP is found and kept.

@@ -12,8 +12,30 @@ use tokio::net::TcpListener;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // One core (a 0.25-1 vCPU task, or a process confined to one CPU): a
+    // single-threaded runtime, which skips the multi-threaded scheduler's
+    // cross-worker bookkeeping on every wake; more cores: one worker each.
+    let one_core = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
+    let runtime = if one_core {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    };
+    match runtime {
+        Ok(rt) => rt.block_on(tracker_main()),
+        Err(e) => {
+            eprintln!("tracker: cannot start the async runtime: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn tracker_main() -> ExitCode {
     let config: Config = match adtrack_service::parse_config() {
         Ok(c) => c,
         Err(code) => return code,

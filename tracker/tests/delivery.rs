@@ -154,6 +154,35 @@ async fn sigterm_under_load_delivers_every_accepted_event() {
     );
 }
 
+/// Confined to one CPU the tracker runs its requests on a single-threaded
+/// runtime (no worker threads), and still delivers every answered event
+/// and drains on SIGTERM; given two, it has a worker per CPU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_one_core_a_single_threaded_tracker_delivers_everything() {
+    let stack = Stack::start(1).expect("stack");
+    load_programs(&stack).await;
+    let two = Tracker::start(&stack, &[]).await;
+    let workers = |t: &Tracker| {
+        t.thread_names()
+            .iter()
+            .filter(|n| n.starts_with("tokio-rt-worker"))
+            .count()
+    };
+    assert_eq!(workers(&two), 2, "{:?}", two.thread_names());
+    drop(two);
+
+    let mut t = Tracker::start_on_one_core(&stack, &[]).await;
+    assert_eq!(workers(&t), 0, "{:?}", t.thread_names());
+    let load = Load::start(&t.base, 4, Duration::from_millis(2));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    t.proc.signal(15);
+    let status = t.proc.wait_exit(Duration::from_secs(40)).expect("exits");
+    let ids = load.finish().await;
+    assert_eq!(status.code(), Some(0), "clean exit: everything delivered");
+    assert!(ids.len() > 100, "load ran: {}", ids.len());
+    wait_all_in_stream(&stack, &ids, Duration::from_secs(10)).await;
+}
+
 /// A proxy in front of the Kinesis stand-in that fails every other
 /// PutRecords entry the first time it sees it, without forwarding it.
 struct FailingProxy {

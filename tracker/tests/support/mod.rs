@@ -21,9 +21,30 @@ pub struct Tracker {
 impl Tracker {
     /// Starts the tracker binary against `stack` without waiting for ready.
     pub fn spawn(stack: &Stack, extra: &[(&str, &str)]) -> Self {
+        let cmd = adtrack_testkit::command(&adtrack_testkit::binary("tracker"));
+        Self::spawn_command(cmd, stack, extra)
+    }
+
+    /// Starts it confined to one CPU (`taskset -c 0`), as on a task of one
+    /// vCPU or less, and waits until it is ready.
+    pub async fn start_on_one_core(stack: &Stack, extra: &[(&str, &str)]) -> Self {
+        let inner = adtrack_testkit::command(&adtrack_testkit::binary("tracker"));
+        let mut cmd = std::process::Command::new("taskset");
+        cmd.args(["-c", "0"])
+            .arg(inner.get_program())
+            .args(inner.get_args());
+        let t = Self::spawn_command(cmd, stack, extra);
+        t.wait_ready().await;
+        t
+    }
+
+    fn spawn_command(
+        mut cmd: std::process::Command,
+        stack: &Stack,
+        extra: &[(&str, &str)],
+    ) -> Self {
         let (port, admin_port) = (free_port(), free_port());
         let spool = tempfile::tempdir().expect("spool dir");
-        let mut cmd = adtrack_testkit::command(&adtrack_testkit::binary("tracker"));
         cmd.envs(stack.env())
             .env("TRACKER_SPOOL_DIR", spool.path())
             .env("TRACKER_LISTEN_ADDR", format!("127.0.0.1:{port}"))
@@ -72,6 +93,20 @@ impl Tracker {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// The names of the process's threads.
+    pub fn thread_names(&self) -> Vec<String> {
+        let dir = format!("/proc/{}/task", self.proc.pid());
+        std::fs::read_dir(dir)
+            .map(|tasks| {
+                tasks
+                    .flatten()
+                    .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                    .map(|name| name.trim().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
 
