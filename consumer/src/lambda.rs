@@ -5,7 +5,7 @@
 //! before it is processed twice. (Enable `ReportBatchItemFailures` on the
 //! mapping; see `cloudformation/`.)
 
-use aws_lambda_events::event::kinesis::KinesisEvent;
+use adtrack_reader::lambda::KinesisBatch;
 use aws_lambda_events::event::streams::KinesisEventResponse;
 use tokio_util::sync::CancellationToken;
 
@@ -19,7 +19,7 @@ pub const LAMBDA_WRITE_ATTEMPTS: u32 = 6;
 pub async fn handle(
     client: &aws_sdk_dynamodb::Client,
     tables: &Tables,
-    event: KinesisEvent,
+    event: KinesisBatch,
 ) -> KinesisEventResponse {
     let records = adtrack_reader::lambda::records(event);
     let outcome = process(client, tables, &records, &CancellationToken::new()).await;

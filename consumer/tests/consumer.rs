@@ -413,7 +413,7 @@ async fn unprocessing_proxy(upstream: String, refused: Arc<AtomicU64>) -> u16 {
     .await
 }
 
-fn kinesis_event(records: &[(&str, Vec<u8>)]) -> aws_lambda_events::event::kinesis::KinesisEvent {
+fn kinesis_event(records: &[(&str, Vec<u8>)]) -> adtrack_reader::lambda::KinesisBatch {
     let records: Vec<(&str, &[u8])> = records.iter().map(|(s, d)| (*s, d.as_slice())).collect();
     adtrack_testkit::lambda_kinesis_event("adtrack-events", &records)
 }

@@ -8,8 +8,44 @@
 use aws_lambda_events::event::kinesis::KinesisEvent;
 use aws_lambda_events::event::streams::{KinesisBatchItemFailure, KinesisEventResponse};
 use bytes::Bytes;
+use serde::{Deserialize, Deserializer};
 
 use crate::Record;
+
+/// A Kinesis event as Lambda delivers it, with each record's arrival time
+/// read from the JSON number itself. `aws_lambda_events` (1.2) reads the
+/// digits after the point as milliseconds whatever their count, so
+/// `1796172423.5` arrives as 5 ms past the second, and every arrival whose
+/// millisecond ends in a zero (printed `.99` for 990 ms) lands up to
+/// 0.9 s early: core-data records that take their version from the arrival
+/// would be ordered wrongly.
+#[derive(Debug, Clone)]
+pub struct KinesisBatch {
+    pub event: KinesisEvent,
+    /// Each record's `approximateArrivalTimestamp`, in milliseconds.
+    pub arrivals_ms: Vec<Option<i64>>,
+}
+
+impl<'de> Deserialize<'de> for KinesisBatch {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        let arrivals_ms = value["Records"]
+            .as_array()
+            .map(|records| {
+                records
+                    .iter()
+                    .map(|r| {
+                        r["kinesis"]["approximateArrivalTimestamp"]
+                            .as_f64()
+                            .map(|seconds| (seconds * 1000.0).round() as i64)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let event = serde_json::from_value(value).map_err(serde::de::Error::custom)?;
+        Ok(Self { event, arrivals_ms })
+    }
+}
 
 /// CloudWatch namespace of the Lambdas' metrics.
 pub const METRICS_NAMESPACE: &str = "adtrack";
@@ -35,7 +71,7 @@ pub fn install_metrics(
 /// the exit code the process should end with) only when the runtime fails.
 pub async fn serve<F, Fut>(function: &'static str, handle: F) -> std::process::ExitCode
 where
-    F: Fn(KinesisEvent) -> Fut,
+    F: Fn(KinesisBatch) -> Fut,
     Fut: std::future::Future<Output = KinesisEventResponse>,
 {
     let metrics = match install_metrics(function) {
@@ -47,7 +83,7 @@ where
     };
     let handle = &handle;
     let result = lambda_runtime::run(lambda_runtime::service_fn(
-        |event: lambda_runtime::LambdaEvent<KinesisEvent>| async move {
+        |event: lambda_runtime::LambdaEvent<KinesisBatch>| async move {
             let response = handle(event.payload).await;
             if let Some(m) = metrics {
                 m.set_property("RequestId", event.context.request_id.clone());
@@ -69,11 +105,14 @@ where
 }
 
 /// The records of one invocation, in order.
-pub fn records(event: KinesisEvent) -> Vec<Record> {
-    event
+pub fn records(batch: KinesisBatch) -> Vec<Record> {
+    let arrivals = batch.arrivals_ms;
+    batch
+        .event
         .records
         .into_iter()
-        .map(|r| {
+        .enumerate()
+        .map(|(i, r)| {
             // eventID is "shardId-000000000000:sequenceNumber".
             let shard_id = r
                 .event_id
@@ -83,7 +122,7 @@ pub fn records(event: KinesisEvent) -> Vec<Record> {
                 .to_owned();
             Record {
                 shard_id,
-                arrival_ms: Some(r.kinesis.approximate_arrival_timestamp.0.timestamp_millis()),
+                arrival_ms: arrivals.get(i).copied().flatten(),
                 sequence_number: r.kinesis.sequence_number,
                 data: Bytes::from(r.kinesis.data.0),
             }
@@ -140,6 +179,22 @@ mod tests {
             data: Bytes::new(),
             arrival_ms: None,
         }
+    }
+
+    #[test]
+    fn arrivals_are_read_to_the_millisecond() {
+        let event = |arrival: &str| {
+            let json = format!(
+                r#"{{"Records":[{{"kinesis":{{"kinesisSchemaVersion":"1.0","partitionKey":"pk","sequenceNumber":"1","data":"eA==","approximateArrivalTimestamp":{arrival}}},"eventSource":"aws:kinesis","eventVersion":"1.0","eventID":"shardId-000000000000:1","eventName":"aws:kinesis:record","invokeIdentityArn":"arn:aws:iam::123456789012:role/r","awsRegion":"us-east-1","eventSourceARN":"arn:aws:kinesis:us-east-1:123456789012:stream/s"}}]}}"#
+            );
+            let batch: KinesisBatch = serde_json::from_str(&json).expect("a Kinesis event");
+            records(batch)[0].arrival_ms
+        };
+        assert_eq!(event("1796172423.5"), Some(1_796_172_423_500));
+        assert_eq!(event("1796172423.99"), Some(1_796_172_423_990));
+        assert_eq!(event("1796172423.001"), Some(1_796_172_423_001));
+        assert_eq!(event("1.796172423977E9"), Some(1_796_172_423_977));
+        assert_eq!(event("1796172423"), Some(1_796_172_423_000));
     }
 
     #[test]

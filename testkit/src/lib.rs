@@ -963,10 +963,12 @@ impl TcpProxy {
 /// A Kinesis event as Lambda's event source mapping delivers it: one
 /// record per `(sequence number, data)`, all from the first shard of
 /// `stream`, arrived now (a retried batch is the same event again).
-pub fn lambda_kinesis_event(
+/// Read into the caller's event type (the Lambdas take the reader's
+/// `KinesisBatch`).
+pub fn lambda_kinesis_event<T: serde::de::DeserializeOwned>(
     stream: &str,
     records: &[(&str, &[u8])],
-) -> aws_lambda_events::event::kinesis::KinesisEvent {
+) -> T {
     serde_json::from_value(lambda_kinesis_event_json(stream, records)).expect("a Kinesis event")
 }
 

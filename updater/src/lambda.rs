@@ -8,7 +8,7 @@
 //! mapping needs `ReportBatchItemFailures`; see `cloudformation/`.)
 
 use adtrack_reader::Handler;
-use aws_lambda_events::event::kinesis::KinesisEvent;
+use adtrack_reader::lambda::KinesisBatch;
 use aws_lambda_events::event::streams::KinesisEventResponse;
 use tokio_util::sync::CancellationToken;
 
@@ -19,7 +19,7 @@ use crate::stream::CoreData;
 pub const LAMBDA_ATTEMPTS: u32 = 4;
 
 /// Handles one invocation.
-pub async fn handle(core: &CoreData, event: KinesisEvent) -> KinesisEventResponse {
+pub async fn handle(core: &CoreData, event: KinesisBatch) -> KinesisEventResponse {
     let records = adtrack_reader::lambda::records(event);
     let done = core.handle(&records, &CancellationToken::new()).await;
     tracing::info!(

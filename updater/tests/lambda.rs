@@ -8,6 +8,7 @@
 
 use adtrack_proto::program::{ProgramId, parse_program_file};
 use adtrack_proto::redis_layout::StoredProgram;
+use adtrack_reader::lambda::KinesisBatch;
 use adtrack_testkit::{
     CORE_DATA_STREAM, DEAD_LETTER_TABLE, LambdaRuntime, PROGRAMS_TABLE, Stack, binary,
     dynamodb_client, dynamodb_client_as, lambda_kinesis_event, lambda_kinesis_event_json,
@@ -70,11 +71,22 @@ async fn the_lambda_applies_dead_letters_and_reports_the_first_record_it_could_n
         .expect("load");
     // Records without a version take their arrival time (in milliseconds)
     // as one: the batch must arrive in a later millisecond than the load
-    // wrote its versions, or the delete below would be older than the
-    // program it deletes (and rightly ignored).
-    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    // wrote its version (microseconds of the wall clock), or the delete
+    // below would be older than the program it deletes (and rightly
+    // ignored). Waited for on the wall clock itself, not a timer.
+    let Some(Entry::Present(loaded)) = store.table.get(&id("212312")).await.expect("get") else {
+        panic!("212312 is not in the table")
+    };
+    let now_us = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64)
+    };
+    while now_us() < loaded.version + 2_000 {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
 
-    let batch = lambda_kinesis_event(
+    let batch: KinesisBatch = lambda_kinesis_event(
         CORE_DATA_STREAM,
         &[
             ("1", br#"{"programId":"lam","programName":"first","checksum":"1","customerId":7,"customerName":"c"}"#),
@@ -90,10 +102,16 @@ async fn the_lambda_applies_dead_letters_and_reports_the_first_record_it_could_n
     };
     assert_eq!(lam.program_name, "second", "records apply in order");
     assert_eq!(name_in_redis(&core, "lam").await.as_deref(), Some("second"));
-    assert!(matches!(
-        store.table.get(&id("212312")).await.expect("get"),
-        Some(Entry::Deleted { .. })
-    ));
+    let entry = store.table.get(&id("212312")).await.expect("get");
+    assert!(
+        matches!(entry, Some(Entry::Deleted { .. })),
+        "{entry:?} {response:?} loaded {} arrivals {:?}",
+        loaded.version,
+        adtrack_reader::lambda::records(batch.clone())
+            .iter()
+            .map(|r| r.arrival_ms)
+            .collect::<Vec<_>>()
+    );
     assert!(matches!(
         core.store.redis.get(&id("212312")).await.expect("get"),
         StoredProgram::Deleted { .. }
@@ -125,7 +143,7 @@ async fn the_lambda_applies_dead_letters_and_reports_the_first_record_it_could_n
 
     // Redis down: the record is not done, and the response says so.
     stack.redis.stop();
-    let later = lambda_kinesis_event(
+    let later: KinesisBatch = lambda_kinesis_event(
         CORE_DATA_STREAM,
         &[(
             "5",
