@@ -21,8 +21,8 @@
 # Dependencies of the service binaries are compiled in a layer of their own
 # (cargo-chef "cook"), keyed only by Cargo.toml/Cargo.lock, so a source change
 # rebuilds only the workspace's own crates; the Lambda build keeps its target
-# directory in a BuildKit cache mount instead. dev/cross-arm64 runs the same
-# arm64 builds on a developer's machine. Build and push to ECR:
+# directory in a BuildKit cache mount instead. dev/cross-arm64 and
+# dev/lambda-musl run the same cross builds outside Docker (./dev/test). Build and push to ECR:
 # cloudformation/README.md (cloudformation/deploy does it).
 
 # ---------------------------------------------------------------------------
