@@ -139,14 +139,7 @@ async fn sigterm_under_load_delivers_every_accepted_event() {
     let stack = Stack::start(2).expect("stack");
     load_programs(&stack).await;
     let mut t = Tracker::start(&stack, &[]).await;
-    let load = Load::start(&t.base, 6, Duration::from_millis(2));
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    t.proc.signal(15);
-    let status = t.proc.wait_exit(Duration::from_secs(40)).expect("exits");
-    let ids = load.finish().await;
-    assert_eq!(status.code(), Some(0), "clean exit: everything delivered");
-    assert!(ids.len() > 100, "load ran: {}", ids.len());
-    let counts = wait_all_in_stream(&stack, &ids, Duration::from_secs(10)).await;
+    let (ids, counts) = sigterm_under_load(&stack, &mut t, 6).await;
     let duplicates: usize = ids.iter().map(|id| counts[id] - 1).sum();
     println!(
         "sigterm: {} events answered, all in the stream, {duplicates} duplicated",
@@ -173,14 +166,26 @@ async fn on_one_core_a_single_threaded_tracker_delivers_everything() {
 
     let mut t = Tracker::start_on_one_core(&stack, &[]).await;
     assert_eq!(workers(&t), 0, "{:?}", t.thread_names());
-    let load = Load::start(&t.base, 4, Duration::from_millis(2));
+    sigterm_under_load(&stack, &mut t, 4).await;
+}
+
+/// `workers` clients load the tracker for 2 s, then it gets SIGTERM: it
+/// must exit 0 and every event it answered for be in the stream. The ids
+/// answered and how often each is there.
+async fn sigterm_under_load(
+    stack: &Stack,
+    t: &mut Tracker,
+    workers: usize,
+) -> (Vec<String>, HashMap<String, usize>) {
+    let load = Load::start(&t.base, workers, Duration::from_millis(2));
     tokio::time::sleep(Duration::from_secs(2)).await;
     t.proc.signal(15);
     let status = t.proc.wait_exit(Duration::from_secs(40)).expect("exits");
     let ids = load.finish().await;
     assert_eq!(status.code(), Some(0), "clean exit: everything delivered");
     assert!(ids.len() > 100, "load ran: {}", ids.len());
-    wait_all_in_stream(&stack, &ids, Duration::from_secs(10)).await;
+    let counts = wait_all_in_stream(stack, &ids, Duration::from_secs(10)).await;
+    (ids, counts)
 }
 
 /// A proxy in front of the Kinesis stand-in that fails every other
