@@ -89,6 +89,11 @@ pub struct EventRef<'a> {
     pub privacy_restricted: bool,
     pub is_bot: bool,
     pub destination_url: &'a str,
+    pub click_id: &'a str,
+    pub transaction_id: &'a str,
+    pub conversion_value: &'a str,
+    pub currency: &'a str,
+    pub attribution_window_days: u32,
 }
 
 mod wire {
@@ -172,6 +177,11 @@ impl EventRef<'_> {
             + wire::varint_len(18, self.privacy_restricted as u64)
             + wire::varint_len(19, self.is_bot as u64)
             + wire::str_len(20, self.destination_url)
+            + wire::str_len(21, self.click_id)
+            + wire::str_len(22, self.transaction_id)
+            + wire::str_len(23, self.conversion_value)
+            + wire::str_len(24, self.currency)
+            + wire::varint_len(25, u64::from(self.attribution_window_days))
     }
 
     /// Writes the event's protobuf encoding.
@@ -202,6 +212,11 @@ impl EventRef<'_> {
         wire::put_varint(18, self.privacy_restricted as u64, buf);
         wire::put_varint(19, self.is_bot as u64, buf);
         wire::put_str(20, self.destination_url, buf);
+        wire::put_str(21, self.click_id, buf);
+        wire::put_str(22, self.transaction_id, buf);
+        wire::put_str(23, self.conversion_value, buf);
+        wire::put_str(24, self.currency, buf);
+        wire::put_varint(25, u64::from(self.attribution_window_days), buf);
     }
 
     /// The encoding in one exactly-sized buffer.
@@ -241,7 +256,8 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn event_ref_encodes_as_prost_does(
-            text in proptest::collection::vec(".{0,40}", 12),
+            text in proptest::collection::vec(".{0,40}", 15),
+            window in proptest::prelude::any::<u32>(),
             customer_id in proptest::prelude::any::<i32>(),
             timestamp_ms in proptest::prelude::any::<i64>(),
             version in proptest::prelude::any::<u64>(),
@@ -273,6 +289,11 @@ mod tests {
                 privacy_restricted: flags[1],
                 is_bot: flags[2],
                 destination_url: &text[10],
+                click_id: &text[11],
+                transaction_id: &text[12],
+                conversion_value: &text[13],
+                currency: &text[14],
+                attribution_window_days: window,
             };
             let owned = TrackingEvent {
                 programid: text[0].clone(),
@@ -295,6 +316,11 @@ mod tests {
                 privacy_restricted: flags[1],
                 is_bot: flags[2],
                 destination_url: text[10].clone(),
+                click_id: text[11].clone(),
+                transaction_id: text[12].clone(),
+                conversion_value: text[13].clone(),
+                currency: text[14].clone(),
+                attribution_window_days: window,
             };
             let bytes = r.to_bytes();
             proptest::prop_assert_eq!(bytes.len(), r.encoded_len());

@@ -16,6 +16,7 @@
 
 pub mod event;
 pub mod kpl;
+pub mod postback;
 pub mod program;
 pub mod redis_layout;
 

@@ -19,6 +19,9 @@
 //! | `validFrom`, `validUntil` | RFC 3339 | no | validity window, `[from, until)` |
 //! | `allowedRedirectHosts` | array of host names | no | click redirects may go only there; `*.example.com` allows subdomains |
 //! | `version` | positive integer | no | assigned by the updater when absent; an older version never overwrites a newer one |
+//! | `postbackSecret` | string | no | the key of the advertiser's signed postbacks (16-256 visible ASCII characters); without it the program takes no postbacks. Never in a reply, event, log or metric |
+//! | `attributionWindowDays` | integer 1-365 | no (default 30) | a conversion is attributed to a click at most this many days old |
+//! | `clickIdParam` | string | no (default `adtrack_click_id`) | the query parameter click redirects add the click's event id as (1-64 of `A-Z a-z 0-9 . _ -`) |
 //!
 //! Unknown fields are rejected, so a typo (`"vaild": false`) is an error
 //! rather than a silently active program.
@@ -37,6 +40,71 @@ pub const MAX_PROGRAM_ID_LEN: usize = 64;
 pub const MAX_TEXT_LEN: usize = 512;
 /// Most redirect hosts one program may allow.
 pub const MAX_REDIRECT_HOSTS: usize = 64;
+/// Attribution window of a program that names none, in days.
+pub const DEFAULT_ATTRIBUTION_WINDOW_DAYS: u32 = 30;
+/// Longest attribution window, in days.
+pub const MAX_ATTRIBUTION_WINDOW_DAYS: u32 = 365;
+/// The query parameter click redirects carry the click id in by default.
+pub const DEFAULT_CLICK_ID_PARAM: &str = "adtrack_click_id";
+/// Shortest and longest postback secret, in characters.
+pub const POSTBACK_SECRET_LEN: std::ops::RangeInclusive<usize> = 16..=256;
+
+/// The key a program's postbacks are signed with. Its `Debug` form is
+/// masked, so a logged program never shows it; only [`Self::expose`]
+/// (signature checks) and serialisation (the table, Redis and the
+/// trackers' change messages, which must carry it) read it.
+#[derive(Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct PostbackSecret(String);
+
+impl PostbackSecret {
+    /// Checks a secret: 16-256 visible ASCII characters.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if !POSTBACK_SECRET_LEN.contains(&s.len()) {
+            return Err(format!(
+                "must be {}-{} characters long",
+                POSTBACK_SECRET_LEN.start(),
+                POSTBACK_SECRET_LEN.end()
+            ));
+        }
+        if !s.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("must be visible ASCII characters (no spaces)".into());
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    /// The key itself, for signing and checking signatures.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for PostbackSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PostbackSecret(********)")
+    }
+}
+
+/// Checks a click id parameter name: 1-64 of `A-Z a-z 0-9 . _ -`.
+pub fn check_param_name(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{s:?} is not 1-64 of A-Z a-z 0-9 . _ -"))
+    }
+}
+
+fn check_window(days: u32) -> Result<u32, String> {
+    if (1..=MAX_ATTRIBUTION_WINDOW_DAYS).contains(&days) {
+        Ok(days)
+    } else {
+        Err(format!("must be 1-{MAX_ATTRIBUTION_WINDOW_DAYS} days"))
+    }
+}
 
 /// A validated program id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -115,10 +183,22 @@ pub struct Program {
     /// 0 until the updater assigns one.
     #[serde(skip_serializing_if = "is_zero")]
     pub version: u64,
+    /// Postbacks are taken only when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postback_secret: Option<PostbackSecret>,
+    #[serde(skip_serializing_if = "is_default_window")]
+    pub attribution_window_days: u32,
+    /// `None`: [`DEFAULT_CLICK_ID_PARAM`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub click_id_param: Option<String>,
 }
 
 fn is_zero(v: &u64) -> bool {
     *v == 0
+}
+
+fn is_default_window(v: &u32) -> bool {
+    *v == DEFAULT_ATTRIBUTION_WINDOW_DAYS
 }
 
 mod rfc3339_opt {
@@ -219,6 +299,12 @@ struct ProgramRecord {
     allowed_redirect_hosts: Vec<String>,
     #[serde(default, deserialize_with = "record::version")]
     version: u64,
+    #[serde(default, deserialize_with = "record::secret")]
+    postback_secret: Option<PostbackSecret>,
+    #[serde(default, deserialize_with = "record::window")]
+    attribution_window_days: Option<u32>,
+    #[serde(default, deserialize_with = "record::param_name")]
+    click_id_param: Option<String>,
 }
 
 /// The field readers of [`ProgramRecord`].
@@ -228,7 +314,10 @@ mod record {
     use time::OffsetDateTime;
     use time::format_description::well_known::Rfc3339;
 
-    use super::{MAX_REDIRECT_HOSTS, ProgramId, check_len, normalize_host_pattern};
+    use super::{
+        MAX_REDIRECT_HOSTS, PostbackSecret, ProgramId, check_len, check_param_name, check_window,
+        normalize_host_pattern,
+    };
 
     /// Ids and checksums may be written as numbers (the reference data
     /// writes them as strings).
@@ -307,6 +396,25 @@ mod record {
             .collect()
     }
 
+    pub fn secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PostbackSecret>, D::Error> {
+        // The error never repeats the value: it is a secret.
+        Option::<String>::deserialize(d)?
+            .map(|s| PostbackSecret::parse(&s).map_err(D::Error::custom))
+            .transpose()
+    }
+
+    pub fn window<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+        Option::<u32>::deserialize(d)?
+            .map(|days| check_window(days).map_err(D::Error::custom))
+            .transpose()
+    }
+
+    pub fn param_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| check_param_name(&s).map(|()| s).map_err(D::Error::custom))
+            .transpose()
+    }
+
     pub fn version<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
         match Option::<u64>::deserialize(d)? {
             None => Ok(0),
@@ -361,7 +469,29 @@ impl Program {
             valid_until: r.valid_until,
             allowed_redirect_hosts: r.allowed_redirect_hosts,
             version: r.version,
+            postback_secret: r.postback_secret,
+            attribution_window_days: r
+                .attribution_window_days
+                .unwrap_or(DEFAULT_ATTRIBUTION_WINDOW_DAYS),
+            click_id_param: r.click_id_param,
         })
+    }
+
+    /// The operator JSON with the postback secret masked (what `updater
+    /// get` shows).
+    pub fn to_masked_json(&self) -> Value {
+        let mut v = self.to_json();
+        if let Some(secret) = v.get_mut("postbackSecret") {
+            *secret = Value::String("********".into());
+        }
+        v
+    }
+
+    /// The query parameter click redirects carry the click id in.
+    pub fn click_id_param(&self) -> &str {
+        self.click_id_param
+            .as_deref()
+            .unwrap_or(DEFAULT_CLICK_ID_PARAM)
     }
 
     /// The operator JSON of this program (round-trips through [`Program::from_json`]).
@@ -400,6 +530,18 @@ impl Program {
         }
         if let Some(t) = self.valid_until.and_then(|t| t.format(&Rfc3339).ok()) {
             f.push(("validUntil", t));
+        }
+        if let Some(secret) = &self.postback_secret {
+            f.push(("postbackSecret", secret.expose().to_owned()));
+        }
+        if self.attribution_window_days != DEFAULT_ATTRIBUTION_WINDOW_DAYS {
+            f.push((
+                "attributionWindowDays",
+                self.attribution_window_days.to_string(),
+            ));
+        }
+        if let Some(param) = &self.click_id_param {
+            f.push(("clickIdParam", param.clone()));
         }
         f
     }
@@ -454,6 +596,24 @@ impl Program {
                 .parse::<u64>()
                 .map_err(|_| FieldError::new("version", "not an integer"))?,
         };
+        let postback_secret = get("postbackSecret")
+            .map(|s| PostbackSecret::parse(s).map_err(|r| FieldError::new("postbackSecret", r)))
+            .transpose()?;
+        let attribution_window_days = match get("attributionWindowDays") {
+            None => DEFAULT_ATTRIBUTION_WINDOW_DAYS,
+            Some(v) => v
+                .parse::<u32>()
+                .map_err(|e| e.to_string())
+                .and_then(check_window)
+                .map_err(|r| FieldError::new("attributionWindowDays", r))?,
+        };
+        let click_id_param = get("clickIdParam")
+            .map(|s| {
+                check_param_name(s)
+                    .map(|()| s.to_owned())
+                    .map_err(|r| FieldError::new("clickIdParam", r))
+            })
+            .transpose()?;
         Ok(Self {
             program_id,
             program_name: text("programName")?,
@@ -465,6 +625,9 @@ impl Program {
             valid_until: time("validUntil")?,
             allowed_redirect_hosts,
             version,
+            postback_secret,
+            attribution_window_days,
+            click_id_param,
         })
     }
 }
@@ -722,6 +885,9 @@ mod tests {
         let mut p = parse_program_file(REFERENCE).expect("ok").remove(0);
         p.allowed_redirect_hosts = vec!["a.example".into(), "*.b.example".into()];
         p.valid_until = Some(OffsetDateTime::parse("2027-01-01T00:00:00Z", &Rfc3339).expect("t"));
+        p.postback_secret = Some(PostbackSecret::parse("0123456789abcdef!").expect("secret"));
+        p.attribution_window_days = 7;
+        p.click_id_param = Some("clk".into());
         let mut fields: BTreeMap<String, String> = p
             .to_redis_fields()
             .into_iter()
@@ -736,5 +902,57 @@ mod tests {
             Program::from_json(&p.to_json()).expect("json round trip"),
             p
         );
+    }
+
+    #[test]
+    fn conversion_settings_load_and_the_secret_stays_hidden() {
+        let p = Program::from_json(&json!({
+            "programId": "p", "programName": "n", "checksum": "c", "customerId": 1,
+            "customerName": "c", "postbackSecret": "s3cret-s3cret-s3cret",
+            "attributionWindowDays": 14, "clickIdParam": "clickref"
+        }))
+        .expect("loads");
+        assert_eq!(p.attribution_window_days, 14);
+        assert_eq!(p.click_id_param(), "clickref");
+        assert_eq!(
+            p.postback_secret.as_ref().map(PostbackSecret::expose),
+            Some("s3cret-s3cret-s3cret")
+        );
+        assert!(
+            !format!("{p:?}").contains("s3cret"),
+            "Debug masks the secret"
+        );
+        let masked = p.to_masked_json().to_string();
+        assert!(!masked.contains("s3cret") && masked.contains("********"));
+        assert_eq!(
+            Program::from_json(&p.to_json()).expect("round trip"),
+            p,
+            "the unmasked form carries the secret to the table and Redis"
+        );
+        // Defaults: 30 days, adtrack_click_id, no postbacks; left out of the JSON.
+        let d = parse_program_file(REFERENCE).expect("ok").remove(0);
+        assert_eq!(d.attribution_window_days, DEFAULT_ATTRIBUTION_WINDOW_DAYS);
+        assert_eq!(d.click_id_param(), "adtrack_click_id");
+        assert!(d.postback_secret.is_none());
+        let j = d.to_json();
+        assert!(j.get("attributionWindowDays").is_none() && j.get("clickIdParam").is_none());
+        // Refusals name the field and never echo the secret.
+        for (field, value, why) in [
+            ("postbackSecret", json!("short-secret"), "16-256"),
+            ("postbackSecret", json!("has spaces in it, long"), "visible"),
+            ("attributionWindowDays", json!(0), "1-365"),
+            ("attributionWindowDays", json!(366), "1-365"),
+            ("clickIdParam", json!("a=b"), "A-Z"),
+        ] {
+            let mut rec = json!({"programId": "p", "programName": "n", "checksum": "c",
+                "customerId": 1, "customerName": "c"});
+            rec[field] = value.clone();
+            let e = Program::from_json(&rec).expect_err(field);
+            assert_eq!(e.field, field);
+            assert!(e.reason.contains(why), "{e}");
+            if field == "postbackSecret" {
+                assert!(!e.to_string().contains(value.as_str().unwrap_or("?")));
+            }
+        }
     }
 }

@@ -6,7 +6,8 @@
 //!   operator JSON fields as strings (`programId`, `programName`, `checksum`,
 //!   `customerId`, `customerName`, `valid` = `true`/`false`, optional
 //!   `validFrom`/`validUntil` in RFC 3339, `allowedRedirectHosts` as a
-//!   comma-separated list) plus `version`. A deleted program keeps a tombstone
+//!   comma-separated list, and when set `postbackSecret`,
+//!   `attributionWindowDays` and `clickIdParam`) plus `version`. A deleted program keeps a tombstone
 //!   hash holding only `version` and `deleted` = `1`, so a late, older write
 //!   cannot bring it back.
 //! - `adtrack:program-version`: the highest version handed out, and the mark
@@ -202,6 +203,10 @@ impl ProgramChange {
 }
 
 /// What a program hash read from Redis holds.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one value per hash read, moved once: boxing would cost an allocation for nothing"
+)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoredProgram {
     /// No hash at all.
@@ -215,7 +220,7 @@ pub enum StoredProgram {
 
 /// The fields of a program hash a reader asks for with `HMGET`, in the
 /// order [`StoredProgram::from_hmget`] reads them.
-pub const HASH_FIELDS: [&str; 11] = [
+pub const HASH_FIELDS: [&str; 14] = [
     "programId",
     "programName",
     "checksum",
@@ -227,6 +232,9 @@ pub const HASH_FIELDS: [&str; 11] = [
     "allowedRedirectHosts",
     "version",
     "deleted",
+    "postbackSecret",
+    "attributionWindowDays",
+    "clickIdParam",
 ];
 
 impl StoredProgram {

@@ -19,6 +19,8 @@ pub enum ApiError {
     BadQuery(#[from] QueryError),
     #[error("{0}")]
     BadBody(String),
+    #[error("{0}")]
+    BadParameter(&'static str),
     #[error("missing `url` parameter")]
     MissingUrl,
     #[error("`url` is not an absolute http(s) URL")]
@@ -49,6 +51,14 @@ pub enum ApiError {
     Overloaded,
     #[error("program data unavailable, retry later")]
     ProgramUnavailable,
+    #[error("the postback carries no signature (`sig`, the last parameter)")]
+    MissingSignature,
+    #[error("the postback's signature does not match")]
+    BadSignature,
+    #[error("the postback's timestamp `ts` is more than {0} s from the tracker's clock")]
+    ExpiredTimestamp(u64),
+    #[error("the program takes no postbacks (it has no postback secret)")]
+    PostbacksDisabled,
 }
 
 impl ApiError {
@@ -57,10 +67,14 @@ impl ApiError {
             Self::MalformedId(_)
             | Self::BadQuery(_)
             | Self::BadBody(_)
+            | Self::BadParameter(_)
             | Self::MissingUrl
             | Self::BadRedirectUrl
             | Self::RedirectNotAllowed(_) => StatusCode::BAD_REQUEST,
-            Self::OriginNotAllowed => StatusCode::FORBIDDEN,
+            Self::MissingSignature | Self::BadSignature | Self::ExpiredTimestamp(_) => {
+                StatusCode::UNAUTHORIZED
+            }
+            Self::OriginNotAllowed | Self::PostbacksDisabled => StatusCode::FORBIDDEN,
             Self::UnknownProgram | Self::InactiveProgram | Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Timeout => StatusCode::REQUEST_TIMEOUT,
@@ -77,6 +91,7 @@ impl ApiError {
             Self::MalformedId(_) => "malformed_program_id",
             Self::BadQuery(_) => "bad_query",
             Self::BadBody(_) => "bad_body",
+            Self::BadParameter(_) => "bad_parameter",
             Self::MissingUrl => "missing_url",
             Self::BadRedirectUrl => "bad_redirect_url",
             Self::RedirectNotAllowed(_) => "redirect_not_allowed",
@@ -92,6 +107,10 @@ impl ApiError {
             Self::EventTooLarge(_) => "event_too_large",
             Self::Overloaded => "overloaded",
             Self::ProgramUnavailable => "program_unavailable",
+            Self::MissingSignature => "missing_signature",
+            Self::BadSignature => "bad_signature",
+            Self::ExpiredTimestamp(_) => "expired_timestamp",
+            Self::PostbacksDisabled => "postbacks_disabled",
         }
     }
 

@@ -180,6 +180,17 @@ pub fn header_text(headers: &HeaderMap, name: http::header::HeaderName) -> Cow<'
     }
 }
 
+/// A conversion as a signed postback reports it (checked), and the
+/// program's attribution window.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Conversion {
+    pub click_id: String,
+    pub transaction_id: String,
+    pub value: String,
+    pub currency: String,
+    pub attribution_window_days: u32,
+}
+
 /// Everything an event is built from.
 pub struct Hit<'a> {
     pub event_id: String,
@@ -194,6 +205,8 @@ pub struct Hit<'a> {
     pub client_ip: &'a str,
     pub params: Params,
     pub destination_url: String,
+    /// What a postback says about its conversion.
+    pub conversion: Option<Conversion>,
     /// Set by [`Privacy::apply`].
     pub privacy_restricted: bool,
     /// Set from the user agent when the event is built (kept under `Strip`).
@@ -293,6 +306,13 @@ impl Hit<'_> {
             destination_url: &self.destination_url,
             ..EventRef::default()
         };
+        if let Some(c) = &self.conversion {
+            ev.click_id = &c.click_id;
+            ev.transaction_id = &c.transaction_id;
+            ev.conversion_value = &c.value;
+            ev.currency = &c.currency;
+            ev.attribution_window_days = c.attribution_window_days;
+        }
         if let Some(p) = self.program {
             ev.checksum = p.checksum();
             ev.customer_id = p.customer_id();
@@ -348,6 +368,7 @@ mod tests {
             client_ip: "203.0.113.0",
             params,
             destination_url: "https://shop.example/".into(),
+            conversion: None,
             privacy_restricted: false,
             is_bot: false,
         };
@@ -379,6 +400,7 @@ mod tests {
             privacy_restricted: false,
             is_bot: true,
             destination_url: "https://shop.example/".into(),
+            ..TrackingEvent::default()
         };
         assert_eq!(decoded, expected);
     }

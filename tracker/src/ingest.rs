@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 use crate::api_error::ApiError;
 use crate::app_state::AppState;
 use crate::cache::Lookup;
-use crate::hit::{Hit, Params, Privacy, header_text};
+use crate::hit::{Conversion, Hit, Params, Privacy, header_text};
 use crate::metric::{self, Outcome};
 use crate::outgoing::Outgoing;
 use crate::shipper::QueueError;
@@ -117,6 +117,7 @@ pub struct EventParts<'a> {
     pub source: &'static str,
     pub params: Params,
     pub destination_url: String,
+    pub conversion: Option<Conversion>,
 }
 
 /// Why an event was not queued.
@@ -166,6 +167,7 @@ pub fn build_event(
         client_ip: &client.client_ip,
         params: parts.params,
         destination_url: parts.destination_url,
+        conversion: parts.conversion,
         privacy_restricted: false,
         is_bot: false,
     };

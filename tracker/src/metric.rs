@@ -64,6 +64,9 @@ pub const KINESIS_CALL_DURATION: &str = "adtrack_kinesis_put_records_duration_se
 pub const BOUNDS_BREACHED: &str = "adtrack_bounds_breached_total";
 /// Click redirects refused because the host is not allowed.
 pub const REDIRECTS_REFUSED: &str = "adtrack_redirects_refused_total";
+/// Postbacks refused for their signature, timestamp or program, by `reason`
+/// (missing_signature, bad_signature, expired_timestamp, postbacks_disabled).
+pub const POSTBACKS_REFUSED: &str = "adtrack_postbacks_refused_total";
 /// Programs evicted from the cache, label `cause` (`size`, `expired`, `replaced`, `explicit`).
 pub const CACHE_EVICTIONS: &str = "adtrack_cache_evictions_total";
 /// Full reconciliations of the cache with Redis, label `result` (`ok`,
@@ -101,20 +104,21 @@ pub enum Route {
     Click,
     Event,
     Batch,
+    Postback,
     Health,
     Unknown,
     /// Refused before routing (bounds).
     None,
 }
 
-const ROUTES: [&str; 7] = [
-    "pixel", "click", "event", "batch", "health", "unknown", "none",
+const ROUTES: [&str; 8] = [
+    "pixel", "click", "event", "batch", "postback", "health", "unknown", "none",
 ];
 
 /// Statuses, as the `status` label names them.
-const STATUSES: [&str; 14] = [
-    "200", "202", "204", "302", "400", "403", "404", "405", "408", "413", "414", "431", "503",
-    "other",
+const STATUSES: [&str; 15] = [
+    "200", "202", "204", "302", "400", "401", "403", "404", "405", "408", "413", "414", "431",
+    "503", "other",
 ];
 
 /// Index of a status in [`STATUSES`].
@@ -125,15 +129,16 @@ fn status_index(status: http::StatusCode) -> usize {
         204 => 2,
         302 => 3,
         400 => 4,
-        403 => 5,
-        404 => 6,
-        405 => 7,
-        408 => 8,
-        413 => 9,
-        414 => 10,
-        431 => 11,
-        503 => 12,
-        _ => 13,
+        401 => 5,
+        403 => 6,
+        404 => 7,
+        405 => 8,
+        408 => 9,
+        413 => 10,
+        414 => 11,
+        431 => 12,
+        503 => 13,
+        _ => 14,
     }
 }
 

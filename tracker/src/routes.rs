@@ -6,6 +6,7 @@ pub mod click;
 pub mod event;
 pub mod health;
 pub mod pixel;
+pub mod postback;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -69,6 +70,11 @@ where
         (Route::Pixel, pixel::handle(&req, id, state, peer).await)
     } else if let Some(id) = path.strip_prefix("/v1/click/") {
         (Route::Click, click::handle(&req, id, state, peer).await)
+    } else if let Some(id) = path.strip_prefix("/v1/postback/") {
+        (
+            Route::Postback,
+            postback::handle(&req, id, state, peer).await,
+        )
     } else if let Some(id) = path.strip_prefix("/event/") {
         (Route::Event, event::handle(&req, id, state, peer).await)
     } else {

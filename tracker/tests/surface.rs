@@ -4,41 +4,14 @@
 
 mod support;
 
-use std::collections::HashMap;
-use std::time::Duration;
-
-use adtrack_proto::v1::TrackingEvent;
-use adtrack_testkit::{Http, Stack, read_stream_events};
-use prost::Message;
-use support::{Tracker, load_programs};
+use adtrack_testkit::{Http, Stack};
+use support::{Tracker, load_programs, stream_events};
 
 async fn setup(extra: &[(&str, &str)]) -> (Stack, Tracker) {
     let stack = Stack::start(1).expect("stack");
     load_programs(&stack).await;
     let t = Tracker::start(&stack, extra).await;
     (stack, t)
-}
-
-async fn events(stack: &Stack, ids: &[String]) -> HashMap<String, TrackingEvent> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let records = read_stream_events(&stack.kinesis.url())
-            .await
-            .unwrap_or_default();
-        let found: HashMap<String, TrackingEvent> = records
-            .iter()
-            .filter_map(|r| TrackingEvent::decode(r.data.as_slice()).ok())
-            .map(|e| (e.message_id.clone(), e))
-            .collect();
-        if ids.iter().all(|id| found.contains_key(id)) {
-            return found;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "events never reached the stream"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,15 +21,22 @@ async fn click_redirects_only_to_allowed_hosts() {
     let click =
         |id: &str, url: &str| format!("{}/v1/click/{id}?url={}&campaign=x", t.base, percent(url));
     let r = http
-        .get(&click("summer-sale", "https://shop.example.com/deal?a=1"))
+        .get(&click(
+            "summer-sale",
+            "https://shop.example.com/deal?a=1#top",
+        ))
         .await
         .expect("click");
     assert_eq!(r.status, 302);
-    assert_eq!(
-        r.header("location").as_deref(),
-        Some("https://shop.example.com/deal?a=1")
-    );
     let event_id = r.header("x-event-id").expect("event id");
+    // The click id rides along for the advertiser's postback; the
+    // destination's own query and fragment are kept.
+    assert_eq!(
+        r.header("location"),
+        Some(format!(
+            "https://shop.example.com/deal?a=1&adtrack_click_id={event_id}#top"
+        ))
+    );
     let r = http
         .get(&click("summer-sale", "https://m.shop.example.com/"))
         .await
@@ -99,9 +79,9 @@ async fn click_redirects_only_to_allowed_hosts() {
         .expect("click");
     assert_eq!(r.status, 404);
 
-    let found = events(&stack, std::slice::from_ref(&event_id)).await;
+    let found = stream_events(&stack, std::slice::from_ref(&event_id)).await;
     let e = &found[&event_id];
-    assert_eq!(e.destination_url, "https://shop.example.com/deal?a=1");
+    assert_eq!(e.destination_url, "https://shop.example.com/deal?a=1#top");
     assert_eq!(e.event_type, 2, "click");
     assert_eq!(e.extra.get("campaign").map(String::as_str), Some("x"));
     assert_eq!(e.source, "click");
@@ -233,7 +213,7 @@ async fn batch_and_beacon_posts_with_per_event_results() {
 
     let mut ids = beacon_ids.clone();
     ids.push(conversion_id.clone());
-    let found = events(&stack, &ids).await;
+    let found = stream_events(&stack, &ids).await;
     let conv = &found[&conversion_id];
     assert_eq!(conv.event_type, 3, "conversion");
     assert_eq!(conv.page_url, "https://shop.example.com/thanks");
@@ -294,7 +274,7 @@ async fn privacy_signals_strip_identifiers_and_bots_are_flagged() {
         .expect("pixel")
         .header("x-event-id")
         .expect("id");
-    let found = events(&stack, &[plain.clone(), dnt.clone(), gpc_bot.clone()]).await;
+    let found = stream_events(&stack, &[plain.clone(), dnt.clone(), gpc_bot.clone()]).await;
 
     let p = &found[&plain];
     assert_eq!(

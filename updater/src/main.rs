@@ -49,11 +49,13 @@ enum Command {
     Put { json: String },
     /// Delete a program (trackers stop accepting it at once).
     Delete { program_id: String },
-    /// Print a program as the table holds it, with its version.
+    /// Print a program as the table holds it, with its version (its
+    /// postback secret masked).
     Get { program_id: String },
     /// List the programs: id, version, state.
     List,
-    /// Print every program as JSON lines, which `load` takes back unchanged.
+    /// Print every program as JSON lines, which `load` takes back unchanged
+    /// (postback secrets included: keep the output as safe as the table).
     Export,
     /// Show what loading FILE would change.
     Diff { file: String },
@@ -309,7 +311,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let id = parse_id(program_id)?;
             match table(&cli).await.get(&id).await? {
                 Some(Entry::Present(p)) => {
-                    println!("{}", p.to_json());
+                    // The postback secret is masked; `export` carries it.
+                    println!("{}", p.to_masked_json());
                     Ok(ExitCode::SUCCESS)
                 }
                 Some(Entry::Deleted { version }) => {

@@ -12,6 +12,8 @@
 //! | `valid` | BOOL | |
 //! | `validFrom`, `validUntil` | S | RFC 3339, only when set |
 //! | `allowedRedirectHosts` | L of S | only when set |
+//! | `postbackSecret`, `clickIdParam` | S | only when set |
+//! | `attributionWindowDays` | N | only when not the default 30 |
 //! | `deleted` | BOOL | `true` on a tombstone, which holds only the key, `version` and `updatedAt` |
 //! | `updatedAt` | N | epoch milliseconds of the write |
 //!
@@ -34,6 +36,10 @@ use futures_util::{StreamExt, TryStreamExt};
 use crate::{DeleteOutcome, WriteOutcome};
 
 /// A program's item as the table holds it.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one value per item read, moved once: boxing would cost an allocation for nothing"
+)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
     Present(Program),

@@ -407,6 +407,7 @@ where
             source: "batch",
             params: item.params,
             destination_url: String::new(),
+            conversion: None,
         };
         match build_event(parts, &item_client, state) {
             Err(too_large) => results.push(ItemResult::rejected(index, &too_large.into())),

@@ -1,5 +1,8 @@
 //! `GET /v1/click/{programId}?url=...`: 302 to `url` only when its host is
-//! allowed by the program; never an open redirect.
+//! allowed by the program; never an open redirect. The destination gets the
+//! click's event id as one more query parameter (`adtrack_click_id`, or the
+//! program's `clickIdParam`), its own query and fragment kept, so the
+//! advertiser can hand it back in the conversion's postback.
 
 use std::net::SocketAddr;
 
@@ -56,6 +59,7 @@ pub async fn handle<B>(
         source: "click",
         params,
         destination_url: url.as_str().to_owned(),
+        conversion: None,
     };
     let shipped = ship(parts, &client, state).await;
     if let Err(NotShipped::TooLarge(n)) = shipped {
@@ -68,7 +72,16 @@ pub async fn handle<B>(
     if let Err(NotShipped::Queue(_)) = shipped {
         return Err(ApiError::Overloaded);
     }
-    let location = HeaderValue::from_str(url.as_str()).map_err(|_| ApiError::BadRedirectUrl)?;
+    let mut destination = url;
+    if let (Ok(event_id), Lookup::Active(p)) = (&shipped, &lookup)
+        && let Ok(id) = event_id.to_str()
+    {
+        destination
+            .query_pairs_mut()
+            .append_pair(p.click_id_param(), id);
+    }
+    let location =
+        HeaderValue::from_str(destination.as_str()).map_err(|_| ApiError::BadRedirectUrl)?;
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::FOUND;
     resp.headers_mut().insert(LOCATION, location);

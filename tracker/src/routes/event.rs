@@ -53,6 +53,7 @@ pub async fn handle<B>(
         source: "event",
         params,
         destination_url: String::new(),
+        conversion: None,
     };
     let event_id = match ship(parts, &client, state).await {
         Ok(id) => id,

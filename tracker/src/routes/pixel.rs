@@ -71,6 +71,7 @@ pub async fn handle<B>(
             source: "pixel",
             params,
             destination_url: String::new(),
+            conversion: None,
         };
         // A full queue still answers the GIF; the drop is counted with its cause.
         if let Ok(event_id) = ship(parts, &client, state).await {

@@ -5,7 +5,11 @@
 use std::time::Duration;
 
 pub use adtrack_testkit::wait_until;
-use adtrack_testkit::{Http, Proc, Stack, free_port};
+use std::collections::HashMap;
+
+use adtrack_proto::v1::TrackingEvent;
+use adtrack_testkit::{Http, Proc, Stack, free_port, read_stream_events};
+use prost::Message;
 
 pub const PROGRAMS: &str = include_str!("../../../dev/programs.json");
 
@@ -139,5 +143,31 @@ impl Drop for Tracker {
     /// What it exposed by the end, for dev/check_metrics.py.
     fn drop(&mut self) {
         adtrack_testkit::log_exposed_metrics("tracker", &self.admin);
+    }
+}
+
+/// The events in the stream, by id, once all of `ids` are there (20 s at
+/// most).
+pub async fn stream_events<S: AsRef<str>>(
+    stack: &Stack,
+    ids: &[S],
+) -> HashMap<String, TrackingEvent> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let found: HashMap<String, TrackingEvent> = read_stream_events(&stack.kinesis.url())
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|r| TrackingEvent::decode(r.data.as_slice()).ok())
+            .map(|e| (e.message_id.clone(), e))
+            .collect();
+        if ids.iter().all(|id| found.contains_key(id.as_ref())) {
+            return found;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "events never reached the stream"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
