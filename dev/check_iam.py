@@ -53,6 +53,7 @@ RESOURCES = {
     ("dynamodb", "adtrack-checkpoints"): "CheckpointTable",
     ("dynamodb", "adtrack-dead-letters"): "DeadLetterTable",
     ("dynamodb", "adtrack-programs"): "ProgramsTable",
+    ("dynamodb", "adtrack-conversions"): "ConversionsTable",
     ("kinesis", "adtrack-events"): "Stream",
     ("kinesis", "adtrack-core-data"): "CoreDataStream",
 }

@@ -27,6 +27,7 @@ ensure_tools() {
   command -v node >/dev/null || { say "installing Node.js"; apt_install nodejs npm; }
   command -v npm >/dev/null || { say "installing npm"; apt_install npm; }
   command -v curl >/dev/null || { say "installing curl"; apt_install curl; }
+  command -v openssl >/dev/null || { say "installing openssl (dev/run signs a postback)"; apt_install openssl; }
   command -v taskset >/dev/null || { say "installing util-linux (taskset)"; apt_install util-linux; }
   # For the image runtime test (dev/in_image.py builds the image's root
   # filesystem with it).

@@ -6,81 +6,15 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+mod support;
+
 use adtrack_testkit::{
-    CHECKPOINT_TABLE, EVENTS_TABLE, Http, Proc, Stack, attr_s, binary, dev_dir, dynamodb_client,
-    free_port, metric_sum, scan_table, wait_until,
+    EVENTS_TABLE, Http, Stack, attr_s, dynamodb_client, metric_sum, scan_table, wait_until,
 };
+use support::{forget_checkpoints, metrics, start, start_pipeline};
 
 const HITS: usize = 5_000;
 const VALID_IDS: [&str; 4] = ["212312", "212313", "212314", "summer-sale"];
-
-struct Service {
-    proc: Proc,
-    admin: String,
-}
-
-fn start(stack: &Stack, bin: &str, env: &[(&str, String)]) -> Service {
-    let admin_port = free_port();
-    let admin_var = if bin == "tracker" {
-        "TRACKER_ADMIN_ADDR"
-    } else {
-        "CONSUMER_ADMIN_ADDR"
-    };
-    let mut cmd = adtrack_testkit::command(&binary(bin));
-    cmd.envs(stack.env())
-        .env(admin_var, format!("127.0.0.1:{admin_port}"))
-        .env("LOG_FORMAT", "text")
-        .env("RUST_LOG", "warn");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Service {
-        proc: Proc::new(cmd.spawn().expect("spawn")),
-        admin: format!("http://127.0.0.1:{admin_port}"),
-    }
-}
-
-/// Loads the dev programs and starts a tracker and a consumer on the
-/// stack; returns once the tracker is ready, with its public port.
-async fn start_pipeline(stack: &Stack) -> (u16, Service, Service) {
-    let load = adtrack_testkit::command(&binary("updater"))
-        .envs(stack.env())
-        .arg("load")
-        .arg(dev_dir().join("programs.json"))
-        .output()
-        .expect("updater");
-    assert!(
-        load.status.success(),
-        "{}",
-        String::from_utf8_lossy(&load.stderr)
-    );
-    let port = free_port();
-    let tracker = start(
-        stack,
-        "tracker",
-        &[("TRACKER_LISTEN_ADDR", format!("127.0.0.1:{port}"))],
-    );
-    let consumer = start(
-        stack,
-        "consumer",
-        &[("CONSUMER_POLL_INTERVAL_MS", "200".into())],
-    );
-    let http = Http::new();
-    wait_until("tracker ready", Duration::from_secs(30), || async {
-        http.get(&format!("{}/health/ready", tracker.admin))
-            .await
-            .is_ok_and(|r| r.status == 200)
-    })
-    .await;
-    (port, tracker, consumer)
-}
-
-async fn metrics(http: &Http, admin: &str) -> String {
-    http.get(&format!("{admin}/metrics"))
-        .await
-        .map(|r| r.text())
-        .unwrap_or_default()
-}
 
 #[derive(Debug, Default)]
 struct Sent {
@@ -274,21 +208,11 @@ async fn every_valid_hit_lands_exactly_once_and_replay_does_not_duplicate() {
         consumer.proc.wait_exit(Duration::from_secs(20)).is_some(),
         "consumer stops on SIGTERM"
     );
-    let checkpoints: Vec<_> = scan_table(&ddb, CHECKPOINT_TABLE)
-        .await
-        .expect("scan")
-        .into_iter()
-        .filter(|c| c.contains_key("sequenceNumber"))
-        .collect();
-    assert_eq!(checkpoints.len(), 2, "one checkpoint per shard");
-    for c in checkpoints {
-        ddb.delete_item()
-            .table_name(CHECKPOINT_TABLE)
-            .key("shardKey", c["shardKey"].clone())
-            .send()
-            .await
-            .expect("delete checkpoint");
-    }
+    assert_eq!(
+        forget_checkpoints(&ddb).await,
+        2,
+        "one checkpoint per shard"
+    );
     let replay = start(
         &stack,
         "consumer",

@@ -14,6 +14,7 @@ use aws_sdk_dynamodb::Client;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::conversions::{Click, Conversion, Settler};
 use crate::item::{decode_record, to_item};
 use crate::metric;
 use crate::writer::{Item, MAX_ITEMS_PER_CALL, Refused, WriteFailed, write_chunk};
@@ -21,11 +22,15 @@ use crate::writer::{Item, MAX_ITEMS_PER_CALL, Refused, WriteFailed, write_chunk}
 pub use adtrack_reader::Record;
 use adtrack_reader::dead_letter::{DeadLetter, MAX_REASON, truncated};
 
-/// Where events and dead letters go.
+/// Where events, dead letters and conversions go.
 #[derive(Debug, Clone)]
 pub struct Tables {
     pub events: String,
     pub dead_letters: String,
+    pub conversions: String,
+    /// Seconds a conversion waits for a click that is not in the events
+    /// table yet (see [`crate::conversions`]).
+    pub click_wait_secs: u32,
     pub ttl_days: u32,
     /// BatchWriteItem calls in flight at once.
     pub write_concurrency: usize,
@@ -64,6 +69,10 @@ struct Held {
     /// User records per record read so far, for the dead letters of
     /// refused events.
     totals: Vec<usize>,
+    /// Conversions and clicks among the held events, settled once the
+    /// events are written.
+    conversions: Vec<Conversion>,
+    clicks: Vec<Click>,
 }
 
 /// Where one batch writes, and what stops it.
@@ -102,6 +111,12 @@ pub async fn process(
         let mut first_fault = None;
         for ev in events {
             let item = ev.and_then(|ev| {
+                if let Some(c) = Conversion::of(&ev, index) {
+                    held.conversions.push(c);
+                }
+                if let Some(c) = Click::of(&ev) {
+                    held.clicks.push(c);
+                }
                 let id = ev.message_id.clone();
                 to_item(ev, &r.shard_id, &r.sequence_number, tables.ttl_days).map(|item| (id, item))
             });
@@ -168,6 +183,22 @@ impl Writer<'_> {
         );
         let refused = self.write_all(all, outcome).await;
         if outcome.first_failed.is_some() {
+            return false;
+        }
+        // The events are durable: now their conversions and late clicks.
+        let settler = Settler {
+            client: self.client,
+            tables: self.tables,
+            stop: self.stop,
+        };
+        let (conversions, clicks) = (
+            std::mem::take(&mut held.conversions),
+            std::mem::take(&mut held.clicks),
+        );
+        // Boxed: the settling future is deep, and every front-end's future
+        // would otherwise carry its whole layout.
+        if let Err(record) = Box::pin(settler.settle(conversions, clicks)).await {
+            outcome.first_failed = Some(outcome.first_failed.map_or(record, |f| f.min(record)));
             return false;
         }
         // Events refused for good: one dead letter per record they came from.

@@ -10,6 +10,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod conversions;
 pub mod item;
 pub mod lambda;
 pub mod lambda_config;

@@ -11,6 +11,11 @@ pub const ITEMS_WRITTEN: &str = "adtrack_consumer_items_written_total";
 pub const ITEMS_REFUSED: &str = "adtrack_consumer_items_refused_total";
 /// Items resent, label `cause` (`unprocessed`, `throttled`, `call_failed`).
 pub const WRITE_RETRIES: &str = "adtrack_consumer_write_retries_total";
+/// Conversions recorded, label `result`: `attributed`, `unattributed` (a
+/// new conversion), `duplicate` (another postback of a transaction already
+/// recorded), `replayed` (its own event read again), `late_attributed` (its
+/// click arrived after it), `refused` (DynamoDB refused the item for good).
+pub const CONVERSIONS: &str = "adtrack_consumer_conversions_total";
 /// Lambda batches, label `result` (`ok`, `partial`).
 pub const LAMBDA_BATCHES: &str = "adtrack_consumer_lambda_batches_total";
 /// Prefix of the poller's reader metrics (see `adtrack_reader::Settings`):

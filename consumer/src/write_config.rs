@@ -16,6 +16,21 @@ pub struct WriteConfig {
     )]
     pub events_table: String,
 
+    /// DynamoDB table of conversions (one item per program and transaction,
+    /// attributed to their clicks).
+    #[arg(
+        long,
+        env = "CONVERSIONS_TABLE",
+        value_name = "CONVERSIONS_TABLE",
+        default_value = "adtrack-conversions"
+    )]
+    pub conversions_table: String,
+
+    /// Seconds a conversion waits for its click to reach the events table
+    /// (a lagging shard) before it stays unattributed.
+    #[arg(long, env = "CONSUMER_CLICK_WAIT_SECS", value_name = "CONSUMER_CLICK_WAIT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u32).range(0..=86_400))]
+    pub click_wait_secs: u32,
+
     /// Where records and events that cannot be stored as events go.
     #[command(flatten)]
     pub dead_letters: adtrack_reader::dead_letter::DeadLetterArgs,
@@ -36,6 +51,8 @@ impl WriteConfig {
         Tables {
             events: self.events_table.clone(),
             dead_letters: self.dead_letters.dead_letter_table.clone(),
+            conversions: self.conversions_table.clone(),
+            click_wait_secs: self.click_wait_secs,
             ttl_days: self.event_ttl_days,
             write_concurrency: self.write_concurrency as usize,
             max_attempts,

@@ -38,7 +38,7 @@ pub struct Refused {
 }
 
 /// Error codes that no retry can fix: the request (an item) is wrong.
-const PERMANENT: &[&str] = &[
+pub(crate) const PERMANENT: &[&str] = &[
     "ValidationException",
     "SerializationException",
     "ItemCollectionSizeLimitExceededException",

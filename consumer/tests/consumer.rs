@@ -422,6 +422,8 @@ fn lambda_tables() -> Tables {
     Tables {
         events: EVENTS_TABLE.into(),
         dead_letters: DEAD_LETTER_TABLE.into(),
+        conversions: adtrack_testkit::CONVERSIONS_TABLE.into(),
+        click_wait_secs: 300,
         ttl_days: 30,
         write_concurrency: 4,
         max_attempts: 3,
@@ -484,6 +486,115 @@ async fn lambda_reports_the_first_record_not_written() {
     let ok = kinesis_event(&[("200", event("ok-3")), ("201", event("ok-4"))]);
     let response = adtrack_consumer::lambda::handle(&client, &lambda_tables(), ok).await;
     assert!(response.batch_item_failures.is_empty());
+}
+
+/// A postback conversion (event type 3, source postback) naming a click.
+fn conversion(id: &str, txid: &str, click_id: &str, ts: i64) -> Vec<u8> {
+    TrackingEvent {
+        message_id: id.to_owned(),
+        programid: "212312".into(),
+        customer_id: 9123,
+        is_valid: true,
+        validation: 1,
+        event_type: 3,
+        source: "postback".into(),
+        timestamp_ms: ts,
+        click_id: click_id.to_owned(),
+        transaction_id: txid.to_owned(),
+        conversion_value: "10".into(),
+        currency: "USD".into(),
+        attribution_window_days: 30,
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+fn click(id: &str, ts: i64) -> Vec<u8> {
+    TrackingEvent {
+        message_id: id.to_owned(),
+        programid: "212312".into(),
+        customer_id: 9123,
+        is_valid: true,
+        validation: 1,
+        event_type: 2,
+        source: "click".into(),
+        timestamp_ms: ts,
+        extra: [("utm_source".to_owned(), "mail".to_owned())].into(),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// The Lambda front-end records conversions as the poller does: a
+/// conversion read before its click waits for it and is matched when the
+/// click arrives, a duplicate postback is counted on the first one's item,
+/// and a batch delivered again changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lambda_matches_conversions_with_clicks_read_before_or_after() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let stack = Stack::start(1).expect("stack");
+    let client =
+        adtrack_testkit::dynamodb_client_as(&stack.dynamodb.url(), "adtrack-consumer-lambda");
+    let ddb = dynamodb_client(&stack.dynamodb.url());
+    let tables = lambda_tables();
+    let conversions = || async {
+        scan_table(&ddb, adtrack_testkit::CONVERSIONS_TABLE)
+            .await
+            .expect("scan")
+            .into_iter()
+            .map(|i| (attr_s(&i, "conversionId"), i))
+            .collect::<HashMap<_, _>>()
+    };
+    let t = 1_795_000_000_000;
+    // The conversion first, and another postback of its transaction.
+    let first = kinesis_event(&[
+        ("10", conversion("conv-1", "T-1", "click-1", t)),
+        ("11", conversion("conv-1b", "T-1", "click-1", t + 5_000)),
+    ]);
+    let r = adtrack_consumer::lambda::handle(&client, &tables, first.clone()).await;
+    assert!(r.batch_item_failures.is_empty());
+    let c = conversions().await;
+    let item = &c["212312#T-1"];
+    assert_eq!(attr_s(item, "reason"), "click_not_found");
+    assert_eq!(attr_s(item, "eventId"), "conv-1", "the first postback wins");
+    assert_eq!(
+        item["duplicateEventIds"],
+        AttributeValue::Ss(vec!["conv-1b".into()])
+    );
+    assert!(c.contains_key("awaiting#click-1"), "waiting for its click");
+    // Delivered again: nothing changes.
+    let r = adtrack_consumer::lambda::handle(&client, &tables, first).await;
+    assert!(r.batch_item_failures.is_empty());
+    let again = conversions().await;
+    assert_eq!(again["212312#T-1"], c["212312#T-1"]);
+
+    // The click arrives: the waiting conversion is attributed, its marker gone.
+    let late = kinesis_event(&[("12", click("click-1", t - 120_000))]);
+    let r = adtrack_consumer::lambda::handle(&client, &tables, late).await;
+    assert!(r.batch_item_failures.is_empty());
+    let c = conversions().await;
+    let item = &c["212312#T-1"];
+    assert_eq!(item["attributed"], AttributeValue::Bool(true), "{item:?}");
+    assert_eq!(attr_s(item, "clickEventId"), "click-1");
+    assert_eq!(item["secondsToConvert"], AttributeValue::N("120".into()));
+    assert!(!item.contains_key("reason"));
+    assert!(!c.contains_key("awaiting#click-1"));
+
+    // A conversion whose click is already there is attributed at once; one
+    // outside the window is not.
+    let next = kinesis_event(&[
+        ("13", conversion("conv-2", "T-2", "click-1", t + 60_000)),
+        (
+            "14",
+            conversion("conv-3", "T-3", "click-1", t + 31 * 86_400_000),
+        ),
+    ]);
+    let r = adtrack_consumer::lambda::handle(&client, &tables, next).await;
+    assert!(r.batch_item_failures.is_empty());
+    let c = conversions().await;
+    assert_eq!(c["212312#T-2"]["attributed"], AttributeValue::Bool(true));
+    assert_eq!(attr_s(&c["212312#T-3"], "reason"), "outside_window");
+    assert_eq!(c.len(), 3, "one item per transaction, no marker left");
 }
 
 /// The real `consumer-lambda` binary (deployed as `bootstrap`) as Lambda

@@ -23,6 +23,8 @@ pub const CHECKPOINT_TABLE: &str = "adtrack-checkpoints";
 pub const DEAD_LETTER_TABLE: &str = "adtrack-dead-letters";
 /// The programs table (core data's source of truth) the stand-in creates.
 pub const PROGRAMS_TABLE: &str = "adtrack-programs";
+/// The conversions table the stand-in creates.
+pub const CONVERSIONS_TABLE: &str = "adtrack-conversions";
 
 /// The repository's `dev/` folder.
 pub fn dev_dir() -> PathBuf {
@@ -353,6 +355,7 @@ impl Stack {
             ("CHECKPOINT_TABLE", CHECKPOINT_TABLE.to_owned()),
             ("DEAD_LETTER_TABLE", DEAD_LETTER_TABLE.to_owned()),
             ("PROGRAMS_TABLE", PROGRAMS_TABLE.to_owned()),
+            ("CONVERSIONS_TABLE", CONVERSIONS_TABLE.to_owned()),
             ("CORE_DATA_STREAM", CORE_DATA_STREAM.to_owned()),
             // A spool of this stack's own: trackers of tests running side
             // by side must not share one.
