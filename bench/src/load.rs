@@ -226,6 +226,7 @@ async fn worker(
                         j["messageId"]
                             .as_str()
                             .or_else(|| j["results"][0]["eventId"].as_str())
+                            .or_else(|| j["eventId"].as_str())
                             .map(str::to_owned)
                     })
             });

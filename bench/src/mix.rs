@@ -24,6 +24,8 @@ pub struct MixSpec {
     pub event: u32,
     pub click: u32,
     pub beacon: u32,
+    /// Signed postbacks (conversions) with the seeded programs' secret.
+    pub postback: u32,
     pub valid: u32,
     pub unknown: u32,
     pub invalid: u32,
@@ -40,6 +42,7 @@ impl MixSpec {
             event: 0,
             click: 0,
             beacon: 0,
+            postback: 0,
             valid: 1,
             unknown: 0,
             invalid: 0,
@@ -48,7 +51,7 @@ impl MixSpec {
         }
     }
 
-    /// Parses `pixel=60,event=20,click=10,beacon=10` and
+    /// Parses `pixel=60,event=20,click=10,beacon=10,postback=0` and
     /// `valid=90,unknown=5,invalid=3,malformed=2`.
     pub fn parse(routes: &str, ids: &str, programs: u32) -> anyhow::Result<Self> {
         let mut m = Self {
@@ -56,6 +59,7 @@ impl MixSpec {
             event: 0,
             click: 0,
             beacon: 0,
+            postback: 0,
             valid: 0,
             unknown: 0,
             invalid: 0,
@@ -78,6 +82,7 @@ impl MixSpec {
                 "event" => m.event = v,
                 "click" => m.click = v,
                 "beacon" => m.beacon = v,
+                "postback" => m.postback = v,
                 "valid" => m.valid = v,
                 "unknown" => m.unknown = v,
                 "invalid" => m.invalid = v,
@@ -86,7 +91,7 @@ impl MixSpec {
             }
         }
         anyhow::ensure!(
-            m.pixel + m.event + m.click + m.beacon > 0,
+            m.pixel + m.event + m.click + m.beacon + m.postback > 0,
             "the route mix is empty"
         );
         anyhow::ensure!(
@@ -135,11 +140,18 @@ fn pick(rng: &mut impl Rng, weights: &[(u32, usize)]) -> usize {
     weights.last().map_or(0, |w| w.1)
 }
 
-/// Builds `n` requests in the mix's proportions.
+/// The postback secret `seed` gives the bench programs.
+pub const BENCH_POSTBACK_SECRET: &str = "bench-postback-secret-0123";
+
+/// Builds `n` requests in the mix's proportions (postbacks signed now:
+/// their `ts` is good for 300 s).
 pub fn plan(spec: &MixSpec, n: usize) -> Vec<Planned> {
     let mut rng = rand::rng();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     (0..n)
-        .map(|_| {
+        .map(|i| {
             let route = pick(
                 &mut rng,
                 &[
@@ -147,6 +159,7 @@ pub fn plan(spec: &MixSpec, n: usize) -> Vec<Planned> {
                     (spec.event, 1),
                     (spec.click, 2),
                     (spec.beacon, 3),
+                    (spec.postback, 4),
                 ],
             );
             let kind = pick(
@@ -193,6 +206,24 @@ pub fn plan(spec: &MixSpec, n: usize) -> Vec<Planned> {
                     content_type: None,
                     json_reply: false,
                 },
+                4 => {
+                    let query = adtrack_proto::postback::signed_query(
+                        BENCH_POSTBACK_SECRET.as_bytes(),
+                        &format!(
+                            "click_id={}&txid=B-{i}-{}&value=9.99&currency=USD&ts={now}",
+                            adtrack_proto::event::new_event_id(),
+                            rng.random_range(0..1_000_000_000u64)
+                        ),
+                    );
+                    Planned {
+                        method: "GET",
+                        path: format!("/v1/postback/{id}?{query}"),
+                        user_agent: "adtrack-bench postback",
+                        body: Bytes::new(),
+                        content_type: None,
+                        json_reply: true,
+                    }
+                }
                 _ => Planned {
                     method: "POST",
                     path: "/v1/events".to_owned(),

@@ -39,7 +39,8 @@ pub async fn seed(env: &HashMap<String, String>, n: u32) -> Result<()> {
         Program::from_json(&serde_json::json!({
             "programId": id, "programName": "bench", "checksum": "c", "customerId": 7,
             "customerName": "Bench Inc.", "valid": valid,
-            "allowedRedirectHosts": ["shop.example.com"]
+            "allowedRedirectHosts": ["shop.example.com"],
+            "postbackSecret": crate::mix::BENCH_POSTBACK_SECRET
         }))
     };
     let mut batch = Vec::with_capacity(10_000);
