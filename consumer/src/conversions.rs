@@ -355,12 +355,11 @@ impl Settler<'_> {
 
     /// Records one conversion (see the module docs).
     async fn record(&self, conv: Conversion) -> Result<Recorded, Unsettled> {
+        // A read refused for good finds no click: the conversion is still
+        // recorded (unattributed, waiting for it).
         let click = match conv.click_id.as_str() {
             "" => None,
-            id => match self.click(id).await? {
-                Some(found) => found,
-                None => return Ok(Recorded::Refused),
-            },
+            id => self.click(id).await?.flatten(),
         };
         let attribution = attribute(&conv, click.as_ref());
         let id = conv.conversion_id();

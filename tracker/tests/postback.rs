@@ -68,6 +68,20 @@ async fn signed_postbacks_are_taken_and_everything_else_refused() {
         "each postback is an event of its own"
     );
 
+    // A browser's privacy signal does not apply to a server's postback.
+    let q = format!("txid=T-1002&ts={ts}");
+    let r = http
+        .request(
+            "GET",
+            &postback("spring", &signed_query(b"spring-secret-0123456789", &q)),
+            &[("dnt", "1")],
+            b"",
+        )
+        .await
+        .expect("postback");
+    assert_eq!(r.status, 200);
+    let with_dnt = r.json()["eventId"].as_str().expect("id").to_owned();
+
     // Refused, each with its code; none of them ships anything.
     let unsigned = format!("txid=T-1&ts={ts}");
     let cases: Vec<(String, u16, &str)> = vec![
@@ -197,7 +211,9 @@ async fn signed_postbacks_are_taken_and_everything_else_refused() {
     assert_eq!(r.status, 405);
 
     // The accepted postbacks are conversion events carrying what they said.
-    let found = stream_events(&stack, &[&conversion_id, &repeat_id, &click_id]).await;
+    let found = stream_events(&stack, &[&conversion_id, &repeat_id, &click_id, &with_dnt]).await;
+    assert!(!found[&with_dnt].privacy_restricted);
+    assert!(!found[&with_dnt].client_ip.is_empty());
     let ev = &found[&conversion_id];
     assert_eq!(ev.event_type, 3, "conversion");
     assert_eq!(ev.source, "postback");
@@ -218,11 +234,11 @@ async fn signed_postbacks_are_taken_and_everything_else_refused() {
         click.extra.get("utm_campaign").map(String::as_str),
         Some("s1")
     );
-    // Two conversions and one click: nothing from the refused ones.
+    // Three conversions and one click: nothing from the refused ones.
     let all = read_stream_events(&stack.kinesis.url())
         .await
         .expect("stream");
-    assert_eq!(all.len(), 3, "refused postbacks ship nothing");
+    assert_eq!(all.len(), 4, "refused postbacks ship nothing");
 
     let metrics = t.metrics().await;
     for (reason, n) in [

@@ -138,7 +138,10 @@ pub async fn handle<B>(
     let conversion_id = format!("{}#{}", id.as_str(), conversion.transaction_id);
     // `type` is the route's own here.
     params.0.remove("type");
-    let client = ClientInfo::from_request(req.headers(), peer, state);
+    let mut client = ClientInfo::from_request(req.headers(), peer, state);
+    // A server reports the conversion: a browser's DNT or GPC signal does
+    // not apply to it, and the conversion must not be lost for one.
+    client.opted_out = false;
     let parts = EventParts {
         id: &id,
         lookup: &lookup,
@@ -151,11 +154,9 @@ pub async fn handle<B>(
     };
     let event_id = match ship(parts, &client, state).await {
         Ok(id) => id,
-        // A server's postback carries no privacy signal that applies to it;
-        // a policy of `skip` still drops it (counted).
-        Err(NotShipped::OptedOut) => http::HeaderValue::from_static(""),
-        Err(NotShipped::Queue(_)) => return Err(ApiError::Overloaded),
         Err(NotShipped::TooLarge(n)) => return Err(ApiError::EventTooLarge(n)),
+        // The queue is full (an opt-out cannot happen here).
+        Err(NotShipped::Queue(_) | NotShipped::OptedOut) => return Err(ApiError::Overloaded),
     };
     let body = serde_json::to_vec(&PostbackReply {
         event_id: event_id.to_str().unwrap_or_default(),
