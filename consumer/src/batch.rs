@@ -4,7 +4,9 @@
 //! (or that DynamoDB refused for good), and, when writing fails, the first
 //! record not fully written, so the caller resumes exactly there. Memory is
 //! bounded whatever a page holds: items are written in parts of at most
-//! 2,000.
+//! 2,000, and a consumer that is stopping ends the page after the part it
+//! is writing (a page of conversions takes a while), leaving the rest to be
+//! read again.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
@@ -131,9 +133,16 @@ pub async fn process(
                             });
                         }
                     }
-                    if held.len() >= FLUSH_ITEMS && !w.flush(records, &mut held, &mut outcome).await
-                    {
-                        return outcome;
+                    if held.len() >= FLUSH_ITEMS {
+                        if !w.flush(records, &mut held, &mut outcome).await {
+                            return outcome;
+                        }
+                        // Stopping: what is written is done; this record
+                        // (partly written) and the rest are read again.
+                        if stop.is_cancelled() {
+                            outcome.first_failed = Some(index);
+                            return outcome;
+                        }
                     }
                 }
                 Err(e) => {

@@ -58,6 +58,9 @@ const CLOCK_SKEW_MS: i64 = 60_000;
 const MAX_KEYS_PER_GET: usize = 100;
 /// Conversions named by one marker at most (a marker stays a small item).
 const MAX_AWAITING: usize = 100;
+/// Single-item calls in flight per BatchWriteItem call allowed
+/// (`CONSUMER_WRITE_CONCURRENCY`).
+const CALLS_PER_BATCH_CALL: usize = 4;
 /// Prefix of the marker items.
 const AWAITING: &str = "awaiting#";
 
@@ -296,7 +299,9 @@ impl Settler<'_> {
         conversions: Vec<Conversion>,
         clicks: Vec<Click>,
     ) -> Result<(), usize> {
-        let concurrency = self.tables.write_concurrency.max(1);
+        // One item per call (a batch write carries 25): more of them in
+        // flight for the same load on the table.
+        let concurrency = self.tables.write_concurrency.max(1) * CALLS_PER_BATCH_CALL;
         let results: Vec<(usize, Result<Recorded, Unsettled>)> =
             futures_util::stream::iter(conversions.into_iter().map(|c| async move {
                 let record = c.record;

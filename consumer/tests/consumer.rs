@@ -597,6 +597,37 @@ async fn lambda_matches_conversions_with_clicks_read_before_or_after() {
     assert_eq!(c.len(), 3, "one item per transaction, no marker left");
 }
 
+/// A stopping consumer ends a long page at its next part (2,000 items)
+/// instead of writing all of it: what it reports done is written, and the
+/// rest is left to be read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_batch_ends_at_its_next_part() {
+    let stack = Stack::start(1).expect("stack");
+    let client = dynamodb_client(&stack.dynamodb.url());
+    let records: Vec<adtrack_reader::Record> = (0..3_000)
+        .map(|i| adtrack_reader::Record {
+            shard_id: "shardId-000000000000".into(),
+            sequence_number: format!("{i:05}"),
+            data: Bytes::from(event(&format!("stop-{i}"))),
+            arrival_ms: None,
+        })
+        .collect();
+    let stop = tokio_util::sync::CancellationToken::new();
+    stop.cancel();
+    let outcome =
+        adtrack_consumer::batch::process(&client, &lambda_tables(), &records, &stop).await;
+    let done = outcome.first_failed.expect("stopped before the end");
+    assert!(done < records.len());
+    let ids: HashSet<String> = event_ids(&stack).await.into_iter().collect();
+    for i in 0..done {
+        assert!(
+            ids.contains(&format!("stop-{i}")),
+            "record {i} reported done"
+        );
+    }
+    assert!(ids.len() < records.len(), "the rest was not written");
+}
+
 /// The real `consumer-lambda` binary (deployed as `bootstrap`) as Lambda
 /// runs it, through a runtime API emulator: the partial batch response on
 /// the wire names the first record not written, a poison record is
