@@ -64,6 +64,9 @@ pub const KINESIS_CALL_DURATION: &str = "adtrack_kinesis_put_records_duration_se
 pub const BOUNDS_BREACHED: &str = "adtrack_bounds_breached_total";
 /// Click redirects refused because the host is not allowed.
 pub const REDIRECTS_REFUSED: &str = "adtrack_redirects_refused_total";
+/// Top-level fields of batch events other than the known ones, kept as
+/// extra parameters.
+pub const BATCH_EXTRA_FIELDS: &str = "adtrack_batch_extra_fields_total";
 /// Postbacks refused for their signature, timestamp or program, by `reason`
 /// (missing_signature, bad_signature, expired_timestamp, postbacks_disabled).
 pub const POSTBACKS_REFUSED: &str = "adtrack_postbacks_refused_total";
@@ -105,20 +108,21 @@ pub enum Route {
     Event,
     Batch,
     Postback,
+    Tag,
     Health,
     Unknown,
     /// Refused before routing (bounds).
     None,
 }
 
-const ROUTES: [&str; 8] = [
-    "pixel", "click", "event", "batch", "postback", "health", "unknown", "none",
+const ROUTES: [&str; 9] = [
+    "pixel", "click", "event", "batch", "postback", "tag", "health", "unknown", "none",
 ];
 
 /// Statuses, as the `status` label names them.
-const STATUSES: [&str; 15] = [
-    "200", "202", "204", "302", "400", "401", "403", "404", "405", "408", "413", "414", "431",
-    "503", "other",
+const STATUSES: [&str; 16] = [
+    "200", "202", "204", "302", "304", "400", "401", "403", "404", "405", "408", "413", "414",
+    "431", "503", "other",
 ];
 
 /// Index of a status in [`STATUSES`].
@@ -128,17 +132,18 @@ fn status_index(status: http::StatusCode) -> usize {
         202 => 1,
         204 => 2,
         302 => 3,
-        400 => 4,
-        401 => 5,
-        403 => 6,
-        404 => 7,
-        405 => 8,
-        408 => 9,
-        413 => 10,
-        414 => 11,
-        431 => 12,
-        503 => 13,
-        _ => 14,
+        304 => 4,
+        400 => 5,
+        401 => 6,
+        403 => 7,
+        404 => 8,
+        405 => 9,
+        408 => 10,
+        413 => 11,
+        414 => 12,
+        431 => 13,
+        503 => 14,
+        _ => 15,
     }
 }
 

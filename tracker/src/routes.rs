@@ -7,6 +7,7 @@ pub mod event;
 pub mod health;
 pub mod pixel;
 pub mod postback;
+pub mod tag;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -80,6 +81,7 @@ where
     } else {
         match path {
             "/v1/events" => (Route::Batch, batch::handle(req, state, peer).await),
+            "/v1/tag.js" => (Route::Tag, tag::handle(&req)),
             "/health/live" => (Route::Health, Ok(health::live(&state.health))),
             "/health/ready" | "/health/check" => (Route::Health, Ok(health::ready(&state.health))),
             _ => (Route::Unknown, Err(ApiError::NotFound)),

@@ -101,8 +101,10 @@ async fn batch_and_beacon_posts_with_per_event_results() {
         {"programId":"999999"},
         {"programId":"bad id"},
         {"programId":"212315"},
-        {"programId":"212313","colour":"red"},
-        {"programId":"212313","type":"teleport"}
+        {"programId":"212313","colour":"red","size":42,"ok":true,"none":null},
+        {"programId":"212313","type":"teleport"},
+        {"programId":"212313","nested":{"a":1}},
+        {"programId":"212313","order":"x","params":{"order":"y"}}
     ]"#;
     let r = http
         .request(
@@ -124,7 +126,7 @@ async fn batch_and_beacon_posts_with_per_event_results() {
     let j = r.json();
     assert_eq!(
         (j["accepted"].as_u64(), j["rejected"].as_u64()),
-        (Some(1), Some(5))
+        (Some(2), Some(6))
     );
     let results = j["results"].as_array().expect("results");
     let errors: Vec<&str> = results
@@ -138,14 +140,29 @@ async fn batch_and_beacon_posts_with_per_event_results() {
             "unknown_program",
             "malformed_program_id",
             "inactive_program",
+            "",
+            "bad_query",
             "bad_body",
-            "bad_query"
+            "bad_body"
         ]
     );
+    // Only what cannot be stored is refused, and the reply names the field.
+    assert!(
+        results[6]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("nested"))
+    );
+    assert!(
+        results[7]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("order"))
+    );
     let conversion_id = results[0]["eventId"].as_str().expect("id").to_owned();
+    let extra_id = results[4]["eventId"].as_str().expect("id").to_owned();
 
-    // sendBeacon: text/plain JSON lines, no preflight.
-    let beacon = "{\"programId\":\"212313\",\"type\":\"viewable\"}\n{\"programId\":\"212314\"}\n";
+    // sendBeacon: text/plain JSON lines, no preflight; a field the tracker
+    // does not know is kept, not a reason to lose the event.
+    let beacon = "{\"programId\":\"212313\",\"type\":\"viewable\"}\n{\"programId\":\"212314\",\"src\":\"newsletter\"}\n";
     let r = http
         .request(
             "POST",
@@ -213,6 +230,7 @@ async fn batch_and_beacon_posts_with_per_event_results() {
 
     let mut ids = beacon_ids.clone();
     ids.push(conversion_id.clone());
+    ids.push(extra_id.clone());
     let found = stream_events(&stack, &ids).await;
     let conv = &found[&conversion_id];
     assert_eq!(conv.event_type, 3, "conversion");
@@ -220,6 +238,19 @@ async fn batch_and_beacon_posts_with_per_event_results() {
     assert_eq!(conv.extra.get("order").map(String::as_str), Some("o-1"));
     assert_eq!(conv.source, "batch");
     assert_eq!(found[&beacon_ids[0]].event_type, 4, "viewable");
+    assert_eq!(
+        found[&beacon_ids[1]].extra.get("src").map(String::as_str),
+        Some("newsletter")
+    );
+    let extra = &found[&extra_id].extra;
+    for (k, v) in [("colour", "red"), ("size", "42"), ("ok", "true")] {
+        assert_eq!(extra.get(k).map(String::as_str), Some(v), "{k}");
+    }
+    assert!(!extra.contains_key("none"), "null carries nothing");
+    assert_eq!(
+        adtrack_testkit::metric_sum(&t.metrics().await, "adtrack_batch_extra_fields_total", &[]),
+        4.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,12 @@
 //!
 //! Each event: `{"programId": "...", "type": "click", "page": "...",
 //! "referrer": "...", "params": {"k": "v"}}`; only `programId` is required.
+//! Any other top-level field holding a string, a number or a boolean goes
+//! into the event's extra parameters like a `params` entry (same bounds),
+//! and is counted: a beacon cannot read its answer, so a harmless extra
+//! field must not cost the event. A field that cannot be stored there (an
+//! object or an array, or a name `params` already has) refuses the event
+//! with the field named.
 
 use std::borrow::Cow;
 use std::cell::Cell;
@@ -34,7 +40,7 @@ use crate::ingest::{ClientInfo, EventParts, build_event, now, outcome_of, store,
 use crate::metric::{self, Outcome};
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 struct BatchEvent {
     program_id: String,
     #[serde(rename = "type")]
@@ -42,6 +48,39 @@ struct BatchEvent {
     page: Option<String>,
     referrer: Option<String>,
     params: Option<BTreeMap<String, String>>,
+    /// Every other top-level field.
+    #[serde(flatten)]
+    other: BTreeMap<String, Value>,
+}
+
+/// Moves the other top-level fields of an event into its parameters
+/// (checked with them afterwards); returns how many it moved.
+fn merge_other_fields(
+    params: &mut BTreeMap<String, String>,
+    other: BTreeMap<String, Value>,
+) -> Result<u64, String> {
+    let mut moved = 0;
+    for (k, v) in other {
+        let text = match v {
+            Value::Null => continue,
+            Value::String(s) => s,
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            Value::Array(_) | Value::Object(_) => {
+                return Err(format!(
+                    "field {k:?} is not a string, number or boolean (put structured data in params as text)"
+                ));
+            }
+        };
+        if params.contains_key(&k) {
+            return Err(format!(
+                "field {k:?} is given both as a field and in params"
+            ));
+        }
+        params.insert(k, text);
+        moved += 1;
+    }
+    Ok(moved)
 }
 
 #[derive(Debug, Serialize)]
@@ -270,7 +309,12 @@ fn parse_event(index: usize, value: Value) -> Result<Prepared, ApiError> {
     }
     let id =
         ProgramId::parse(&item.program_id).map_err(|e| ApiError::MalformedId(e.to_string()))?;
-    let mut params = check_params(item.params.unwrap_or_default()).map_err(ApiError::BadBody)?;
+    let mut params = item.params.unwrap_or_default();
+    let moved = merge_other_fields(&mut params, item.other).map_err(ApiError::BadBody)?;
+    let mut params = check_params(params).map_err(ApiError::BadBody)?;
+    if moved > 0 {
+        metrics::counter!(metric::BATCH_EXTRA_FIELDS).increment(moved);
+    }
     let event_type = match item.event_type.as_deref() {
         None => EventType::Custom,
         Some(t) => EventType::from_param(t)
