@@ -19,6 +19,8 @@ pub struct Limits {
     pub body_timeout: std::time::Duration,
     /// How long a batch's program lookups may take together.
     pub lookup_deadline: std::time::Duration,
+    /// Another prefix of the public routes (empty: none).
+    pub path_prefix: String,
 }
 
 /// What every request handler shares.

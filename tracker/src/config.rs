@@ -12,6 +12,25 @@ fn parse_cors(s: &str) -> Result<CorsPolicy, String> {
     CorsPolicy::parse(s)
 }
 
+/// A path prefix: empty, or `/` and up to 63 of `A-Z a-z 0-9 - . _ ~ /`,
+/// not ending in `/`.
+fn parse_prefix(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Ok(String::new());
+    }
+    let ok = s.starts_with('/')
+        && !s.ends_with('/')
+        && s.len() <= 64
+        && !s.contains("//")
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/'));
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err("expected empty or a path such as /t or /a/b (letters, digits, - . _ ~), without a trailing /".into())
+    }
+}
+
 /// adtrack tracker: validates each hit against the program cache, replies at
 /// once and ships the event to Kinesis in the background.
 ///
@@ -184,6 +203,12 @@ pub struct Config {
     /// comma-separated list such as `https://shop.example.com`.
     #[arg(long, env = "TRACKER_CORS_ORIGINS", value_name = "TRACKER_CORS_ORIGINS", default_value = "", value_parser = parse_cors)]
     pub cors_origins: CorsPolicy,
+
+    /// Another prefix the public routes are also served under (`/t` serves
+    /// `/t/v1/pixel/{id}`, `/t/v1/tag.js`, ...), for paths ad blockers do
+    /// not list; the unprefixed paths keep working. Health paths have none.
+    #[arg(long, env = "TRACKER_PATH_PREFIX", value_name = "TRACKER_PATH_PREFIX", default_value = "", value_parser = parse_prefix)]
+    pub path_prefix: String,
 
     /// What `DNT: 1` or `Sec-GPC: 1` does: `strip` (drop client IP, user
     /// agent and identifier parameters), `skip` (ship no event), `ignore`.

@@ -147,6 +147,7 @@ pub async fn run(
             body_timeout: config.body_timeout(),
             // One Redis timeout for the whole batch (and a little for the rest).
             lookup_deadline: config.redis_timeout() + Duration::from_millis(50),
+            path_prefix: config.path_prefix.clone(),
         },
         meters: metric::RequestMeters::default(),
     });

@@ -49,6 +49,17 @@ where
     Ok(resp)
 }
 
+/// The route's path: without the configured prefix when it has it.
+fn public_path<'a>(path: &'a str, prefix: &str) -> &'a str {
+    if prefix.is_empty() {
+        return path;
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) if rest.starts_with('/') => rest,
+        _ => path,
+    }
+}
+
 async fn dispatch<B>(
     req: Request<B>,
     state: &AppState,
@@ -66,7 +77,7 @@ where
             Err(ApiError::UriTooLong(state.limits.max_uri_bytes)),
         );
     }
-    let path = req.uri().path();
+    let path = public_path(req.uri().path(), &state.limits.path_prefix);
     if let Some(id) = path.strip_prefix("/v1/pixel/") {
         (Route::Pixel, pixel::handle(&req, id, state, peer).await)
     } else if let Some(id) = path.strip_prefix("/v1/click/") {
@@ -82,8 +93,12 @@ where
         match path {
             "/v1/events" => (Route::Batch, batch::handle(req, state, peer).await),
             "/v1/tag.js" => (Route::Tag, tag::handle(&req)),
-            "/health/live" => (Route::Health, Ok(health::live(&state.health))),
-            "/health/ready" | "/health/check" => (Route::Health, Ok(health::ready(&state.health))),
+            "/health/live" if path.len() == req.uri().path().len() => {
+                (Route::Health, Ok(health::live(&state.health)))
+            }
+            "/health/ready" | "/health/check" if path.len() == req.uri().path().len() => {
+                (Route::Health, Ok(health::ready(&state.health)))
+            }
             _ => (Route::Unknown, Err(ApiError::NotFound)),
         }
     }

@@ -72,3 +72,12 @@ fn a_memory_age_bound_within_the_linger_is_refused_at_start() {
     assert!(stderr.contains("TRACKER_MEMORY_MAX_AGE_MS"), "{stderr}");
     assert!(stderr.contains("TRACKER_BATCH_LINGER_MS"), "{stderr}");
 }
+
+#[test]
+fn a_bad_path_prefix_names_its_variable() {
+    for bad in ["t", "/t/", "/a//b", "/t?x", "/t%20"] {
+        let (code, stderr) = start_with(&[("TRACKER_PATH_PREFIX", bad)]);
+        assert_eq!(code, Some(2), "{bad}: {stderr}");
+        assert!(stderr.contains("TRACKER_PATH_PREFIX"), "{stderr}");
+    }
+}

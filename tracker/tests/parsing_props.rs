@@ -77,6 +77,7 @@ async fn state(redis: &Redis) -> (Arc<AppState>, delivery::Engine) {
             max_batch_events: 50,
             body_timeout: Duration::from_secs(5),
             lookup_deadline: Duration::from_secs(2),
+            path_prefix: String::new(),
         },
         meters: Default::default(),
     };

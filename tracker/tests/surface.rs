@@ -361,3 +361,37 @@ fn percent(s: &str) -> String {
         })
         .collect()
 }
+
+/// Another prefix for the public routes (paths ad blockers do not list):
+/// the routes answer under it and without it; health has none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_routes_answer_under_a_configured_prefix() {
+    let (stack, t) = setup(&[("TRACKER_PATH_PREFIX", "/t/x")]).await;
+    let http = Http::new();
+    let prefixed = http
+        .get(&t.url("/t/x/v1/pixel/212312?campaign=p"))
+        .await
+        .expect("pixel");
+    assert_eq!(prefixed.status, 200);
+    let id = prefixed.header("x-event-id").expect("an event");
+    let plain = http.get(&t.url("/v1/pixel/212312")).await.expect("pixel");
+    assert!(
+        plain.header("x-event-id").is_some(),
+        "the default paths still work"
+    );
+    let tag = http.get(&t.url("/t/x/v1/tag.js")).await.expect("tag");
+    assert_eq!(tag.status, 200);
+    for path in [
+        "/t/x/health/live",
+        "/t/v1/pixel/212312",
+        "/t/xv1/pixel/212312",
+    ] {
+        let r = http.get(&t.url(path)).await.expect("get");
+        assert_eq!(r.status, 404, "{path}");
+    }
+    let found = stream_events(&stack, &[id]).await;
+    assert_eq!(
+        found.values().next().map(|e| e.source.as_str()),
+        Some("pixel")
+    );
+}
