@@ -1,5 +1,6 @@
-//! The admin port: Prometheus metrics, health and cache stats. Nothing here
-//! (or anywhere) flushes or fills the cache.
+//! The admin port: Prometheus metrics, health, cache stats and the public
+//! port's API contract (`/openapi.json`). Nothing here (or anywhere)
+//! flushes or fills the cache.
 
 use std::sync::Arc;
 
@@ -43,6 +44,15 @@ fn route<B>(req: &Request<B>, state: &AdminState) -> Response<Body> {
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             resp
         }
+        "/openapi.json" => {
+            let mut resp = Response::new(Full::new(Bytes::from_static(OPENAPI_JSON.as_bytes())));
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            resp
+        }
         _ => adtrack_service::metrics_endpoint::not_found(),
     }
 }
+
+/// The public port's API contract (`tracker/openapi.yaml`, as JSON).
+pub const OPENAPI_JSON: &str = include_str!("../openapi.json");
