@@ -116,7 +116,7 @@ pub async fn process(
                 if let Some(c) = Conversion::of(&ev, index) {
                     held.conversions.push(c);
                 }
-                if let Some(c) = Click::of(&ev) {
+                if let Some(c) = Click::of(&ev, index) {
                     held.clicks.push(c);
                 }
                 let id = ev.message_id.clone();
@@ -191,26 +191,46 @@ impl Writer<'_> {
                 .map(|(i, item)| (false, i, item)),
         );
         let refused = self.write_all(all, outcome).await;
+        let (conversions, clicks) = (
+            std::mem::take(&mut held.conversions),
+            std::mem::take(&mut held.clicks),
+        );
         if outcome.first_failed.is_some() {
+            // Their conversions and clicks are not settled either: read
+            // again from the first record that has one.
+            let first = conversions
+                .iter()
+                .map(|c| c.record)
+                .chain(clicks.iter().map(|c| c.record))
+                .min();
+            lower_first_failed(outcome, first);
             return false;
         }
+        self.dead_letter_refused(records, held, refused, outcome)
+            .await;
         // The events are durable: now their conversions and late clicks.
         let settler = Settler {
             client: self.client,
             tables: self.tables,
             stop: self.stop,
         };
-        let (conversions, clicks) = (
-            std::mem::take(&mut held.conversions),
-            std::mem::take(&mut held.clicks),
-        );
         // Boxed: the settling future is deep, and every front-end's future
         // would otherwise carry its whole layout.
         if let Err(record) = Box::pin(settler.settle(conversions, clicks)).await {
-            outcome.first_failed = Some(outcome.first_failed.map_or(record, |f| f.min(record)));
-            return false;
+            lower_first_failed(outcome, Some(record));
         }
-        // Events refused for good: one dead letter per record they came from.
+        outcome.first_failed.is_none()
+    }
+
+    /// Events DynamoDB refused for good: one dead letter per record they
+    /// came from.
+    async fn dead_letter_refused(
+        &self,
+        records: &[Record],
+        held: &Held,
+        refused: Vec<(bool, usize, Refused)>,
+        outcome: &mut BatchOutcome,
+    ) {
         let mut by_record: BTreeMap<usize, (usize, String)> = BTreeMap::new();
         for (is_event, record, r) in refused {
             if is_event {
@@ -221,7 +241,7 @@ impl Writer<'_> {
             }
         }
         if by_record.is_empty() {
-            return true;
+            return;
         }
         let dead: Vec<(bool, usize, Item)> = by_record
             .into_iter()
@@ -240,7 +260,6 @@ impl Writer<'_> {
         for (_, _, r) in self.write_all(dead, outcome).await {
             dead_letter_refused(&r);
         }
-        outcome.first_failed.is_none()
     }
 
     /// Writes items (events and dead letters, each with its record), 25 per
@@ -330,6 +349,13 @@ impl Writer<'_> {
             }
         }
         refused_all
+    }
+}
+
+/// Moves `first_failed` back to `record` if that is earlier.
+fn lower_first_failed(outcome: &mut BatchOutcome, record: Option<usize>) {
+    if let Some(r) = record {
+        outcome.first_failed = Some(outcome.first_failed.map_or(r, |f| f.min(r)));
     }
 }
 

@@ -25,7 +25,7 @@
 //!
 //! Shards lag independently, so a conversion can be read before its click.
 //! Its item is then written `click_not_found` and a marker item
-//! `awaiting#{clickId}` (no `programId`, so not in the index) names it in
+//! `~awaiting#{clickId}` (no `programId`, so not in the index) names it in
 //! `conversionIds` until `awaitUntil` (`CONSUMER_CLICK_WAIT_SECS` after it
 //! was recorded). Every click the consumer writes is looked up among the
 //! markers (one `BatchGetItem` per 100 clicks); a marker found attributes
@@ -34,7 +34,7 @@
 //! once more, so a click written between the two steps is not missed.
 //! Every step is idempotent, so a batch read again settles the same way.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
@@ -61,8 +61,11 @@ const MAX_AWAITING: usize = 100;
 /// Single-item calls in flight per BatchWriteItem call allowed
 /// (`CONSUMER_WRITE_CONCURRENCY`).
 const CALLS_PER_BATCH_CALL: usize = 4;
-/// Prefix of the marker items.
-const AWAITING: &str = "awaiting#";
+/// Prefix of the marker items: `~` is never in a program id, so no
+/// conversion id can be a marker's.
+const AWAITING: &str = "~awaiting#";
+/// The route of click redirects, the only clicks attributed.
+const CLICK_SOURCE: &str = "click";
 
 /// A conversion event, as the consumer needs it, with the index of its
 /// Kinesis record.
@@ -109,22 +112,31 @@ impl Conversion {
 /// A click as the events table holds it (what attribution reads).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Click {
+    /// The Kinesis record it was read from (0 when read from the table).
+    pub record: usize,
     pub event_id: String,
     pub program_id: String,
     pub event_type: String,
+    /// The route that took it: only the click redirect (`click`) makes a
+    /// click a conversion can be attributed to (a page can post events of
+    /// type click, and would learn their ids).
+    pub source: String,
     pub ts: i64,
     pub params: HashMap<String, String>,
 }
 
 impl Click {
-    /// A valid click event the consumer writes (for late matching).
-    pub fn of(ev: &TrackingEvent) -> Option<Self> {
+    /// A valid click redirect the consumer writes (for late matching).
+    pub fn of(ev: &TrackingEvent, record: usize) -> Option<Self> {
         let is_click = ev.event_type == EventType::Click as i32
+            && ev.source == CLICK_SOURCE
             && ev.validation == ValidationOutcome::Valid as i32;
         is_click.then(|| Self {
+            record,
             event_id: ev.message_id.clone(),
             program_id: ev.programid.clone(),
             event_type: EventType::Click.name().to_owned(),
+            source: ev.source.clone(),
             ts: ev.timestamp_ms,
             params: ev.extra.clone().into_iter().collect(),
         })
@@ -138,9 +150,11 @@ impl Click {
                 .unwrap_or_default()
         };
         Self {
+            record: 0,
             event_id: event_id.to_owned(),
             program_id: s("programId"),
             event_type: s("eventType"),
+            source: s("source"),
             ts: number(item, "ts").unwrap_or(0),
             params: item
                 .get("extra")
@@ -177,7 +191,9 @@ pub fn attribute(conv: &Conversion, click: Option<&Click>) -> Attribution {
     if conv.click_id.is_empty() {
         return Attribution::Unattributed("no_click_id");
     }
-    let Some(click) = click.filter(|c| c.event_type == EventType::Click.name()) else {
+    let Some(click) =
+        click.filter(|c| c.event_type == EventType::Click.name() && c.source == CLICK_SOURCE)
+    else {
         return Attribution::Unattributed("click_not_found");
     };
     if click.program_id != conv.program_id {
@@ -302,16 +318,34 @@ impl Settler<'_> {
         // One item per call (a batch write carries 25): more of them in
         // flight for the same load on the table.
         let concurrency = self.tables.write_concurrency.max(1) * CALLS_PER_BATCH_CALL;
-        let results: Vec<(usize, Result<Recorded, Unsettled>)> =
-            futures_util::stream::iter(conversions.into_iter().map(|c| async move {
-                let record = c.record;
-                (record, self.record(c).await)
+        // The postbacks of one transaction one after another, in the order
+        // they were read, so the first one read wins; transactions in
+        // parallel. A failure leaves the rest of its transaction to the
+        // reading again (from the failed record).
+        let mut by_id: BTreeMap<String, Vec<Conversion>> = BTreeMap::new();
+        for c in conversions {
+            by_id.entry(c.conversion_id()).or_default().push(c);
+        }
+        let results: Vec<Vec<(usize, Result<Recorded, Unsettled>)>> =
+            futures_util::stream::iter(by_id.into_values().map(|mut group| async move {
+                group.sort_by_key(|c| c.record);
+                let mut done = Vec::with_capacity(group.len());
+                for c in group {
+                    let record = c.record;
+                    let r = self.record(c).await;
+                    let failed = r.is_err();
+                    done.push((record, r));
+                    if failed {
+                        break;
+                    }
+                }
+                done
             }))
             .buffer_unordered(concurrency)
             .collect()
             .await;
         let mut first_failed: Option<usize> = None;
-        for (record, r) in results {
+        for (record, r) in results.into_iter().flatten() {
             match r {
                 Ok(recorded) => {
                     let result = match recorded {
@@ -329,15 +363,16 @@ impl Settler<'_> {
                 }
             }
         }
-        if let Some(f) = first_failed {
-            return Err(f);
-        }
-        // Clicks only once every conversion before them is settled; a
-        // failure here leaves the clicks' records to be read again.
-        self.late_clicks(clicks).await.map_err(|e| {
+        // The clicks whatever became of the conversions: their records may
+        // come before the first failed one, and would not be read again.
+        let first_click = clicks.iter().map(|c| c.record).min();
+        if let Err(e) = self.late_clicks(clicks).await {
             tracing::warn!(error = %e, "late clicks not matched");
-            0
-        })
+            if let Some(r) = first_click {
+                first_failed = Some(first_failed.map_or(r, |f| f.min(r)));
+            }
+        }
+        first_failed.map_or(Ok(()), Err)
     }
 
     /// The click an event id names, from the events table (consistent).
@@ -349,7 +384,8 @@ impl Settler<'_> {
                 .table_name(&self.tables.events)
                 .key("eventId", AttributeValue::S(event_id.to_owned()))
                 .consistent_read(true)
-                .projection_expression("programId, eventType, ts, extra")
+                .projection_expression("programId, eventType, #s, ts, extra, validation")
+                .expression_attribute_names("#s", "source")
                 .send()
                 .await
                 .map_err(|e| classify(&e))?;
@@ -389,11 +425,14 @@ impl Settler<'_> {
                 if self.add_duplicate(&id, &conv.event_id).await? {
                     return Ok(Recorded::Duplicate);
                 }
-                // Its own event read again: redo the follow-ups below (each
-                // is idempotent), in case the first reading stopped before them.
-                if let Attribution::Attributed { .. } = attribution {
-                    self.late_attribute(&id, &attribution).await?;
+                // Another postback's item (a duplicate read again, or past
+                // the cap of duplicates kept): nothing of this one counts.
+                if self.owner(&id).await?.as_deref() != Some(conv.event_id.as_str()) {
+                    return Ok(Recorded::Duplicate);
                 }
+                // Its own event read again: redo the follow-ups (each is
+                // idempotent), in case the first reading stopped before them.
+                self.late_attribute(&id, &attribution).await?;
                 Recorded::Replayed
             }
         };
@@ -401,6 +440,27 @@ impl Settler<'_> {
             self.await_click(&conv, &id).await?;
         }
         Ok(recorded)
+    }
+
+    /// The event id of the postback whose item `id` is (consistent).
+    async fn owner(&self, id: &str) -> Result<Option<String>, Unsettled> {
+        let item = self
+            .call("GetItem conversion owner", || async {
+                self.client
+                    .get_item()
+                    .table_name(&self.tables.conversions)
+                    .key("conversionId", AttributeValue::S(id.to_owned()))
+                    .consistent_read(true)
+                    .projection_expression("eventId")
+                    .send()
+                    .await
+                    .map(|o| o.item)
+                    .map_err(|e| classify(&e))
+            })
+            .await?;
+        Ok(item
+            .flatten()
+            .and_then(|i| i.get("eventId").and_then(|v| v.as_s().ok()).cloned()))
     }
 
     /// Adds a duplicate postback's event id to the item; false when the
@@ -541,7 +601,9 @@ impl Settler<'_> {
                         .cloned()
                         .unwrap_or_default();
                     for id in ids {
-                        if let Some(conv) = self.waiting_conversion(&id, &click.event_id).await? {
+                        let waiting = self.waiting_conversion(&id).await?;
+                        // Only a conversion that names this very click.
+                        if let Some(conv) = waiting.filter(|c| c.click_id == click.event_id) {
                             self.late_attribute(&id, &attribute(&conv, Some(click)))
                                 .await?;
                         }
@@ -607,12 +669,8 @@ impl Settler<'_> {
         Ok(found)
     }
 
-    /// A conversion waiting for `click_id`, read back from its item.
-    async fn waiting_conversion(
-        &self,
-        id: &str,
-        click_id: &str,
-    ) -> Result<Option<Conversion>, Unsettled> {
+    /// A conversion, read back from its item.
+    async fn waiting_conversion(&self, id: &str) -> Result<Option<Conversion>, Unsettled> {
         let item = self
             .call("GetItem conversion", || async {
                 self.client
@@ -642,7 +700,7 @@ impl Settler<'_> {
             customer_id: 0,
             ts: number(&item, "ts").unwrap_or(0),
             txid: s("txid"),
-            click_id: click_id.to_owned(),
+            click_id: s("clickId"),
             value: String::new(),
             currency: String::new(),
             window_days: number(&item, "attributionWindowDays").unwrap_or(0) as u32,
@@ -760,9 +818,11 @@ mod tests {
 
     fn click(program: &str, ts: i64) -> Click {
         Click {
+            record: 0,
             event_id: "click-1".into(),
             program_id: program.into(),
             event_type: "click".into(),
+            source: "click".into(),
             ts,
             params: HashMap::from([("utm_campaign".into(), "spring".into())]),
         }
@@ -815,6 +875,13 @@ mod tests {
             attribute(&c, Some(&impression)),
             Attribution::Unattributed("click_not_found"),
             "only a click is attributed"
+        );
+        let mut posted = click("p", 10 * day);
+        posted.source = "batch".into();
+        assert_eq!(
+            attribute(&c, Some(&posted)),
+            Attribution::Unattributed("click_not_found"),
+            "only a click redirect: a page can post events of type click"
         );
     }
 }

@@ -16,8 +16,13 @@
 
   function send() {
     timer = 0;
-    if (!queue.length) return;
-    var body = queue.splice(0, queue.length).map(function (e) {
+    // At most 50 events a request: well inside a beacon's 64 KB and the
+    // tracker's events per batch.
+    while (queue.length) post(queue.splice(0, 50));
+  }
+
+  function post(events) {
+    var body = events.map(function (e) {
       return JSON.stringify(e);
     }).join("\n");
     var sent = false;

@@ -76,9 +76,7 @@ pub async fn handle<B>(
     if let (Ok(event_id), Lookup::Active(p)) = (&shipped, &lookup)
         && let Ok(id) = event_id.to_str()
     {
-        destination
-            .query_pairs_mut()
-            .append_pair(p.click_id_param(), id);
+        destination = with_click_id(destination, p.click_id_param(), id);
     }
     let location =
         HeaderValue::from_str(destination.as_str()).map_err(|_| ApiError::BadRedirectUrl)?;
@@ -91,4 +89,57 @@ pub async fn handle<B>(
         resp.headers_mut().insert(EVENT_ID_HEADER, event_id);
     }
     Ok(resp)
+}
+
+/// The destination with the click id as its parameter `param`: any pair
+/// the destination already had under that name (a stale or forged id) is
+/// dropped, the rest of its query kept byte for byte, its fragment kept.
+fn with_click_id(mut url: url::Url, param: &str, id: &str) -> url::Url {
+    if let Some(query) = url.query() {
+        let kept: Vec<&str> = query
+            .split('&')
+            .filter(|pair| {
+                url::form_urlencoded::parse(pair.as_bytes())
+                    .next()
+                    .is_none_or(|(name, _)| name != param)
+            })
+            .collect();
+        let kept = kept.join("&");
+        url.set_query((!kept.is_empty()).then_some(kept.as_str()));
+    }
+    url.query_pairs_mut().append_pair(param, id);
+    url
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_click_id_replaces_one_already_there() {
+        let add = |dest: &str| {
+            with_click_id(
+                url::Url::parse(dest).expect("url"),
+                "adtrack_click_id",
+                "C1",
+            )
+            .to_string()
+        };
+        assert_eq!(
+            add("https://s.example/p?a=1&b=%20x#top"),
+            "https://s.example/p?a=1&b=%20x&adtrack_click_id=C1#top"
+        );
+        assert_eq!(
+            add("https://s.example/p?adtrack_click_id=forged&a=1&adtrack%5Fclick%5Fid=2"),
+            "https://s.example/p?a=1&adtrack_click_id=C1"
+        );
+        assert_eq!(
+            add("https://s.example/p?adtrack_click_id=x"),
+            "https://s.example/p?adtrack_click_id=C1"
+        );
+        assert_eq!(
+            add("https://s.example/"),
+            "https://s.example/?adtrack_click_id=C1"
+        );
+    }
 }

@@ -37,7 +37,12 @@ pub fn handle<B>(req: &Request<B>) -> Result<Response<Body>, ApiError> {
         .headers()
         .get(IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == tag || t.trim() == "*"));
+        // Weak comparison (RFC 9110): a cache in front may mark it `W/`.
+        .is_some_and(|v| {
+            v.split(',')
+                .map(str::trim)
+                .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == tag)
+        });
     let body = if head || fresh {
         Bytes::new()
     } else {
@@ -86,6 +91,10 @@ mod tests {
         assert_eq!(first.status(), StatusCode::OK);
         let tag = first.headers()[ETAG].to_str().expect("etag").to_owned();
         assert_eq!(get(Some(&tag)).status(), StatusCode::NOT_MODIFIED);
+        assert_eq!(
+            get(Some(&format!("\"x\", W/{tag}"))).status(),
+            StatusCode::NOT_MODIFIED
+        );
         assert_eq!(get(Some("\"other\"")).status(), StatusCode::OK);
     }
 }
