@@ -7,7 +7,8 @@
 //! never duplicate. Other attributes: `programId`, `eventType`, `ts` (ms since
 //! the epoch), `customerId`, `programName`, `customerName`, `checksum`,
 //! `isValid`, `validation`, `source`, `programVersion`, `userAgent`,
-//! `clientIp`, `referrer`, `pageUrl`, `extra` (map), and where it was read:
+//! `clientIp`, `referrer`, `pageUrl`, `extra` (map), `consent` (`granted`,
+//! `denied`, `not_applicable`, `unreadable`; absent without a signal), and where it was read:
 //! `shardId`, `sequenceNumber`. Empty strings are left out.
 //!
 //! `expiresAt` (epoch seconds) is the table's time-to-live attribute: the
@@ -39,7 +40,7 @@
 
 use std::collections::HashMap;
 
-use adtrack_proto::v1::{EventType, TrackingEvent, ValidationOutcome};
+use adtrack_proto::v1::{ConsentState, EventType, TrackingEvent, ValidationOutcome};
 use aws_sdk_dynamodb::types::AttributeValue;
 
 /// Largest event accepted: the pipeline's one size contract, defined with
@@ -157,6 +158,9 @@ pub struct EventItem {
     pub is_bot: bool,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub privacy_restricted: bool,
+    /// The hit's consent state (left out when it carried no signal).
+    #[serde(skip_serializing_if = "is_unspecified")]
+    pub consent: &'static str,
     #[serde(skip_serializing_if = "HashMap::is_empty")]
     pub extra: HashMap<String, String>,
     pub shard_id: String,
@@ -192,6 +196,9 @@ impl EventItem {
             destination_url: ev.destination_url,
             is_bot: ev.is_bot,
             privacy_restricted: ev.privacy_restricted,
+            consent: ConsentState::try_from(ev.consent)
+                .unwrap_or(ConsentState::Unspecified)
+                .name(),
             extra: ev
                 .extra
                 .into_iter()
@@ -201,6 +208,10 @@ impl EventItem {
             sequence_number: sequence.to_owned(),
         }
     }
+}
+
+fn is_unspecified(consent: &&'static str) -> bool {
+    *consent == ConsentState::Unspecified.name()
 }
 
 /// The item for one event; `ttl_days` sets `expiresAt`.

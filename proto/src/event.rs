@@ -1,7 +1,7 @@
 //! Helpers around the generated [`TrackingEvent`]: event ids and the
 //! wire names of enums used in JSON and DynamoDB.
 
-use crate::v1::{EventType, TrackingEvent, ValidationOutcome};
+use crate::v1::{ConsentState, EventType, TrackingEvent, ValidationOutcome};
 
 /// The largest event, in bytes of its `TrackingEvent` encoding: the one size
 /// contract of the pipeline. The tracker refuses a bigger event at ingress,
@@ -38,6 +38,19 @@ impl EventType {
             Self::Conversion => "conversion",
             Self::Viewable => "viewable",
             Self::Custom => "custom",
+        }
+    }
+}
+
+impl ConsentState {
+    /// The short lower-case name used in JSON and DynamoDB.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Unspecified => "unspecified",
+            Self::NotApplicable => "not_applicable",
+            Self::Granted => "granted",
+            Self::Denied => "denied",
+            Self::Unreadable => "unreadable",
         }
     }
 }
@@ -94,6 +107,7 @@ pub struct EventRef<'a> {
     pub conversion_value: &'a str,
     pub currency: &'a str,
     pub attribution_window_days: u32,
+    pub consent: ConsentState,
 }
 
 mod wire {
@@ -182,6 +196,7 @@ impl EventRef<'_> {
             + wire::str_len(23, self.conversion_value)
             + wire::str_len(24, self.currency)
             + wire::varint_len(25, u64::from(self.attribution_window_days))
+            + wire::varint_len(26, self.consent as i32 as i64 as u64)
     }
 
     /// Writes the event's protobuf encoding.
@@ -217,6 +232,7 @@ impl EventRef<'_> {
         wire::put_str(23, self.conversion_value, buf);
         wire::put_str(24, self.currency, buf);
         wire::put_varint(25, u64::from(self.attribution_window_days), buf);
+        wire::put_varint(26, self.consent as i32 as i64 as u64, buf);
     }
 
     /// The encoding in one exactly-sized buffer.
@@ -258,6 +274,7 @@ mod tests {
         fn event_ref_encodes_as_prost_does(
             text in proptest::collection::vec(".{0,40}", 15),
             window in proptest::prelude::any::<u32>(),
+            consent in 0i32..5,
             customer_id in proptest::prelude::any::<i32>(),
             timestamp_ms in proptest::prelude::any::<i64>(),
             version in proptest::prelude::any::<u64>(),
@@ -294,6 +311,7 @@ mod tests {
                 conversion_value: &text[13],
                 currency: &text[14],
                 attribution_window_days: window,
+                consent: ConsentState::try_from(consent).expect("consent"),
             };
             let owned = TrackingEvent {
                 programid: text[0].clone(),
@@ -321,6 +339,7 @@ mod tests {
                 conversion_value: text[13].clone(),
                 currency: text[14].clone(),
                 attribution_window_days: window,
+                consent,
             };
             let bytes = r.to_bytes();
             proptest::prop_assert_eq!(bytes.len(), r.encoded_len());

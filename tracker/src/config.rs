@@ -215,6 +215,12 @@ pub struct Config {
     #[arg(long, env = "TRACKER_PRIVACY_SIGNALS", value_name = "TRACKER_PRIVACY_SIGNALS", default_value = "strip", value_parser = ["strip", "skip", "ignore"])]
     pub privacy_signals: String,
 
+    /// What the IAB TCF v2 / GPP consent strings on a hit do: `record` the
+    /// consent state on the event, or `enforce` (also drop the identifiers
+    /// where the GDPR applies and storage or measurement is not consented).
+    #[arg(long, env = "TRACKER_CONSENT", value_name = "TRACKER_CONSENT", default_value = "record", value_parser = ["record", "enforce"])]
+    pub consent: String,
+
     /// Query or batch parameters that identify a person, dropped under `strip`.
     #[arg(
         long,

@@ -6,9 +6,10 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use adtrack_proto::event::EventRef;
-use adtrack_proto::v1::{EventType, ValidationOutcome};
+use adtrack_proto::v1::{ConsentState, EventType, ValidationOutcome};
 use http::HeaderMap;
 
+use crate::consent::ConsentMode;
 use crate::outgoing::Outgoing;
 use crate::program_entry::ProgramEntry;
 
@@ -207,6 +208,8 @@ pub struct Hit<'a> {
     pub destination_url: String,
     /// What a postback says about its conversion.
     pub conversion: Option<Conversion>,
+    /// What the hit's consent strings say.
+    pub consent: ConsentState,
     /// Set by [`Privacy::apply`].
     pub privacy_restricted: bool,
     /// Set from the user agent when the event is built (kept under `Strip`).
@@ -230,10 +233,12 @@ pub struct Privacy {
     pub mode: PrivacyMode,
     /// Parameters that identify a person, removed under `Strip`.
     pub identifier_params: Vec<String>,
+    /// What the hit's consent strings do (`TRACKER_CONSENT`).
+    pub consent: ConsentMode,
 }
 
 impl Privacy {
-    pub fn new(mode: &str, identifier_params: &str) -> Self {
+    pub fn new(mode: &str, identifier_params: &str, consent: ConsentMode) -> Self {
         let mode = match mode {
             "skip" => PrivacyMode::Skip,
             "ignore" => PrivacyMode::Ignore,
@@ -246,6 +251,7 @@ impl Privacy {
                 .map(|p| p.trim().to_owned())
                 .filter(|p| !p.is_empty())
                 .collect(),
+            consent,
         }
     }
 
@@ -257,23 +263,23 @@ impl Privacy {
 
     /// Applies the policy to a hit from a client that did (or did not) opt out.
     pub fn apply<'a>(&self, mut hit: Hit<'a>, opted_out: bool) -> Option<Hit<'a>> {
-        if !opted_out {
-            return Some(hit);
+        let signalled = opted_out && self.mode != PrivacyMode::Ignore;
+        if signalled && self.mode == PrivacyMode::Skip {
+            return None;
         }
-        match self.mode {
-            PrivacyMode::Ignore => Some(hit),
-            PrivacyMode::Skip => None,
-            PrivacyMode::Strip => {
-                hit.privacy_restricted = true;
-                hit.client_ip = "";
-                hit.is_bot = crate::bots::is_bot(hit.user_agent);
-                hit.user_agent = "";
-                for p in &self.identifier_params {
-                    hit.params.0.remove(p);
-                }
-                Some(hit)
+        // Identifiers go on a DNT or GPC signal under `strip`, and without
+        // storage and measurement consent where the GDPR applies under
+        // `TRACKER_CONSENT=enforce`.
+        if signalled || !self.consent.keeps_identifiers(hit.consent) {
+            hit.privacy_restricted = true;
+            hit.client_ip = "";
+            hit.is_bot = crate::bots::is_bot(hit.user_agent);
+            hit.user_agent = "";
+            for p in &self.identifier_params {
+                hit.params.0.remove(p);
             }
         }
+        Some(hit)
     }
 }
 
@@ -304,6 +310,7 @@ impl Hit<'_> {
             privacy_restricted: self.privacy_restricted,
             is_bot,
             destination_url: &self.destination_url,
+            consent: self.consent,
             ..EventRef::default()
         };
         if let Some(c) = &self.conversion {
@@ -369,6 +376,7 @@ mod tests {
             params,
             destination_url: "https://shop.example/".into(),
             conversion: None,
+            consent: ConsentState::Unspecified,
             privacy_restricted: false,
             is_bot: false,
         };

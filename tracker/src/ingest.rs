@@ -154,6 +154,7 @@ pub fn build_event(
         Lookup::Unverified => (None, ValidationOutcome::Unverified),
         Lookup::Inactive(_) | Lookup::Unknown => (None, ValidationOutcome::Invalid),
     };
+    let consent = crate::consent::read(&parts.params);
     let hit = Hit {
         event_id: adtrack_proto::event::new_event_id(),
         timestamp_ms: parts.timestamp_ms,
@@ -168,6 +169,7 @@ pub fn build_event(
         params: parts.params,
         destination_url: parts.destination_url,
         conversion: parts.conversion,
+        consent,
         privacy_restricted: false,
         is_bot: false,
     };

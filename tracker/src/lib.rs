@@ -11,6 +11,7 @@ pub mod bots;
 pub mod cache;
 pub mod config;
 pub mod conn_timeouts;
+pub mod consent;
 pub mod cors;
 pub mod delivery;
 pub mod health;
@@ -138,7 +139,11 @@ pub async fn run(
             trusted_proxy_hops: config.trusted_proxy_hops,
             keep_full_ip: config.keep_full_ip,
         },
-        privacy: Privacy::new(&config.privacy_signals, &config.identifier_params),
+        privacy: Privacy::new(
+            &config.privacy_signals,
+            &config.identifier_params,
+            consent::ConsentMode::parse(&config.consent),
+        ),
         cors: config.cors_origins.clone(),
         limits: Limits {
             max_uri_bytes: config.max_uri_bytes,

@@ -69,7 +69,11 @@ async fn state(redis: &Redis) -> (Arc<AppState>, delivery::Engine) {
             trusted_proxy_hops: 1,
             keep_full_ip: false,
         },
-        privacy: Privacy::new("strip", "uid"),
+        privacy: Privacy::new(
+            "strip",
+            "uid",
+            adtrack_tracker::consent::ConsentMode::Record,
+        ),
         cors: CorsPolicy::Any,
         limits: Limits {
             max_uri_bytes: 8192,

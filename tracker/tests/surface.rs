@@ -395,3 +395,61 @@ async fn public_routes_answer_under_a_configured_prefix() {
         Some("pixel")
     );
 }
+
+/// Consent strings on a hit: the state recorded on every event, and under
+/// `TRACKER_CONSENT=enforce` the identifiers dropped without storage and
+/// measurement consent where the GDPR applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consent_is_recorded_and_enforced() {
+    // TCF v2 strings: purposes 1, 2, 3, 7 (storage and measurement), and
+    // 1, 2, 3 only.
+    const GRANTED: &str = "COvFyGBOvFyGBAbAAAENAPCAAOIAAAAAAAAAAEEUACCKAAA";
+    const DENIED: &str = "COvFyGBOvFyGBAbAAAENAPCAAOAAAAAAAAAAAEEUACCKAAA";
+    let (stack, t) = setup(&[("TRACKER_CONSENT", "enforce")]).await;
+    let http = Http::new();
+    let hit = |query: String| {
+        let http = &http;
+        let url = t.url(&format!("/v1/pixel/212312?uid=u-1&{query}"));
+        async move {
+            http.request(
+                "GET",
+                &url,
+                &[("user-agent", "Mozilla/5.0 (X11) Firefox/133.0")],
+                b"",
+            )
+            .await
+            .expect("pixel")
+            .header("x-event-id")
+            .expect("an event")
+        }
+    };
+    let granted = hit(format!("gdpr=1&gdpr_consent={GRANTED}")).await;
+    let denied = hit(format!("gdpr=1&gdpr_consent={DENIED}")).await;
+    let gpp_granted = hit(format!("gpp=DBABM~{GRANTED}&gpp_sid=2")).await;
+    let none = hit("gdpr=0".into()).await;
+    let unreadable = hit("gdpr=1&gdpr_consent=zz".into()).await;
+    let found = stream_events(
+        &stack,
+        &[&granted, &denied, &gpp_granted, &none, &unreadable],
+    )
+    .await;
+    use adtrack_proto::v1::ConsentState;
+    for (id, state, kept) in [
+        (&granted, ConsentState::Granted, true),
+        (&gpp_granted, ConsentState::Granted, true),
+        (&none, ConsentState::NotApplicable, true),
+        (&denied, ConsentState::Denied, false),
+        (&unreadable, ConsentState::Unreadable, false),
+    ] {
+        let e = &found[id];
+        assert_eq!(e.consent, state as i32, "{state:?}");
+        assert_eq!(!e.client_ip.is_empty(), kept, "client IP, {state:?}");
+        assert_eq!(!e.user_agent.is_empty(), kept, "user agent, {state:?}");
+        assert_eq!(
+            e.extra.contains_key("uid"),
+            kept,
+            "identifier parameter, {state:?}"
+        );
+        assert_eq!(e.privacy_restricted, !kept);
+    }
+}
