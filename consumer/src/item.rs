@@ -8,7 +8,8 @@
 //! the epoch), `customerId`, `programName`, `customerName`, `checksum`,
 //! `isValid`, `validation`, `source`, `programVersion`, `userAgent`,
 //! `clientIp`, `referrer`, `pageUrl`, `extra` (map), `consent` (`granted`,
-//! `denied`, `not_applicable`, `unreadable`; absent without a signal), and where it was read:
+//! `denied`, `not_applicable`, `unreadable`; absent without a signal),
+//! `userId` (the first-party id, when kept), and where it was read:
 //! `shardId`, `sequenceNumber`. Empty strings are left out.
 //!
 //! `expiresAt` (epoch seconds) is the table's time-to-live attribute: the
@@ -161,6 +162,9 @@ pub struct EventItem {
     /// The hit's consent state (left out when it carried no signal).
     #[serde(skip_serializing_if = "is_unspecified")]
     pub consent: &'static str,
+    /// The browser's first-party id, when the tracker kept one.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub user_id: String,
     #[serde(skip_serializing_if = "HashMap::is_empty")]
     pub extra: HashMap<String, String>,
     pub shard_id: String,
@@ -199,6 +203,7 @@ impl EventItem {
             consent: ConsentState::try_from(ev.consent)
                 .unwrap_or(ConsentState::Unspecified)
                 .name(),
+            user_id: ev.user_id,
             extra: ev
                 .extra
                 .into_iter()

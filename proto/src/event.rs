@@ -108,6 +108,7 @@ pub struct EventRef<'a> {
     pub currency: &'a str,
     pub attribution_window_days: u32,
     pub consent: ConsentState,
+    pub user_id: &'a str,
 }
 
 mod wire {
@@ -197,6 +198,7 @@ impl EventRef<'_> {
             + wire::str_len(24, self.currency)
             + wire::varint_len(25, u64::from(self.attribution_window_days))
             + wire::varint_len(26, self.consent as i32 as i64 as u64)
+            + wire::str_len(27, self.user_id)
     }
 
     /// Writes the event's protobuf encoding.
@@ -233,6 +235,7 @@ impl EventRef<'_> {
         wire::put_str(24, self.currency, buf);
         wire::put_varint(25, u64::from(self.attribution_window_days), buf);
         wire::put_varint(26, self.consent as i32 as i64 as u64, buf);
+        wire::put_str(27, self.user_id, buf);
     }
 
     /// The encoding in one exactly-sized buffer.
@@ -272,7 +275,7 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn event_ref_encodes_as_prost_does(
-            text in proptest::collection::vec(".{0,40}", 15),
+            text in proptest::collection::vec(".{0,40}", 16),
             window in proptest::prelude::any::<u32>(),
             consent in 0i32..5,
             customer_id in proptest::prelude::any::<i32>(),
@@ -312,6 +315,7 @@ mod tests {
                 currency: &text[14],
                 attribution_window_days: window,
                 consent: ConsentState::try_from(consent).expect("consent"),
+                user_id: &text[15],
             };
             let owned = TrackingEvent {
                 programid: text[0].clone(),
@@ -340,6 +344,7 @@ mod tests {
                 currency: text[14].clone(),
                 attribution_window_days: window,
                 consent,
+                user_id: text[15].clone(),
             };
             let bytes = r.to_bytes();
             proptest::prop_assert_eq!(bytes.len(), r.encoded_len());

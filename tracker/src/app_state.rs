@@ -33,4 +33,6 @@ pub struct AppState {
     pub cors: CorsPolicy,
     pub limits: Limits,
     pub meters: metric::RequestMeters,
+    /// The first-party cookie's settings (`None`: the tracker keeps none).
+    pub user_cookie: Option<crate::user_cookie::CookiePolicy>,
 }

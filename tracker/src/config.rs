@@ -12,6 +12,18 @@ fn parse_cors(s: &str) -> Result<CorsPolicy, String> {
     CorsPolicy::parse(s)
 }
 
+/// A cookie domain: empty, or a host name (letters, digits, `-`, `.`).
+fn parse_cookie_domain(s: &str) -> Result<String, String> {
+    let ok = s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err("expected a host name such as example.com".into())
+    }
+}
+
 /// A path prefix: empty, or `/` and up to 63 of `A-Z a-z 0-9 - . _ ~ /`,
 /// not ending in `/`.
 fn parse_prefix(s: &str) -> Result<String, String> {
@@ -220,6 +232,26 @@ pub struct Config {
     /// where the GDPR applies and storage or measurement is not consented).
     #[arg(long, env = "TRACKER_CONSENT", value_name = "TRACKER_CONSENT", default_value = "record", value_parser = ["record", "enforce"])]
     pub consent: String,
+
+    /// Keep a first-party id: read the browser's `adtrack_uid` cookie, set a
+    /// random one when it has none, and put it on the events (never with a
+    /// DNT or GPC signal, or without consent where consent applies).
+    #[arg(long, env = "TRACKER_USER_COOKIE", value_name = "TRACKER_USER_COOKIE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub user_cookie: bool,
+
+    /// The first-party cookie's `Domain` (empty: the tracker's host only).
+    #[arg(
+        long,
+        env = "TRACKER_USER_COOKIE_DOMAIN",
+        value_name = "TRACKER_USER_COOKIE_DOMAIN",
+        default_value = "",
+        value_parser = parse_cookie_domain
+    )]
+    pub user_cookie_domain: String,
+
+    /// Days the first-party cookie lives (browsers cap it at 400).
+    #[arg(long, env = "TRACKER_USER_COOKIE_DAYS", value_name = "TRACKER_USER_COOKIE_DAYS", default_value_t = 390, value_parser = clap::value_parser!(u32).range(1..=400))]
+    pub user_cookie_days: u32,
 
     /// Query or batch parameters that identify a person, dropped under `strip`.
     #[arg(

@@ -210,6 +210,8 @@ pub struct Hit<'a> {
     pub conversion: Option<Conversion>,
     /// What the hit's consent strings say.
     pub consent: ConsentState,
+    /// The first-party id (empty: none).
+    pub user_id: &'a str,
     /// Set by [`Privacy::apply`].
     pub privacy_restricted: bool,
     /// Set from the user agent when the event is built (kept under `Strip`).
@@ -311,6 +313,7 @@ impl Hit<'_> {
             is_bot,
             destination_url: &self.destination_url,
             consent: self.consent,
+            user_id: self.user_id,
             ..EventRef::default()
         };
         if let Some(c) = &self.conversion {
@@ -377,6 +380,7 @@ mod tests {
             destination_url: "https://shop.example/".into(),
             conversion: None,
             consent: ConsentState::Unspecified,
+            user_id: "",
             privacy_restricted: false,
             is_bot: false,
         };

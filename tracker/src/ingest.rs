@@ -12,6 +12,10 @@ use http::header::{REFERER, USER_AGENT};
 use http::{HeaderMap, HeaderValue};
 use time::OffsetDateTime;
 
+use std::sync::Arc;
+
+use adtrack_proto::v1::ConsentState;
+
 use crate::api_error::ApiError;
 use crate::app_state::AppState;
 use crate::cache::Lookup;
@@ -19,6 +23,7 @@ use crate::hit::{Conversion, Hit, Params, Privacy, header_text};
 use crate::metric::{self, Outcome};
 use crate::outgoing::Outgoing;
 use crate::shipper::QueueError;
+use crate::user_cookie::UserId;
 
 /// Checks a program id from a path; counts a malformed one.
 pub fn check_id(raw: &str, state: &AppState) -> Result<ProgramId, ApiError> {
@@ -85,6 +90,8 @@ pub struct ClientInfo<'a> {
     pub referrer: Cow<'a, str>,
     pub client_ip: String,
     pub opted_out: bool,
+    /// The first-party id, when the tracker keeps one.
+    pub user: Option<Arc<UserId>>,
 }
 
 impl<'a> ClientInfo<'a> {
@@ -94,6 +101,20 @@ impl<'a> ClientInfo<'a> {
             referrer: header_text(headers, REFERER),
             client_ip: state.ip_policy.client_ip(peer.ip(), headers),
             opted_out: Privacy::signal(headers),
+            user: state
+                .user_cookie
+                .as_ref()
+                .map(|_| Arc::new(UserId::from_headers(headers))),
+        }
+    }
+
+    /// Sets the first-party cookie on the reply when an id was made for
+    /// this request.
+    pub fn set_cookie<B>(&self, resp: &mut http::Response<B>, state: &AppState) {
+        if let (Some(user), Some(policy)) = (&self.user, &state.user_cookie)
+            && let Some(v) = user.set_cookie(policy)
+        {
+            resp.headers_mut().append(http::header::SET_COOKIE, v);
         }
     }
 
@@ -104,6 +125,7 @@ impl<'a> ClientInfo<'a> {
             referrer: Cow::Owned(self.referrer.into_owned()),
             client_ip: self.client_ip,
             opted_out: self.opted_out,
+            user: self.user,
         }
     }
 }
@@ -170,16 +192,23 @@ pub fn build_event(
         destination_url: parts.destination_url,
         conversion: parts.conversion,
         consent,
+        user_id: "",
         privacy_restricted: false,
         is_bot: false,
     };
-    let Some(event) = state
-        .privacy
-        .apply(hit, client.opted_out)
-        .map(Hit::into_outgoing)
-    else {
+    let Some(mut hit) = state.privacy.apply(hit, client.opted_out) else {
         return Ok(None);
     };
+    // The first-party id, only where identifiers may be kept.
+    let may_identify = !hit.privacy_restricted
+        && matches!(
+            hit.consent,
+            ConsentState::Granted | ConsentState::NotApplicable | ConsentState::Unspecified
+        );
+    if let Some(user) = client.user.as_deref().filter(|_| may_identify) {
+        hit.user_id = user.get();
+    }
+    let event = hit.into_outgoing();
     if event.data.len() > MAX_EVENT_BYTES {
         metrics::counter!(metric::BOUNDS_BREACHED, "bound" => "event_bytes").increment(1);
         return Err(TooLarge(event.data.len()));

@@ -27,6 +27,7 @@ pub mod shipper;
 pub mod spool;
 pub mod spool_writer;
 pub mod sync;
+pub mod user_cookie;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -155,6 +156,10 @@ pub async fn run(
             path_prefix: config.path_prefix.clone(),
         },
         meters: metric::RequestMeters::default(),
+        user_cookie: config.user_cookie.then(|| user_cookie::CookiePolicy {
+            domain: config.user_cookie_domain.clone(),
+            max_age_secs: u64::from(config.user_cookie_days) * 86_400,
+        }),
     });
     let deadline = config.drain_deadline();
     let stop_accepting = CancellationToken::new();

@@ -84,6 +84,7 @@ async fn state(redis: &Redis) -> (Arc<AppState>, delivery::Engine) {
             path_prefix: String::new(),
         },
         meters: Default::default(),
+        user_cookie: None,
     };
     (Arc::new(state), batcher)
 }

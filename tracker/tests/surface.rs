@@ -453,3 +453,73 @@ async fn consent_is_recorded_and_enforced() {
         assert_eq!(e.privacy_restricted, !kept);
     }
 }
+
+/// The first-party cookie (opt-in): made and set once, read back after,
+/// on the events; never with DNT or without consent where it applies, and
+/// never when the setting is off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_party_id_is_kept_only_where_allowed() {
+    const DENIED: &str = "COvFyGBOvFyGBAbAAAENAPCAAOAAAAAAAAAAAEEUACCKAAA";
+    let (stack, t) = setup(&[
+        ("TRACKER_USER_COOKIE", "true"),
+        ("TRACKER_USER_COOKIE_DOMAIN", "tracker.example.com"),
+        ("TRACKER_USER_COOKIE_DAYS", "30"),
+    ])
+    .await;
+    let http = Http::new();
+    let pixel = |query: &'static str, headers: Vec<(&'static str, String)>| {
+        let http = &http;
+        let url = t.url(&format!("/v1/pixel/212312?{query}"));
+        async move {
+            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            http.request("GET", &url, &h, b"").await.expect("pixel")
+        }
+    };
+    let first = pixel("a=1", vec![]).await;
+    let set = first.header("set-cookie").expect("a cookie is set");
+    let uid = set
+        .strip_prefix("adtrack_uid=")
+        .and_then(|s| s.split(';').next())
+        .expect("adtrack_uid")
+        .to_owned();
+    assert_eq!(uid.len(), 32);
+    for attr in [
+        "Max-Age=2592000",
+        "Secure",
+        "HttpOnly",
+        "SameSite=None",
+        "Domain=tracker.example.com",
+    ] {
+        assert!(set.contains(attr), "{attr} in {set}");
+    }
+    let again = pixel("a=2", vec![("cookie", format!("x=1; adtrack_uid={uid}"))]).await;
+    assert!(again.header("set-cookie").is_none(), "kept, not set again");
+    let dnt = pixel("a=3", vec![("dnt", "1".into())]).await;
+    assert!(dnt.header("set-cookie").is_none(), "not with DNT");
+    let denied = pixel(
+        "gdpr=1&gdpr_consent=COvFyGBOvFyGBAbAAAENAPCAAOAAAAAAAAAAAEEUACCKAAA",
+        vec![],
+    )
+    .await;
+    assert!(
+        denied.header("set-cookie").is_none(),
+        "not without consent: {DENIED}"
+    );
+    let ids: Vec<String> = [&first, &again, &dnt, &denied]
+        .iter()
+        .map(|r| r.header("x-event-id").expect("event"))
+        .collect();
+    let found = stream_events(&stack, &ids).await;
+    assert_eq!(found[&ids[0]].user_id, uid);
+    assert_eq!(found[&ids[1]].user_id, uid, "read back from the cookie");
+    assert_eq!(found[&ids[2]].user_id, "");
+    assert_eq!(found[&ids[3]].user_id, "");
+
+    // Off by default.
+    let (_stack, plain) = setup(&[]).await;
+    let r = http
+        .get(&plain.url("/v1/pixel/212312"))
+        .await
+        .expect("pixel");
+    assert!(r.header("set-cookie").is_none());
+}

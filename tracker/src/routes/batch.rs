@@ -437,6 +437,7 @@ where
             },
             client_ip: client.client_ip.clone(),
             opted_out: client.opted_out,
+            user: client.user.clone(),
         };
         let status = if matches!(lookup, Lookup::Active(_)) {
             "accepted"
@@ -495,7 +496,9 @@ where
         results,
     })
     .unwrap_or_default();
-    Ok(json_response(StatusCode::OK, body))
+    let mut resp = json_response(StatusCode::OK, body);
+    client.set_cookie(&mut resp, state);
+    Ok(resp)
 }
 
 fn truncate(mut s: String) -> String {

@@ -88,6 +88,7 @@ pub async fn handle<B>(
     if let Ok(event_id) = shipped {
         resp.headers_mut().insert(EVENT_ID_HEADER, event_id);
     }
+    client.set_cookie(&mut resp, state);
     Ok(resp)
 }
 

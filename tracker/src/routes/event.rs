@@ -86,5 +86,7 @@ pub async fn handle<B>(
             })),
         ),
     };
-    Ok(json_response(status, body.unwrap_or_default()))
+    let mut resp = json_response(status, body.unwrap_or_default());
+    client.set_cookie(&mut resp, state);
+    Ok(resp)
 }

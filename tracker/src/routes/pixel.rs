@@ -77,6 +77,7 @@ pub async fn handle<B>(
         if let Ok(event_id) = ship(parts, &client, state).await {
             resp.headers_mut().insert(EVENT_ID_HEADER, event_id);
         }
+        client.set_cookie(&mut resp, state);
     }
     Ok(resp)
 }
