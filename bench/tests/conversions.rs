@@ -220,19 +220,28 @@ async fn a_click_and_its_postback_make_one_attributed_conversion_exactly_once() 
         }
     };
     let now_ms = (now_secs() * 1000) as i64;
-    put(TrackingEvent {
-        message_id: adtrack_proto::event::new_event_id(),
+    // A valid event of summer-sale, as the tracker ships one.
+    let valid = |id: String, kind: EventType, source: &str, ts: i64| TrackingEvent {
+        message_id: id,
         programid: "summer-sale".into(),
         customer_id: 42,
         is_valid: true,
-        event_type: EventType::Conversion as i32,
+        event_type: kind as i32,
         validation: ValidationOutcome::Valid as i32,
-        source: "postback".into(),
-        timestamp_ms: now_ms,
+        source: source.into(),
+        timestamp_ms: ts,
+        ..TrackingEvent::default()
+    };
+    put(TrackingEvent {
         click_id: late_click.clone(),
         transaction_id: "T-3".into(),
         attribution_window_days: 30,
-        ..TrackingEvent::default()
+        ..valid(
+            adtrack_proto::event::new_event_id(),
+            EventType::Conversion,
+            "postback",
+            now_ms,
+        )
     })
     .await;
     wait_until(
@@ -247,16 +256,13 @@ async fn a_click_and_its_postback_make_one_attributed_conversion_exactly_once() 
     )
     .await;
     put(TrackingEvent {
-        message_id: late_click.clone(),
-        programid: "summer-sale".into(),
-        customer_id: 42,
-        is_valid: true,
-        event_type: EventType::Click as i32,
-        validation: ValidationOutcome::Valid as i32,
-        source: "click".into(),
-        timestamp_ms: now_ms - 30_000,
         extra: [("utm_source".to_owned(), "news".to_owned())].into(),
-        ..TrackingEvent::default()
+        ..valid(
+            late_click.clone(),
+            EventType::Click,
+            "click",
+            now_ms - 30_000,
+        )
     })
     .await;
     wait_until(

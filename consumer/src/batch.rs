@@ -206,7 +206,7 @@ impl Writer<'_> {
             lower_first_failed(outcome, first);
             return false;
         }
-        self.dead_letter_refused(records, held, refused, outcome)
+        self.dead_letter_refused_events(records, held, refused, outcome)
             .await;
         // The events are durable: now their conversions and late clicks.
         let settler = Settler {
@@ -224,7 +224,7 @@ impl Writer<'_> {
 
     /// Events DynamoDB refused for good: one dead letter per record they
     /// came from.
-    async fn dead_letter_refused(
+    async fn dead_letter_refused_events(
         &self,
         records: &[Record],
         held: &Held,
@@ -343,8 +343,7 @@ impl Writer<'_> {
                     count(outcome, recs.len().saturating_sub(e.unwritten.len()));
                     let table = if is_event { "events" } else { "dead_letters" };
                     tracing::warn!(table, error = %e, first_record = first, "items not written");
-                    outcome.first_failed =
-                        Some(outcome.first_failed.map_or(first, |f| f.min(first)));
+                    lower_first_failed(outcome, Some(first));
                 }
             }
         }
@@ -352,11 +351,17 @@ impl Writer<'_> {
     }
 }
 
+/// The earlier of two records, either of which may be none.
+pub(crate) fn earliest(a: Option<usize>, b: Option<usize>) -> Option<usize> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// Moves `first_failed` back to `record` if that is earlier.
 fn lower_first_failed(outcome: &mut BatchOutcome, record: Option<usize>) {
-    if let Some(r) = record {
-        outcome.first_failed = Some(outcome.first_failed.map_or(r, |f| f.min(r)));
-    }
+    outcome.first_failed = earliest(outcome.first_failed, record);
 }
 
 /// A dead letter DynamoDB refused for good: counted and logged, since it

@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use adtrack_proto::v1::{EventType, TrackingEvent, ValidationOutcome};
 use adtrack_service::retry::CALLS;
 
-use crate::batch::Tables;
+use crate::batch::{Tables, earliest};
 use crate::metric;
 use crate::writer::PERMANENT;
 
@@ -58,6 +58,8 @@ const CLOCK_SKEW_MS: i64 = 60_000;
 const MAX_KEYS_PER_GET: usize = 100;
 /// Conversions named by one marker at most (a marker stays a small item).
 const MAX_AWAITING: usize = 100;
+/// Duplicate postbacks' event ids kept on one conversion at most.
+const MAX_DUPLICATES: usize = 100;
 /// Single-item calls in flight per BatchWriteItem call allowed
 /// (`CONSUMER_WRITE_CONCURRENCY`).
 const CALLS_PER_BATCH_CALL: usize = 4;
@@ -121,6 +123,9 @@ pub struct Click {
     /// click a conversion can be attributed to (a page can post events of
     /// type click, and would learn their ids).
     pub source: String,
+    /// Validated against a program that exists and is active (a click
+    /// taken while Redis was down was never redirected).
+    pub valid: bool,
     pub ts: i64,
     pub params: HashMap<String, String>,
 }
@@ -137,24 +142,20 @@ impl Click {
             program_id: ev.programid.clone(),
             event_type: EventType::Click.name().to_owned(),
             source: ev.source.clone(),
+            valid: true,
             ts: ev.timestamp_ms,
             params: ev.extra.clone().into_iter().collect(),
         })
     }
 
     fn from_item(event_id: &str, item: &Item) -> Self {
-        let s = |k: &str| {
-            item.get(k)
-                .and_then(|v| v.as_s().ok())
-                .cloned()
-                .unwrap_or_default()
-        };
         Self {
             record: 0,
             event_id: event_id.to_owned(),
-            program_id: s("programId"),
-            event_type: s("eventType"),
-            source: s("source"),
+            program_id: text(item, "programId"),
+            event_type: text(item, "eventType"),
+            source: text(item, "source"),
+            valid: text(item, "validation") == ValidationOutcome::Valid.name(),
             ts: number(item, "ts").unwrap_or(0),
             params: item
                 .get("extra")
@@ -171,6 +172,14 @@ impl Click {
 
 fn number(item: &Item, key: &str) -> Option<i64> {
     item.get(key)?.as_n().ok()?.parse().ok()
+}
+
+/// A string attribute of an item, or "".
+fn text(item: &Item, key: &str) -> String {
+    item.get(key)
+        .and_then(|v| v.as_s().ok())
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// What a conversion is attributed to.
@@ -191,8 +200,8 @@ pub fn attribute(conv: &Conversion, click: Option<&Click>) -> Attribution {
     if conv.click_id.is_empty() {
         return Attribution::Unattributed("no_click_id");
     }
-    let Some(click) =
-        click.filter(|c| c.event_type == EventType::Click.name() && c.source == CLICK_SOURCE)
+    let Some(click) = click
+        .filter(|c| c.event_type == EventType::Click.name() && c.source == CLICK_SOURCE && c.valid)
     else {
         return Attribution::Unattributed("click_not_found");
     };
@@ -359,7 +368,7 @@ impl Settler<'_> {
                 }
                 Err(e) => {
                     tracing::warn!(record, error = %e, "a conversion is not settled");
-                    first_failed = Some(first_failed.map_or(record, |f| f.min(record)));
+                    first_failed = earliest(first_failed, Some(record));
                 }
             }
         }
@@ -368,30 +377,50 @@ impl Settler<'_> {
         let first_click = clicks.iter().map(|c| c.record).min();
         if let Err(e) = self.late_clicks(clicks).await {
             tracing::warn!(error = %e, "late clicks not matched");
-            if let Some(r) = first_click {
-                first_failed = Some(first_failed.map_or(r, |f| f.min(r)));
-            }
+            first_failed = earliest(first_failed, first_click);
         }
         first_failed.map_or(Ok(()), Err)
     }
 
-    /// The click an event id names, from the events table (consistent).
-    async fn click(&self, event_id: &str) -> Result<Option<Option<Click>>, Unsettled> {
-        self.call("GetItem click", || async {
-            let out = self
+    /// One item by its key, consistently; `Ok(None)` when the read was
+    /// refused for good, `Ok(Some(None))` when there is no such item.
+    async fn get_item(
+        &self,
+        what: &'static str,
+        table: &str,
+        key: (&str, &str),
+        projection: Option<&str>,
+    ) -> Result<Option<Option<Item>>, Unsettled> {
+        self.call(what, || async {
+            let mut req = self
                 .client
                 .get_item()
-                .table_name(&self.tables.events)
-                .key("eventId", AttributeValue::S(event_id.to_owned()))
-                .consistent_read(true)
-                .projection_expression("programId, eventType, #s, ts, extra, validation")
-                .expression_attribute_names("#s", "source")
-                .send()
-                .await
-                .map_err(|e| classify(&e))?;
-            Ok(out.item.map(|item| Click::from_item(event_id, &item)))
+                .table_name(table)
+                .key(key.0, AttributeValue::S(key.1.to_owned()))
+                .consistent_read(true);
+            if let Some(p) = projection {
+                // `source` is a reserved word in expressions.
+                req = req.projection_expression(p).set_expression_attribute_names(
+                    p.contains("#s")
+                        .then(|| HashMap::from([("#s".to_owned(), "source".to_owned())])),
+                );
+            }
+            req.send().await.map(|o| o.item).map_err(|e| classify(&e))
         })
         .await
+    }
+
+    /// The click an event id names, from the events table.
+    async fn click(&self, event_id: &str) -> Result<Option<Option<Click>>, Unsettled> {
+        let item = self
+            .get_item(
+                "GetItem click",
+                &self.tables.events,
+                ("eventId", event_id),
+                Some("programId, eventType, #s, ts, extra, validation"),
+            )
+            .await?;
+        Ok(item.map(|i| i.map(|item| Click::from_item(event_id, &item))))
     }
 
     /// Records one conversion (see the module docs).
@@ -442,30 +471,22 @@ impl Settler<'_> {
         Ok(recorded)
     }
 
-    /// The event id of the postback whose item `id` is (consistent).
+    /// The event id of the postback whose item `id` is.
     async fn owner(&self, id: &str) -> Result<Option<String>, Unsettled> {
         let item = self
-            .call("GetItem conversion owner", || async {
-                self.client
-                    .get_item()
-                    .table_name(&self.tables.conversions)
-                    .key("conversionId", AttributeValue::S(id.to_owned()))
-                    .consistent_read(true)
-                    .projection_expression("eventId")
-                    .send()
-                    .await
-                    .map(|o| o.item)
-                    .map_err(|e| classify(&e))
-            })
+            .get_item(
+                "GetItem conversion owner",
+                &self.tables.conversions,
+                ("conversionId", id),
+                Some("eventId"),
+            )
             .await?;
-        Ok(item
-            .flatten()
-            .and_then(|i| i.get("eventId").and_then(|v| v.as_s().ok()).cloned()))
+        Ok(item.flatten().map(|i| text(&i, "eventId")))
     }
 
     /// Adds a duplicate postback's event id to the item; false when the
     /// item is this very event's or already names it (a replay), or names
-    /// [`MAX_AWAITING`] duplicates already.
+    /// [`MAX_DUPLICATES`] duplicates already.
     async fn add_duplicate(&self, id: &str, event_id: &str) -> Result<bool, Unsettled> {
         let added = self
             .call("UpdateItem duplicate", || async {
@@ -482,7 +503,7 @@ impl Settler<'_> {
                     )
                     .expression_attribute_values(":e", AttributeValue::Ss(vec![event_id.to_owned()]))
                     .expression_attribute_values(":id", AttributeValue::S(event_id.to_owned()))
-                    .expression_attribute_values(":max", AttributeValue::N(MAX_AWAITING.to_string()))
+                    .expression_attribute_values(":max", AttributeValue::N(MAX_DUPLICATES.to_string()))
                     .send()
                     .await)
             })
@@ -672,35 +693,24 @@ impl Settler<'_> {
     /// A conversion, read back from its item.
     async fn waiting_conversion(&self, id: &str) -> Result<Option<Conversion>, Unsettled> {
         let item = self
-            .call("GetItem conversion", || async {
-                self.client
-                    .get_item()
-                    .table_name(&self.tables.conversions)
-                    .key("conversionId", AttributeValue::S(id.to_owned()))
-                    .consistent_read(true)
-                    .send()
-                    .await
-                    .map(|o| o.item)
-                    .map_err(|e| classify(&e))
-            })
+            .get_item(
+                "GetItem conversion",
+                &self.tables.conversions,
+                ("conversionId", id),
+                None,
+            )
             .await?;
         let Some(Some(item)) = item else {
             return Ok(None);
         };
-        let s = |k: &str| {
-            item.get(k)
-                .and_then(|v| v.as_s().ok())
-                .cloned()
-                .unwrap_or_default()
-        };
         Ok(Some(Conversion {
             record: 0,
-            event_id: s("eventId"),
-            program_id: s("programId"),
+            event_id: text(&item, "eventId"),
+            program_id: text(&item, "programId"),
             customer_id: 0,
             ts: number(&item, "ts").unwrap_or(0),
-            txid: s("txid"),
-            click_id: s("clickId"),
+            txid: text(&item, "txid"),
+            click_id: text(&item, "clickId"),
             value: String::new(),
             currency: String::new(),
             window_days: number(&item, "attributionWindowDays").unwrap_or(0) as u32,
@@ -823,6 +833,7 @@ mod tests {
             program_id: program.into(),
             event_type: "click".into(),
             source: "click".into(),
+            valid: true,
             ts,
             params: HashMap::from([("utm_campaign".into(), "spring".into())]),
         }
@@ -875,6 +886,13 @@ mod tests {
             attribute(&c, Some(&impression)),
             Attribution::Unattributed("click_not_found"),
             "only a click is attributed"
+        );
+        let mut unverified = click("p", 10 * day);
+        unverified.valid = false;
+        assert_eq!(
+            attribute(&c, Some(&unverified)),
+            Attribution::Unattributed("click_not_found"),
+            "a click taken while Redis was down was never redirected"
         );
         let mut posted = click("p", 10 * day);
         posted.source = "batch".into();

@@ -488,39 +488,40 @@ async fn lambda_reports_the_first_record_not_written() {
     assert!(response.batch_item_failures.is_empty());
 }
 
-/// A postback conversion (event type 3, source postback) naming a click.
-fn conversion(id: &str, txid: &str, click_id: &str, ts: i64) -> Vec<u8> {
+/// A valid event of program 212312 of this type (2 click, 3 conversion)
+/// and source.
+fn valid_event(id: &str, event_type: i32, source: &str, ts: i64) -> TrackingEvent {
     TrackingEvent {
         message_id: id.to_owned(),
         programid: "212312".into(),
         customer_id: 9123,
         is_valid: true,
         validation: 1,
-        event_type: 3,
-        source: "postback".into(),
+        event_type,
+        source: source.into(),
         timestamp_ms: ts,
+        ..Default::default()
+    }
+}
+
+/// A postback conversion naming a click.
+fn conversion(id: &str, txid: &str, click_id: &str, ts: i64) -> Vec<u8> {
+    TrackingEvent {
         click_id: click_id.to_owned(),
         transaction_id: txid.to_owned(),
         conversion_value: "10".into(),
         currency: "USD".into(),
         attribution_window_days: 30,
-        ..Default::default()
+        ..valid_event(id, 3, "postback", ts)
     }
     .encode_to_vec()
 }
 
+/// A click redirect with a campaign parameter.
 fn click(id: &str, ts: i64) -> Vec<u8> {
     TrackingEvent {
-        message_id: id.to_owned(),
-        programid: "212312".into(),
-        customer_id: 9123,
-        is_valid: true,
-        validation: 1,
-        event_type: 2,
-        source: "click".into(),
-        timestamp_ms: ts,
         extra: [("utm_source".to_owned(), "mail".to_owned())].into(),
-        ..Default::default()
+        ..valid_event(id, 2, "click", ts)
     }
     .encode_to_vec()
 }
@@ -602,10 +603,7 @@ async fn lambda_matches_conversions_with_clicks_read_before_or_after() {
     assert_eq!(attr_s(&c["212312#T-3"], "reason"), "outside_window");
     assert_eq!(c.len(), 3, "one item per transaction, no marker left");
     // A page's own event of type click is no click to attribute to.
-    let posted = TrackingEvent {
-        source: "batch".into(),
-        ..TrackingEvent::decode(click("click-3", t).as_slice()).expect("click")
-    };
+    let posted = valid_event("click-3", 2, "batch", t);
     let next = kinesis_event(&[
         ("15", posted.encode_to_vec()),
         ("16", conversion("conv-4", "T-4", "click-3", t + 60_000)),

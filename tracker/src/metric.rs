@@ -176,7 +176,17 @@ pub struct RequestMeters {
     durations: [OnceLock<Histogram>; ROUTES.len()],
     hits: [OnceLock<Counter>; OUTCOMES.len()],
     dropped: [OnceLock<Counter>; DROP_CAUSES.len()],
+    postbacks_refused: [OnceLock<Counter>; POSTBACK_REFUSALS.len()],
+    batch_extra_fields: OnceLock<Counter>,
 }
+
+/// Why postbacks are refused, as the `reason` label names them.
+const POSTBACK_REFUSALS: [&str; 4] = [
+    "missing_signature",
+    "bad_signature",
+    "expired_timestamp",
+    "postbacks_disabled",
+];
 
 impl RequestMeters {
     /// One answered request and how long it took.
@@ -199,6 +209,25 @@ impl RequestMeters {
         self.hits[o]
             .get_or_init(|| metrics::counter!(HITS, "outcome" => OUTCOMES[o]))
             .increment(1);
+    }
+
+    /// A postback refused for its signature, timestamp or program
+    /// (`reason`, one of [`POSTBACK_REFUSALS`]).
+    pub fn postback_refused(&self, reason: &'static str) {
+        let i = POSTBACK_REFUSALS
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        self.postbacks_refused[i]
+            .get_or_init(|| metrics::counter!(POSTBACKS_REFUSED, "reason" => POSTBACK_REFUSALS[i]))
+            .increment(1);
+    }
+
+    /// Top-level fields of batch events kept as extra parameters.
+    pub fn batch_extra_fields(&self, n: u64) {
+        self.batch_extra_fields
+            .get_or_init(|| metrics::counter!(BATCH_EXTRA_FIELDS))
+            .increment(n);
     }
 
     /// Events dropped, with their cause.

@@ -296,6 +296,8 @@ struct Prepared {
     event_type: EventType,
     params: Params,
     referrer: Option<String>,
+    /// Other top-level fields kept among the parameters.
+    extra_fields: u64,
 }
 
 /// Checks one event of a batch (nothing looked up).
@@ -310,11 +312,8 @@ fn parse_event(index: usize, value: Value) -> Result<Prepared, ApiError> {
     let id =
         ProgramId::parse(&item.program_id).map_err(|e| ApiError::MalformedId(e.to_string()))?;
     let mut params = item.params.unwrap_or_default();
-    let moved = merge_other_fields(&mut params, item.other).map_err(ApiError::BadBody)?;
+    let extra_fields = merge_other_fields(&mut params, item.other).map_err(ApiError::BadBody)?;
     let mut params = check_params(params).map_err(ApiError::BadBody)?;
-    if moved > 0 {
-        metrics::counter!(metric::BATCH_EXTRA_FIELDS).increment(moved);
-    }
     let event_type = match item.event_type.as_deref() {
         None => EventType::Custom,
         Some(t) => EventType::from_param(t)
@@ -329,15 +328,20 @@ fn parse_event(index: usize, value: Value) -> Result<Prepared, ApiError> {
         event_type,
         params,
         referrer: item.referrer,
+        extra_fields,
     })
 }
 
 /// Checks one event of a batch; the rejection (counted) otherwise.
 fn prepare(index: usize, value: Value, state: &AppState) -> Result<Prepared, ItemResult> {
-    parse_event(index, value).map_err(|e| {
+    let prepared = parse_event(index, value).map_err(|e| {
         state.meters.hit(Outcome::Malformed);
         ItemResult::rejected(index, &e)
-    })
+    })?;
+    if prepared.extra_fields > 0 {
+        state.meters.batch_extra_fields(prepared.extra_fields);
+    }
+    Ok(prepared)
 }
 
 /// Everything a batch body goes through before any lookup: the body

@@ -26,8 +26,9 @@ use crate::api_error::{ApiError, Body, json_response};
 use crate::app_state::AppState;
 use crate::cache::Lookup;
 use crate::hit::Conversion;
-use crate::ingest::{ClientInfo, EventParts, NotShipped, check_id, lookup, now, ship, usable};
-use crate::metric;
+use crate::ingest::{
+    ClientInfo, EventParts, NotShipped, check_id, lookup, now, parse_query, ship, usable,
+};
 
 /// Largest distance between a postback's `ts` and the tracker's clock.
 pub const MAX_CLOCK_SKEW_SECS: u64 = 300;
@@ -64,9 +65,8 @@ fn bad(reason: &'static str) -> ApiError {
     ApiError::BadParameter(reason)
 }
 
-fn refused(e: ApiError) -> ApiError {
-    let reason = e.code();
-    metrics::counter!(metric::POSTBACKS_REFUSED, "reason" => reason).increment(1);
+fn refused(e: ApiError, state: &AppState) -> ApiError {
+    state.meters.postback_refused(e.code());
     e
 }
 
@@ -81,7 +81,8 @@ pub async fn handle<B>(
     }
     let id = check_id(raw_id, state)?;
     let raw_query = req.uri().query().unwrap_or("");
-    let mut params = crate::hit::Params::parse(Some(raw_query)).map_err(ApiError::BadQuery)?;
+    // The event is a conversion whatever `type` says.
+    let (mut params, _) = parse_query(Some(raw_query), EventType::Conversion, state)?;
     let (now, timestamp_ms) = now();
     let lookup = lookup(state, &id, now).await;
     usable(&lookup)?;
@@ -91,11 +92,11 @@ pub async fn handle<B>(
     };
     let secret = program
         .postback_secret()
-        .ok_or_else(|| refused(ApiError::PostbacksDisabled))?;
+        .ok_or_else(|| refused(ApiError::PostbacksDisabled, state))?;
     let (signed, sig) =
-        split_signature(raw_query).ok_or_else(|| refused(ApiError::MissingSignature))?;
+        split_signature(raw_query).ok_or_else(|| refused(ApiError::MissingSignature, state))?;
     if !verify(secret, signed, sig) {
-        return Err(refused(ApiError::BadSignature));
+        return Err(refused(ApiError::BadSignature, state));
     }
     params.0.remove("sig");
     let ts = params
@@ -106,7 +107,10 @@ pub async fn handle<B>(
         .parse()
         .map_err(|_| bad("`ts` is not a Unix time in seconds"))?;
     if ts.abs_diff(timestamp_ms / 1000) > MAX_CLOCK_SKEW_SECS {
-        return Err(refused(ApiError::ExpiredTimestamp(MAX_CLOCK_SKEW_SECS)));
+        return Err(refused(
+            ApiError::ExpiredTimestamp(MAX_CLOCK_SKEW_SECS),
+            state,
+        ));
     }
     let txid = params
         .0
@@ -136,7 +140,6 @@ pub async fn handle<B>(
         attribution_window_days: program.attribution_window_days(),
     };
     let conversion_id = format!("{}#{}", id.as_str(), conversion.transaction_id);
-    // `type` is the route's own here.
     params.0.remove("type");
     let mut client = ClientInfo::from_request(req.headers(), peer, state);
     // A server reports the conversion: a browser's DNT or GPC signal does
