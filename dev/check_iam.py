@@ -54,6 +54,7 @@ RESOURCES = {
     ("dynamodb", "adtrack-dead-letters"): "DeadLetterTable",
     ("dynamodb", "adtrack-programs"): "ProgramsTable",
     ("dynamodb", "adtrack-conversions"): "ConversionsTable",
+    ("dynamodb", "adtrack-customers"): "CustomersTable",
     ("kinesis", "adtrack-events"): "Stream",
     ("kinesis", "adtrack-core-data"): "CoreDataStream",
 }

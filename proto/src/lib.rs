@@ -14,6 +14,7 @@
 //! design's `data.json` loads unchanged. See [`redis_layout`] for how they are
 //! kept in Redis and announced to the trackers.
 
+pub mod customer;
 pub mod event;
 pub mod kpl;
 pub mod postback;

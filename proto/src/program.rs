@@ -261,10 +261,19 @@ impl fmt::Display for FieldError {
 }
 
 impl FieldError {
-    fn new(field: &str, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(field: &str, reason: impl Into<String>) -> Self {
         Self {
             field: field.to_owned(),
             reason: reason.into(),
+        }
+    }
+
+    /// A record's deserialisation error, with the path of its field.
+    pub(crate) fn from_path<E: std::error::Error>(e: serde_path_to_error::Error<E>) -> Self {
+        let path = e.path().to_string();
+        Self {
+            field: if path == "." { String::new() } else { path },
+            reason: e.into_inner().to_string(),
         }
     }
 }
@@ -308,7 +317,7 @@ struct ProgramRecord {
 }
 
 /// The field readers of [`ProgramRecord`].
-mod record {
+pub(crate) mod record {
     use serde::de::Error;
     use serde::{Deserialize, Deserializer};
     use time::OffsetDateTime;
@@ -362,7 +371,7 @@ mod record {
         Text(String),
     }
 
-    pub fn customer_id<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+    pub(crate) fn customer_id<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
         let raw = match IntOrText::deserialize(d)? {
             IntOrText::Int(n) => n,
             IntOrText::Text(s) => s
@@ -415,7 +424,7 @@ mod record {
             .transpose()
     }
 
-    pub fn version<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    pub(crate) fn version<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
         match Option::<u64>::deserialize(d)? {
             None => Ok(0),
             Some(v) if v > 0 && v < (1 << 53) => Ok(v),
@@ -443,13 +452,7 @@ impl Program {
     fn from_record<E: std::error::Error>(
         record: Result<ProgramRecord, serde_path_to_error::Error<E>>,
     ) -> Result<Self, FieldError> {
-        let r = record.map_err(|e| {
-            let path = e.path().to_string();
-            FieldError {
-                field: if path == "." { String::new() } else { path },
-                reason: e.into_inner().to_string(),
-            }
-        })?;
+        let r = record.map_err(FieldError::from_path)?;
         if let (Some(from), Some(until)) = (r.valid_from, r.valid_until)
             && from >= until
         {

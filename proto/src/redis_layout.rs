@@ -25,13 +25,25 @@
 //! refuse a version not newer than the stored one and PUBLISH the change in
 //! the same atomic step.
 //!
+//! - `adtrack:customer:{customerId}`: one hash per customer record (see
+//!   [`crate::customer`]): `customerId`, `enabled` = `true`/`false`, when
+//!   set `rateLimit` and `rateBurst`, plus `version`; a deleted record
+//!   leaves a tombstone as programs do. Customers share the version counter
+//!   and its completeness mark: the sync restores customers before it marks
+//!   Redis complete, so a switched-off customer is never switched on again
+//!   by a Redis that lost its data.
+//!
 //! # Channel
 //!
-//! `adtrack:programs` carries one JSON [`ProgramChange`] per change:
+//! `adtrack:programs` carries one JSON [`CoreChange`] per change, for
+//! programs and customers alike (one channel, so a subscriber sees them in
+//! the order they were made):
 //!
 //! ```json
 //! {"op":"upsert","version":7,"program":{"programId":"212312", ...}}
 //! {"op":"delete","version":8,"programId":"212312"}
+//! {"op":"upsert","version":9,"customer":{"customerId":9123,"enabled":false}}
+//! {"op":"delete","version":10,"customerId":9123}
 //! ```
 //!
 //! Pub/sub is at-most-once: a subscriber that reconnects must re-read the
@@ -40,6 +52,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::customer::Customer;
 use crate::program::{FieldError, Program, ProgramId};
 
 /// Prefix of the per-program hashes.
@@ -51,9 +64,32 @@ pub const CHANGES_CHANNEL: &str = "adtrack:programs";
 /// `SCAN MATCH` pattern for all program hashes.
 pub const PROGRAM_KEY_PATTERN: &str = "adtrack:program:*";
 
+/// Prefix of the per-customer hashes.
+pub const CUSTOMER_KEY_PREFIX: &str = "adtrack:customer:";
+/// `SCAN MATCH` pattern for all customer hashes.
+pub const CUSTOMER_KEY_PATTERN: &str = "adtrack:customer:*";
+
 /// The Redis key of one program's hash.
 pub fn program_key(id: &ProgramId) -> String {
     format!("{PROGRAM_KEY_PREFIX}{id}")
+}
+
+/// The Redis key of one customer's hash.
+pub fn customer_key(customer_id: i32) -> String {
+    format!("{CUSTOMER_KEY_PREFIX}{customer_id}")
+}
+
+/// The part of an upsert message that names what changed, without the
+/// version: `"program":{...}` or `"customer":{...}` (`json` is the
+/// record's JSON without its version).
+pub fn upsert_body(kind: &str, json: &str) -> String {
+    format!("\"{kind}\":{json}")
+}
+
+/// The part of a delete message that names what was deleted:
+/// `"programId":"212312"` or `"customerId":9123`.
+pub fn delete_body(key: &str, id_json: &str) -> String {
+    format!("\"{key}\":{id_json}")
 }
 
 /// The Lua both write scripts start with: the version a write takes
@@ -81,9 +117,10 @@ end
     };
 }
 
-/// Upsert, atomically: `KEYS[1]` program hash, `KEYS[2]` version counter;
-/// `ARGV[1]` requested version (0: take the next one, see the module docs),
-/// `ARGV[2]` channel, `ARGV[3]` program JSON without version, `ARGV[4]`
+/// Upsert, atomically: `KEYS[1]` program (or customer) hash, `KEYS[2]`
+/// version counter; `ARGV[1]` requested version (0: take the next one, see
+/// the module docs), `ARGV[2]` channel, `ARGV[3]` the message's body
+/// ([`upsert_body`]), `ARGV[4]`
 /// counter mode (`create`: set the counter, creating it when absent;
 /// `keep`: raise it only if it exists, so a write into an emptied Redis
 /// does not mark it complete), `ARGV[5..]` field/value pairs. Returns
@@ -97,13 +134,14 @@ local v, vs = take_version(tonumber(ARGV[1]), stored, ARGV[4])
 if v <= stored then return {0, string.format('%.0f', stored)} end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'version', vs, unpack(ARGV, 5))
-redis.call('PUBLISH', ARGV[2], '{"op":"upsert","version":' .. vs .. ',"program":' .. ARGV[3] .. '}')
+redis.call('PUBLISH', ARGV[2], '{"op":"upsert","version":' .. vs .. ',' .. ARGV[3] .. '}')
 return {1, vs}
 "#
 );
 
-/// Delete, atomically: `KEYS[1]` program hash, `KEYS[2]` version counter;
-/// `ARGV[1]` channel, `ARGV[2]` program id (JSON string), `ARGV[3]`
+/// Delete, atomically: `KEYS[1]` program (or customer) hash, `KEYS[2]`
+/// version counter; `ARGV[1]` channel, `ARGV[2]` the message's body
+/// ([`delete_body`]), `ARGV[3]`
 /// requested version (0: take the next one), `ARGV[4]` counter mode (as for
 /// [`UPSERT_SCRIPT`]). Leaves a versioned tombstone and publishes the
 /// deletion, also for an id Redis does not hold (so a late write of an
@@ -124,7 +162,7 @@ if not deleted then existed = redis.call('EXISTS', KEYS[1]) end
 local v, vs = take_version(requested, stored, ARGV[4])
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'version', vs, 'deleted', '1')
-redis.call('PUBLISH', ARGV[1], '{"op":"delete","version":' .. vs .. ',"programId":' .. ARGV[2] .. '}')
+redis.call('PUBLISH', ARGV[1], '{"op":"delete","version":' .. vs .. ',' .. ARGV[2] .. '}')
 return {1, vs, existed}
 "#
 );
@@ -147,43 +185,118 @@ pub enum ProgramChange {
     Delete { program_id: ProgramId, version: u64 },
 }
 
+/// A change of a customer record announced on [`CHANGES_CHANNEL`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CustomerChange {
+    Upsert(Customer),
+    Delete { customer_id: i32, version: u64 },
+}
+
+impl CustomerChange {
+    pub fn customer_id(&self) -> i32 {
+        match self {
+            Self::Upsert(c) => c.customer_id,
+            Self::Delete { customer_id, .. } => *customer_id,
+        }
+    }
+
+    pub fn version(&self) -> u64 {
+        match self {
+            Self::Upsert(c) => c.version,
+            Self::Delete { version, .. } => *version,
+        }
+    }
+}
+
+/// Any change announced on [`CHANGES_CHANNEL`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CoreChange {
+    Program(ProgramChange),
+    Customer(CustomerChange),
+}
+
 #[derive(Deserialize, Serialize)]
-#[serde(tag = "op", rename_all = "lowercase")]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
 enum WireChange {
     Upsert {
         version: u64,
-        program: Value,
+        #[serde(default)]
+        program: Option<Value>,
+        #[serde(default)]
+        customer: Option<Value>,
     },
     Delete {
         version: u64,
-        #[serde(rename = "programId")]
-        program_id: String,
+        #[serde(rename = "programId", default)]
+        program_id: Option<String>,
+        #[serde(rename = "customerId", default)]
+        customer_id: Option<i32>,
     },
 }
 
-impl ProgramChange {
+fn message_error(reason: impl Into<String>) -> FieldError {
+    FieldError {
+        field: "(message)".into(),
+        reason: reason.into(),
+    }
+}
+
+impl CoreChange {
     /// Parses a pub/sub message.
     pub fn parse(payload: &[u8]) -> Result<Self, FieldError> {
-        let wire: WireChange = serde_json::from_slice(payload).map_err(|e| FieldError {
-            field: "(message)".into(),
-            reason: e.to_string(),
-        })?;
+        let wire: WireChange =
+            serde_json::from_slice(payload).map_err(|e| message_error(e.to_string()))?;
         match wire {
-            WireChange::Upsert { version, program } => {
+            WireChange::Upsert {
+                version,
+                program: Some(program),
+                customer: None,
+            } => {
                 let mut p = Program::from_json(&program)?;
                 p.version = version;
-                Ok(Self::Upsert(p))
+                Ok(Self::Program(ProgramChange::Upsert(p)))
+            }
+            WireChange::Upsert {
+                version,
+                program: None,
+                customer: Some(customer),
+            } => {
+                let mut c = Customer::from_json(&customer)?;
+                c.version = version;
+                Ok(Self::Customer(CustomerChange::Upsert(c)))
             }
             WireChange::Delete {
                 version,
-                program_id,
-            } => Ok(Self::Delete {
+                program_id: Some(program_id),
+                customer_id: None,
+            } => Ok(Self::Program(ProgramChange::Delete {
                 program_id: ProgramId::parse(&program_id).map_err(|e| FieldError {
                     field: "programId".into(),
                     reason: e.to_string(),
                 })?,
                 version,
-            }),
+            })),
+            WireChange::Delete {
+                version,
+                program_id: None,
+                customer_id: Some(customer_id),
+            } => Ok(Self::Customer(CustomerChange::Delete {
+                customer_id,
+                version,
+            })),
+            _ => Err(message_error(
+                "a change names exactly one program or one customer",
+            )),
+        }
+    }
+}
+
+impl ProgramChange {
+    /// Parses a pub/sub message about a program (a customer's is an error).
+    pub fn parse(payload: &[u8]) -> Result<Self, FieldError> {
+        match CoreChange::parse(payload)? {
+            CoreChange::Program(change) => Ok(change),
+            CoreChange::Customer(_) => Err(message_error("a customer change, not a program's")),
         }
     }
 
@@ -237,6 +350,41 @@ pub const HASH_FIELDS: [&str; 14] = [
     "clickIdParam",
 ];
 
+/// What a customer hash read from Redis holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredCustomer {
+    Absent,
+    Deleted { version: u64 },
+    Present(Customer),
+}
+
+impl StoredCustomer {
+    /// Interprets the result of `HGETALL adtrack:customer:{id}`.
+    pub fn from_hash(
+        fields: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Self, FieldError> {
+        if fields.is_empty() {
+            return Ok(Self::Absent);
+        }
+        if fields.get("deleted").map(String::as_str) == Some("1") {
+            let version = fields
+                .get("version")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            return Ok(Self::Deleted { version });
+        }
+        Customer::from_redis_fields(fields).map(Self::Present)
+    }
+
+    pub fn version(&self) -> u64 {
+        match self {
+            Self::Absent => 0,
+            Self::Deleted { version } => *version,
+            Self::Present(c) => c.version,
+        }
+    }
+}
+
 impl StoredProgram {
     /// Interprets the result of `HGETALL adtrack:program:{id}`.
     pub fn from_hash(
@@ -286,5 +434,48 @@ mod tests {
         assert_eq!(change.version(), 8);
         assert_eq!(change.program_id().as_str(), "212312");
         assert!(ProgramChange::parse(b"{\"op\":\"flush\"}").is_err());
+    }
+
+    #[test]
+    fn customer_change_messages_parse() {
+        let up = br#"{"op":"upsert","version":9,"customer":{"customerId":9123,"enabled":false}}"#;
+        let Ok(CoreChange::Customer(CustomerChange::Upsert(c))) = CoreChange::parse(up) else {
+            panic!("not a customer upsert")
+        };
+        assert_eq!((c.customer_id, c.enabled, c.version), (9123, false, 9));
+        let del = br#"{"op":"delete","version":10,"customerId":9123}"#;
+        assert_eq!(
+            CoreChange::parse(del),
+            Ok(CoreChange::Customer(CustomerChange::Delete {
+                customer_id: 9123,
+                version: 10
+            }))
+        );
+        // Both, or neither, is refused; so is a customer change read as a program's.
+        let both = br#"{"op":"delete","version":1,"customerId":1,"programId":"p"}"#;
+        assert!(CoreChange::parse(both).is_err());
+        assert!(CoreChange::parse(br#"{"op":"delete","version":1}"#).is_err());
+        assert!(ProgramChange::parse(del).is_err());
+    }
+
+    #[test]
+    fn scripts_publish_what_parses() {
+        // The Lua concatenates these; the result must parse.
+        let up = format!(
+            "{{\"op\":\"upsert\",\"version\":5,{}}}",
+            upsert_body("customer", r#"{"customerId":3,"enabled":true}"#)
+        );
+        assert!(matches!(
+            CoreChange::parse(up.as_bytes()),
+            Ok(CoreChange::Customer(CustomerChange::Upsert(_)))
+        ));
+        let del = format!(
+            "{{\"op\":\"delete\",\"version\":5,{}}}",
+            delete_body("programId", "\"p1\"")
+        );
+        assert!(matches!(
+            CoreChange::parse(del.as_bytes()),
+            Ok(CoreChange::Program(ProgramChange::Delete { .. }))
+        ));
     }
 }

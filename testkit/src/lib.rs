@@ -25,6 +25,8 @@ pub const DEAD_LETTER_TABLE: &str = "adtrack-dead-letters";
 pub const PROGRAMS_TABLE: &str = "adtrack-programs";
 /// The conversions table the stand-in creates.
 pub const CONVERSIONS_TABLE: &str = "adtrack-conversions";
+/// The customers table (customer records of core data) the stand-in creates.
+pub const CUSTOMERS_TABLE: &str = "adtrack-customers";
 
 /// The repository's `dev/` folder.
 pub fn dev_dir() -> PathBuf {
@@ -356,6 +358,7 @@ impl Stack {
             ("DEAD_LETTER_TABLE", DEAD_LETTER_TABLE.to_owned()),
             ("PROGRAMS_TABLE", PROGRAMS_TABLE.to_owned()),
             ("CONVERSIONS_TABLE", CONVERSIONS_TABLE.to_owned()),
+            ("CUSTOMERS_TABLE", CUSTOMERS_TABLE.to_owned()),
             ("CORE_DATA_STREAM", CORE_DATA_STREAM.to_owned()),
             // A spool of this stack's own: trackers of tests running side
             // by side must not share one.

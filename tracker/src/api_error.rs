@@ -59,6 +59,8 @@ pub enum ApiError {
     ExpiredTimestamp(u64),
     #[error("the program takes no postbacks (it has no postback secret)")]
     PostbacksDisabled,
+    #[error("over the customer's rate limit, retry after {} s", .0.retry_after_secs())]
+    RateLimited(crate::customers::RateLimited),
 }
 
 impl ApiError {
@@ -83,6 +85,7 @@ impl ApiError {
             }
             Self::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             Self::Overloaded | Self::ProgramUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -111,6 +114,7 @@ impl ApiError {
             Self::BadSignature => "bad_signature",
             Self::ExpiredTimestamp(_) => "expired_timestamp",
             Self::PostbacksDisabled => "postbacks_disabled",
+            Self::RateLimited(_) => "rate_limited",
         }
     }
 
@@ -134,6 +138,10 @@ impl ApiError {
             Self::Overloaded | Self::ProgramUnavailable => {
                 resp.headers_mut()
                     .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            Self::RateLimited(limited) => {
+                resp.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from(limited.retry_after_secs()));
             }
             _ => {}
         }

@@ -26,6 +26,8 @@ pub struct Limits {
 /// What every request handler shares.
 pub struct AppState {
     pub cache: Arc<ProgramCache>,
+    /// The customers' kill switches and rate limits.
+    pub customers: Arc<crate::customers::Customers>,
     pub sink: EventSink,
     pub health: Arc<Health>,
     pub ip_policy: IpPolicy,

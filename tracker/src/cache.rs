@@ -251,6 +251,11 @@ impl ProgramCache {
         let _ = self.redis.set(conn);
     }
 
+    /// The Redis connection, once there is one.
+    pub fn connection(&self) -> Option<ConnectionManager> {
+        self.redis.get().cloned()
+    }
+
     pub fn is_connected(&self) -> bool {
         self.redis.initialized()
     }

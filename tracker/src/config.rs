@@ -253,6 +253,21 @@ pub struct Config {
     #[arg(long, env = "TRACKER_USER_COOKIE_DAYS", value_name = "TRACKER_USER_COOKIE_DAYS", default_value_t = 390, value_parser = clap::value_parser!(u32).range(1..=400))]
     pub user_cookie_days: u32,
 
+    /// Events per second this tracker accepts for one customer (all its
+    /// programs together) unless the customer's core-data record sets its
+    /// own `rateLimit`; 0: no limit. Over it the pixel and click still
+    /// answer (the event is dropped and counted, cause `rate_limited`) and
+    /// the JSON routes answer 429 with `Retry-After`. Each tracker counts
+    /// its own hits: a fleet of N tasks accepts up to N times this.
+    #[arg(long, env = "TRACKER_CUSTOMER_RATE_LIMIT", value_name = "TRACKER_CUSTOMER_RATE_LIMIT", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
+    pub customer_rate_limit: u32,
+
+    /// Events one customer may send at once after a quiet spell (the token
+    /// bucket's size) unless its record sets `rateBurst`; 0: one second's
+    /// worth at the rate.
+    #[arg(long, env = "TRACKER_CUSTOMER_RATE_BURST", value_name = "TRACKER_CUSTOMER_RATE_BURST", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100_000_000))]
+    pub customer_rate_burst: u32,
+
     /// Query or batch parameters that identify a person, dropped under `strip`.
     #[arg(
         long,

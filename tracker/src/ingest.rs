@@ -19,6 +19,7 @@ use adtrack_proto::v1::ConsentState;
 use crate::api_error::ApiError;
 use crate::app_state::AppState;
 use crate::cache::Lookup;
+use crate::customers::RateLimited;
 use crate::hit::{Conversion, Hit, Params, Privacy, header_text};
 use crate::metric::{self, Outcome};
 use crate::outgoing::Outgoing;
@@ -42,11 +43,31 @@ pub fn now() -> (OffsetDateTime, i64) {
     (t, (t.unix_timestamp_nanos() / 1_000_000) as i64)
 }
 
-/// Looks a program up and counts the outcome.
+/// Looks a program up (with its customer's kill switch) and counts the
+/// outcome.
 pub async fn lookup(state: &AppState, id: &ProgramId, now: OffsetDateTime) -> Lookup {
-    let lookup = state.cache.lookup(id.as_str(), now).await;
+    let lookup = switched(state, state.cache.lookup(id.as_str(), now).await);
     state.meters.hit(outcome_of(&lookup));
     lookup
+}
+
+/// An active program of a switched-off customer is inactive: it takes no
+/// hits, as a disabled program does.
+pub fn switched(state: &AppState, lookup: Lookup) -> Lookup {
+    match lookup {
+        Lookup::Active(p) if !state.customers.enabled(p.customer_id()) => Lookup::Inactive(p),
+        other => other,
+    }
+}
+
+/// Takes one event from the budget of an active program's customer; the
+/// wait when it is spent (counted). Unverified hits (Redis down, the
+/// program not cached) have no known customer and are not limited.
+pub fn admit(state: &AppState, lookup: &Lookup) -> Result<(), RateLimited> {
+    match lookup {
+        Lookup::Active(p) => state.customers.admit(p.customer_id()),
+        _ => Ok(()),
+    }
 }
 
 /// The refusal for a program that cannot take hits: unknown (404) or not
@@ -150,6 +171,8 @@ pub enum NotShipped {
     /// The encoded event is larger than the largest event (its size).
     TooLarge(usize),
     Queue(QueueError),
+    /// Over the customer's rate limit.
+    RateLimited(RateLimited),
 }
 
 /// An event whose encoding is larger than [`MAX_EVENT_BYTES`] (its size).
@@ -227,13 +250,14 @@ pub async fn store(events: Vec<Outgoing>, state: &AppState) -> Result<(), QueueE
         .inspect_err(|e| state.meters.dropped(e.cause(), n))
 }
 
-/// Builds and stores the event for a hit; returns its id, as the reply's
-/// header carries it.
+/// Builds and stores the event for a hit, within its customer's rate
+/// limit; returns its id, as the reply's header carries it.
 pub async fn ship(
     parts: EventParts<'_>,
     client: &ClientInfo<'_>,
     state: &AppState,
 ) -> Result<HeaderValue, NotShipped> {
+    admit(state, parts.lookup).map_err(NotShipped::RateLimited)?;
     let event = match build_event(parts, client, state) {
         Ok(Some(ev)) => ev,
         Ok(None) => {

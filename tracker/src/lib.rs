@@ -13,6 +13,7 @@ pub mod config;
 pub mod conn_timeouts;
 pub mod consent;
 pub mod cors;
+pub mod customers;
 pub mod delivery;
 pub mod health;
 pub mod hit;
@@ -86,6 +87,10 @@ pub async fn run(
         negative_ttl: config.negative_ttl(),
         redis_timeout: config.redis_timeout(),
     }));
+    let customers = Arc::new(customers::Customers::new(customers::DefaultLimit {
+        per_sec: config.customer_rate_limit,
+        burst: config.customer_rate_burst,
+    }));
     let spool = open_spool(&config)?;
     let (sink, engine) = delivery::channel(
         DeliverySettings {
@@ -112,6 +117,7 @@ pub async fn run(
     let sync_task = tokio::spawn(sync::run(
         redis,
         cache.clone(),
+        customers.clone(),
         health.clone(),
         health.register("program sync", LOOP_DEADLINE),
         config.redis_timeout(),
@@ -134,6 +140,7 @@ pub async fn run(
 
     let state = Arc::new(AppState {
         cache,
+        customers,
         sink: sink.clone(),
         health: health.clone(),
         ip_policy: IpPolicy {

@@ -70,6 +70,11 @@ pub const BATCH_EXTRA_FIELDS: &str = "adtrack_batch_extra_fields_total";
 /// Postbacks refused for their signature, timestamp or program, by `reason`
 /// (missing_signature, bad_signature, expired_timestamp, postbacks_disabled).
 pub const POSTBACKS_REFUSED: &str = "adtrack_postbacks_refused_total";
+/// Hits refused for their customer, by `reason`: `disabled` (the kill
+/// switch) or `rate_limited`.
+pub const CUSTOMER_REFUSALS: &str = "adtrack_customer_refusals_total";
+/// Customer records loaded from Redis by warm-up and resync.
+pub const CUSTOMERS_LOADED: &str = "adtrack_customers_loaded_total";
 /// Programs evicted from the cache, label `cause` (`size`, `expired`, `replaced`, `explicit`).
 pub const CACHE_EVICTIONS: &str = "adtrack_cache_evictions_total";
 /// Full reconciliations of the cache with Redis, label `result` (`ok`,
@@ -120,9 +125,9 @@ const ROUTES: [&str; 9] = [
 ];
 
 /// Statuses, as the `status` label names them.
-const STATUSES: [&str; 16] = [
+const STATUSES: [&str; 17] = [
     "200", "202", "204", "302", "304", "400", "401", "403", "404", "405", "408", "413", "414",
-    "431", "503", "other",
+    "429", "431", "503", "other",
 ];
 
 /// Index of a status in [`STATUSES`].
@@ -141,9 +146,10 @@ fn status_index(status: http::StatusCode) -> usize {
         408 => 10,
         413 => 11,
         414 => 12,
-        431 => 13,
-        503 => 14,
-        _ => 15,
+        429 => 13,
+        431 => 14,
+        503 => 15,
+        _ => 16,
     }
 }
 
@@ -160,12 +166,13 @@ pub enum Outcome {
 const OUTCOMES: [&str; 5] = ["valid", "invalid", "unknown", "unverified", "malformed"];
 
 /// Causes of dropped events, as the `cause` label names them.
-const DROP_CAUSES: [&str; 5] = [
+const DROP_CAUSES: [&str; 6] = [
     "queue_full",
     "spool_full",
     "spool_io",
     "shutting_down",
     "privacy_opt_out",
+    "rate_limited",
 ];
 
 /// Handles for what every request records, each registered on its first

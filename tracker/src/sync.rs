@@ -1,17 +1,19 @@
-//! Keeps the program cache current: connects to Redis, subscribes to the
-//! change channel, loads every program (warm start), then applies each pushed
-//! change. Pub/sub is at-most-once, so after every reconnect it loads again.
+//! Keeps the program cache and the customer settings current: connects to
+//! Redis, subscribes to the change channel, loads every customer record and
+//! every program (warm start), then applies each pushed change. Pub/sub is
+//! at-most-once, so after every reconnect it loads again.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use adtrack_proto::redis_layout::{CHANGES_CHANNEL, ProgramChange};
+use adtrack_proto::redis_layout::{CHANGES_CHANNEL, CoreChange};
 use adtrack_service::retry::Backoff;
 use futures_util::StreamExt;
 use redis::aio::ConnectionManagerConfig;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::{Loaded, ProgramCache};
+use crate::cache::{FetchError, Loaded, ProgramCache};
+use crate::customers::Customers;
 use crate::health::{BEAT_EVERY, Beat, Health};
 use crate::metric;
 
@@ -20,9 +22,14 @@ const RECONNECT: Backoff = Backoff::new(Duration::from_millis(100), Duration::fr
 
 /// Runs until `shutdown`; reconnects with the services' backoff.
 /// Beats `beat` as it goes round (see [`crate::health`]).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the sync task's whole context, given once at start"
+)]
 pub async fn run(
     client: redis::Client,
     cache: Arc<ProgramCache>,
+    customers: Arc<Customers>,
     health: Arc<Health>,
     beat: Arc<Beat>,
     redis_timeout: Duration,
@@ -39,6 +46,7 @@ pub async fn run(
         match session(
             &client,
             &cache,
+            &customers,
             &health,
             &beat,
             redis_timeout,
@@ -67,9 +75,14 @@ pub async fn run(
 
 /// One connected session: subscribe, (re)load everything, apply changes
 /// until the connection ends. Returns `Ok` when the stream closed.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the sync task's whole context, passed down once per session"
+)]
 async fn session(
     client: &redis::Client,
     cache: &Arc<ProgramCache>,
+    customers: &Customers,
     health: &Health,
     beat: &Beat,
     redis_timeout: Duration,
@@ -87,8 +100,7 @@ async fn session(
     // versions make the order of the two harmless.
     let mut pubsub = client.get_async_pubsub().await?;
     pubsub.subscribe(CHANGES_CHANNEL).await?;
-    let loaded = cache
-        .load_all()
+    let loaded = load_all(cache, customers)
         .await
         .map_err(|e| redis::RedisError::from(std::io::Error::other(e.to_string())))?;
     report_lost_data(&loaded);
@@ -118,7 +130,7 @@ async fn session(
             _ = shutdown.cancelled() => return Ok(()),
             _ = alive.tick() => {}
             _ = incomplete.tick(), if !health.is_cache_warm() => {
-                match cache.load_all().await {
+                match load_all(cache, customers).await {
                     Ok(loaded) if warm_if_complete(health, &loaded) => {
                         tracing::info!(programs = loaded.programs, "Redis holds every program: ready");
                     }
@@ -127,7 +139,7 @@ async fn session(
                 }
             }
             _ = reconcile.tick() => {
-                let result = match cache.load_all().await {
+                let result = match load_all(cache, customers).await {
                     Ok(loaded) if loaded.redis_lost_data => {
                         report_lost_data(&loaded);
                         "redis_lost_data"
@@ -149,9 +161,12 @@ async fn session(
             }
             msg = messages.next() => match msg {
                 None => return Ok(()),
-                Some(msg) => match ProgramChange::parse(msg.get_payload_bytes()) {
+                Some(msg) => match CoreChange::parse(msg.get_payload_bytes()) {
                     Ok(change) => {
-                        let applied = cache.apply(&change).await;
+                        let applied = match &change {
+                            CoreChange::Program(change) => cache.apply(change).await,
+                            CoreChange::Customer(change) => customers.apply(change),
+                        };
                         let result = if applied { "applied" } else { "stale" };
                         metrics::counter!(metric::PUBSUB_CHANGES, "result" => result).increment(1);
                     }
@@ -163,6 +178,20 @@ async fn session(
             }
         }
     }
+}
+
+/// Loads every customer record, then every program: a tracker that becomes
+/// ready with this load already holds every switched-off customer.
+async fn load_all(cache: &ProgramCache, customers: &Customers) -> Result<Loaded, FetchError> {
+    let mut conn = cache.connection().ok_or(FetchError::NotConnected)?;
+    let loaded = customers.load(&mut conn).await?;
+    metrics::counter!(metric::CUSTOMERS_LOADED).increment(loaded.records as u64);
+    tracing::debug!(
+        records = loaded.records,
+        vanished = loaded.vanished,
+        "customer records loaded from Redis"
+    );
+    cache.load_all().await
 }
 
 /// A tracker becomes ready only once Redis holds every program (its version

@@ -12,23 +12,10 @@ use adtrack_proto::v1::TrackingEvent;
 use adtrack_testkit::{Http, Stack, TcpProxy, metric_sum, read_stream_events};
 use adtrack_updater::{Counter, RedisPrograms};
 use prost::Message;
-use support::{PROGRAMS, Tracker, load_programs, wait_status, wait_until};
+use support::{PROGRAMS, Tracker, load_programs, redis_cmd, wait_status, wait_until};
 
 fn program(json: serde_json::Value) -> Program {
     Program::from_json(&json).expect("program")
-}
-
-async fn redis_cmd(url: &str, args: &[&str]) {
-    let client = redis::Client::open(url).expect("client");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("conn");
-    let mut cmd = redis::cmd(args[0]);
-    for a in &args[1..] {
-        cmd.arg(*a);
-    }
-    let _: redis::Value = cmd.query_async(&mut conn).await.expect("command");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

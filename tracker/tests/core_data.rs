@@ -2,7 +2,8 @@
 //! the stream with the AWS SDK reach a running tracker through `updater
 //! stream` (programs table, then Redis and its PUBLISH); a malformed record
 //! is dead-lettered and the next record still applies; a delete turns hits
-//! into 404; reading the whole stream again changes nothing; and records
+//! into 404; a customer record switches a customer's programs off and its
+//! deletion on again; reading the whole stream again changes nothing; and records
 //! put by boto3 (an operator's own producer) apply the same way.
 
 mod support;
@@ -116,6 +117,17 @@ async fn core_data_records_reach_a_running_tracker_and_bad_ones_never_block_the_
     wait_status(&http, &tracker.url("/event/after-bad"), 200).await;
     assert_eq!(dead_letters(&stack).await.len(), 2);
 
+    // A customer record switches every program of customer 9124 off; its
+    // deletion switches them back on.
+    put_record(
+        &stack,
+        r#"{"op":"customer","customerId":"9124","enabled":false}"#,
+    )
+    .await;
+    wait_status(&http, &tracker.url("/event/212313"), 404).await;
+    put_record(&stack, r#"{"op":"delete","customerId":9124}"#).await;
+    wait_status(&http, &tracker.url("/event/212313"), 200).await;
+
     // Read everything again (as after a lost checkpoint): records without a
     // version take it from their arrival, so nothing changes.
     let before = table.scan_all().await.expect("scan");
@@ -168,6 +180,14 @@ async fn core_data_records_reach_a_running_tracker_and_bad_ones_never_block_the_
             .expect("get")
             .status,
         404
+    );
+    assert_eq!(
+        http.get(&tracker.url("/event/212313"))
+            .await
+            .expect("get")
+            .status,
+        200,
+        "a replayed customer record switched the customer off again"
     );
 }
 

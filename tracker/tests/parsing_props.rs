@@ -63,6 +63,9 @@ async fn state(redis: &Redis) -> (Arc<AppState>, delivery::Engine) {
     health.set_stream_ok();
     let state = AppState {
         cache,
+        customers: Arc::new(adtrack_tracker::customers::Customers::new(
+            Default::default(),
+        )),
         sink,
         health,
         ip_policy: IpPolicy {

@@ -7,6 +7,7 @@
 
 pub mod lambda;
 pub mod lambda_config;
+pub mod record;
 pub mod redis_copy;
 pub mod store_config;
 pub mod stream;
@@ -15,12 +16,14 @@ pub mod table;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use adtrack_proto::customer::Customer;
 use adtrack_proto::program::{Program, ProgramId};
-use anyhow::Result;
+use anyhow::{Result, anyhow};
 use futures_util::{StreamExt, TryStreamExt};
 
+pub use record::Record;
 pub use redis_copy::{Counter, Held, RedisPrograms};
-pub use table::{Entry, ProgramTable};
+pub use table::{CustomerTable, Entry, ProgramTable, Table};
 
 /// What happened to one program write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +82,10 @@ pub struct LoadReport {
 pub struct SyncReport {
     /// Items in the table (programs and tombstones).
     pub table_items: usize,
+    /// Customer records (and tombstones) in the customers table, and how
+    /// many of them were written to Redis.
+    pub customer_items: usize,
+    pub customers_written: usize,
     /// Programs written to Redis.
     pub written: usize,
     /// Tombstones written to Redis.
@@ -94,9 +101,12 @@ pub struct SyncReport {
     pub redis_was_incomplete: bool,
 }
 
-/// The table and its Redis copy.
+/// The tables and their Redis copy.
 pub struct Programs {
     pub table: ProgramTable,
+    /// The customers table; without one, customer records cannot be
+    /// written and the sync copies programs only.
+    pub customers: Option<CustomerTable>,
     pub redis: RedisPrograms,
     /// Conditional table writes in flight at once during a load.
     pub load_concurrency: usize,
@@ -113,9 +123,23 @@ impl Programs {
     pub fn new(table: ProgramTable, redis: RedisPrograms) -> Self {
         Self {
             table,
+            customers: None,
             redis,
             load_concurrency: LOAD_CONCURRENCY,
         }
+    }
+
+    /// The same store with a customers table.
+    pub fn with_customers(mut self, customers: CustomerTable) -> Self {
+        self.customers = Some(customers);
+        self
+    }
+
+    /// The customers table, or why there is none.
+    pub fn customer_table(&self) -> Result<&CustomerTable> {
+        self.customers
+            .as_ref()
+            .ok_or_else(|| anyhow!("no customers table is configured (CUSTOMERS_TABLE)"))
     }
 
     /// Writes one program: the table, then Redis. A write the table holds
@@ -123,15 +147,24 @@ impl Programs {
     /// stream record) is copied to Redis again, so a retry finishes what
     /// the first attempt began.
     pub async fn put(&self, program: &Program) -> Result<WriteOutcome> {
-        let outcome = self.table.put(program).await?;
+        self.put_in(&self.table, program).await
+    }
+
+    /// Writes one customer record as [`Programs::put`] writes a program.
+    pub async fn put_customer(&self, customer: &Customer) -> Result<WriteOutcome> {
+        self.put_in(self.customer_table()?, customer).await
+    }
+
+    async fn put_in<R: Record>(&self, table: &Table<R>, record: &R) -> Result<WriteOutcome> {
+        let outcome = table.put(record).await?;
         match outcome {
             WriteOutcome::Written(v) => {
-                let mut p = program.clone();
-                p.version = v;
-                self.redis.put(&p).await?;
+                let mut r = record.clone();
+                r.set_version(v);
+                self.redis.put(&r).await?;
             }
-            WriteOutcome::Stale(v) if v == program.version => {
-                self.redis.put(program).await?;
+            WriteOutcome::Stale(v) if v == record.version() => {
+                self.redis.put(record).await?;
             }
             WriteOutcome::Stale(_) => {}
         }
@@ -146,14 +179,29 @@ impl Programs {
     /// Deletes one program at `version` (0: the next one); refused when the
     /// table holds a newer version.
     pub async fn delete_at(&self, id: &ProgramId, version: u64) -> Result<DeleteOutcome> {
-        let outcome = self.table.delete_at(id, version).await?;
+        self.delete_in(&self.table, id, version).await
+    }
+
+    /// Deletes one customer record at `version` (0: the next one): the
+    /// customer takes the defaults again.
+    pub async fn delete_customer_at(&self, id: i32, version: u64) -> Result<DeleteOutcome> {
+        self.delete_in(self.customer_table()?, &id, version).await
+    }
+
+    async fn delete_in<R: Record>(
+        &self,
+        table: &Table<R>,
+        id: &R::Id,
+        version: u64,
+    ) -> Result<DeleteOutcome> {
+        let outcome = table.delete_at(id, version).await?;
         match outcome {
             DeleteOutcome::Stale(_) => {}
             // Also for one deleted before: Redis may have missed it.
             DeleteOutcome::Deleted(v)
             | DeleteOutcome::Tombstoned(v)
             | DeleteOutcome::AlreadyDeleted(v) => {
-                self.redis.delete(id, v).await?;
+                self.redis.delete_record::<R>(id, v).await?;
             }
         }
         Ok(outcome)
@@ -234,9 +282,9 @@ impl Programs {
     }
 
     /// Writes a [`RedisCopy`] to Redis; returns how many it wrote.
-    async fn apply(&self, copy: &RedisCopy) -> Result<usize> {
+    async fn apply<R: Record>(&self, copy: &RedisCopy<R>) -> Result<usize> {
         self.redis.put_all(&copy.puts).await?;
-        self.redis.delete_all(&copy.deletes).await?;
+        self.redis.delete_all_of::<R>(&copy.deletes).await?;
         Ok(copy.puts.len() + copy.deletes.len())
     }
 
@@ -250,13 +298,26 @@ impl Programs {
         self.sync_from(&stored, prune).await
     }
 
-    /// [`Programs::sync`] from a table snapshot already read.
+    /// [`Programs::sync`] from a table snapshot already read. Customer
+    /// records are copied first (all of them: there are few), so a Redis
+    /// marked complete holds every switched-off customer.
     async fn sync_from(
         &self,
         stored: &BTreeMap<ProgramId, Entry>,
         prune: bool,
     ) -> Result<SyncReport> {
         let redis_was_incomplete = !self.redis.is_complete().await?;
+        let (customer_items, customers_written, customers_max) = match &self.customers {
+            Some(table) => {
+                let customers = table.scan_all().await?;
+                let held = self.redis.all_versions_of::<Customer>().await?;
+                let copy = RedisCopy::plan(customers.iter(), &held);
+                let written = self.apply(&copy).await?;
+                let max = customers.values().map(Entry::version).max().unwrap_or(0);
+                (customers.len(), written, max)
+            }
+            None => (0, 0, 0),
+        };
         let held = self.redis.all_versions().await?;
         let copy = RedisCopy::plan(stored.iter(), &held);
         // Programs only Redis holds: gone from the table for good? Re-read
@@ -276,10 +337,17 @@ impl Programs {
         }
         self.apply(&copy).await?;
         self.redis.delete_all(&pruned).await?;
-        let max_version = stored.values().map(Entry::version).max().unwrap_or(0);
+        let max_version = stored
+            .values()
+            .map(Entry::version)
+            .max()
+            .unwrap_or(0)
+            .max(customers_max);
         self.redis.mark_complete(max_version).await?;
         Ok(SyncReport {
             table_items: stored.len(),
+            customer_items,
+            customers_written,
             written: copy.puts.len(),
             deleted: copy.deletes.len(),
             pruned: pruned.len(),
@@ -294,21 +362,25 @@ impl Programs {
 /// one (the rest are counted).
 const AHEAD_NAMED: usize = 10;
 
-/// What Redis lacks of some table entries: programs to write, tombstones
+/// What Redis lacks of some table entries: records to write, tombstones
 /// to write, and how many entries Redis holds newer than the table.
-#[derive(Debug, Default)]
-struct RedisCopy {
-    puts: Vec<Program>,
-    deletes: Vec<(ProgramId, u64)>,
+#[derive(Debug)]
+struct RedisCopy<R: Record> {
+    puts: Vec<R>,
+    deletes: Vec<(R::Id, u64)>,
     ahead: usize,
 }
 
-impl RedisCopy {
+impl<R: Record> RedisCopy<R> {
     fn plan<'a>(
-        entries: impl Iterator<Item = (&'a ProgramId, &'a Entry)>,
-        held: &HashMap<ProgramId, Held>,
+        entries: impl Iterator<Item = (&'a R::Id, &'a Entry<R>)>,
+        held: &HashMap<R::Id, Held>,
     ) -> Self {
-        let mut copy = Self::default();
+        let mut copy = Self {
+            puts: Vec::new(),
+            deletes: Vec::new(),
+            ahead: 0,
+        };
         for (id, entry) in entries {
             match held.get(id) {
                 Some(h) if h.version == entry.version() => continue,
@@ -318,10 +390,11 @@ impl RedisCopy {
                     // written around the table can be ahead everywhere.
                     if copy.ahead <= AHEAD_NAMED {
                         tracing::warn!(
-                            program = %id,
+                            kind = R::KIND,
+                            id = %id,
                             redis = h.version,
                             table = entry.version(),
-                            "Redis holds a newer version than the programs table; left alone"
+                            "Redis holds a newer version than the table; left alone"
                         );
                     }
                     continue;
@@ -335,9 +408,10 @@ impl RedisCopy {
         }
         if copy.ahead > AHEAD_NAMED {
             tracing::warn!(
-                programs = copy.ahead,
+                kind = R::KIND,
+                records = copy.ahead,
                 named = AHEAD_NAMED,
-                "Redis holds newer versions than the programs table for these many programs; left alone"
+                "Redis holds newer versions than the table for these many records; left alone"
             );
         }
         copy
@@ -399,9 +473,13 @@ pub async fn watch(
             match store.sync(prune).await {
                 Ok(r) => {
                     last_full = Some(tokio::time::Instant::now());
-                    if r.redis_was_incomplete || r.written + r.deleted + r.pruned > 0 {
+                    if r.redis_was_incomplete
+                        || r.written + r.deleted + r.pruned + r.customers_written > 0
+                    {
                         tracing::info!(
                             table_items = r.table_items,
+                            customer_items = r.customer_items,
+                            customers_written = r.customers_written,
                             written = r.written,
                             deleted = r.deleted,
                             pruned = r.pruned,

@@ -4,6 +4,7 @@ use std::io::{Read, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use adtrack_proto::customer::{Customer, parse_customer_id};
 use adtrack_proto::program::{Program, ProgramId, parse_program_file};
 use adtrack_updater::store_config::StoreArgs;
 use adtrack_updater::stream::CoreData;
@@ -72,6 +73,10 @@ enum Command {
     /// Runs until SIGTERM (locally; in AWS the updater Lambda reads the
     /// stream).
     Stream(StreamArgs),
+    /// Customer records: the kill switch and the rate limits that apply to
+    /// every program of a customer.
+    #[command(subcommand)]
+    Customer(CustomerCommand),
     /// Bring Redis back to the table's content and publish what changed.
     Sync {
         /// Keep syncing: at once when Redis lost its data, and fully every
@@ -89,6 +94,26 @@ enum Command {
         #[arg(long)]
         prune: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum CustomerCommand {
+    /// Write one customer record given as a JSON object, such as
+    /// {"customerId":9123,"enabled":false} or
+    /// {"customerId":9123,"rateLimit":500,"rateBurst":2000}. Every tracker
+    /// applies it as soon as the change reaches it.
+    Put { json: String },
+    /// Switch a customer off: every tracker stops accepting its programs.
+    Disable { customer_id: String },
+    /// Switch a customer back on (its other settings kept).
+    Enable { customer_id: String },
+    /// Print a customer record with its version.
+    Get { customer_id: String },
+    /// List the customer records: id, version, state, rate limit.
+    List,
+    /// Delete a customer record: the customer takes the defaults again
+    /// (enabled, the trackers' default rate limit).
+    Delete { customer_id: String },
 }
 
 /// mimalloc instead of the system allocator: a load allocates per request
@@ -371,6 +396,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             reader.run(adtrack_service::shutdown_on_signals()).await;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Customer(command) => customer(&cli, command).await,
         Command::Sync {
             watch,
             check_every_ms,
@@ -400,6 +426,117 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+fn parse_customer(s: &str) -> Result<i32> {
+    parse_customer_id(s).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+async fn customer(cli: &Cli, command: &CustomerCommand) -> Result<ExitCode> {
+    let store = self::programs(cli).await?;
+    let table = store.customer_table()?;
+    let written = |customer: &Customer, outcome: WriteOutcome| match outcome {
+        WriteOutcome::Written(v) => {
+            println!("customer {} written, version {v}", customer.customer_id);
+            ExitCode::SUCCESS
+        }
+        WriteOutcome::Stale(v) => {
+            eprintln!(
+                "updater: customer {} not written: the table holds newer version {v}",
+                customer.customer_id
+            );
+            ExitCode::from(3)
+        }
+    };
+    match command {
+        CustomerCommand::Put { json } => {
+            let value: serde_json::Value =
+                serde_json::from_str(json).context("the customer record is not valid JSON")?;
+            let customer = Customer::from_json(&value).map_err(|e| anyhow::anyhow!("{e}"))?;
+            if cli.dry_run {
+                println!("would write {}", customer.to_json());
+                return Ok(ExitCode::SUCCESS);
+            }
+            let outcome = store.put_customer(&customer).await?;
+            Ok(written(&customer, outcome))
+        }
+        CustomerCommand::Disable { customer_id } | CustomerCommand::Enable { customer_id } => {
+            let id = parse_customer(customer_id)?;
+            let enabled = matches!(command, CustomerCommand::Enable { .. });
+            let mut customer = match table.get(&id).await? {
+                Some(Entry::Present(c)) => c,
+                _ => Customer::default_for(id),
+            };
+            customer.enabled = enabled;
+            // The next version: a concurrent change of the record wins or
+            // loses as a whole, never half.
+            customer.version = 0;
+            if cli.dry_run {
+                println!("would write {}", customer.to_json());
+                return Ok(ExitCode::SUCCESS);
+            }
+            let outcome = store.put_customer(&customer).await?;
+            Ok(written(&customer, outcome))
+        }
+        CustomerCommand::Get { customer_id } => {
+            let id = parse_customer(customer_id)?;
+            match table.get(&id).await? {
+                Some(Entry::Present(c)) => {
+                    println!("{}", c.to_json());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some(Entry::Deleted { version }) => {
+                    eprintln!(
+                        "updater: customer {id}'s record was deleted (version {version}): it takes the defaults"
+                    );
+                    Ok(ExitCode::from(4))
+                }
+                None => {
+                    eprintln!("updater: no record for customer {id}: it takes the defaults");
+                    Ok(ExitCode::from(4))
+                }
+            }
+        }
+        CustomerCommand::List => {
+            let stored = table.scan_all().await?;
+            let mut out = std::io::stdout().lock();
+            for (id, entry) in &stored {
+                let (state, rate) = match entry {
+                    Entry::Present(c) => (
+                        if c.enabled { "enabled" } else { "disabled" },
+                        c.rate_limit
+                            .map_or_else(|| "default".to_owned(), |r| r.to_string()),
+                    ),
+                    Entry::Deleted { .. } => ("deleted", "default".to_owned()),
+                };
+                writeln!(out, "{id}\t{}\t{state}\t{rate}", entry.version())?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CustomerCommand::Delete { customer_id } => {
+            let id = parse_customer(customer_id)?;
+            if cli.dry_run {
+                println!("would delete the record of customer {id}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            match store.delete_customer_at(id, 0).await? {
+                DeleteOutcome::Deleted(v) => {
+                    println!("customer {id}'s record deleted, version {v}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                DeleteOutcome::Tombstoned(v) => {
+                    eprintln!(
+                        "updater: no record for customer {id}; recorded its deletion (version {v})"
+                    );
+                    Ok(ExitCode::from(4))
+                }
+                DeleteOutcome::AlreadyDeleted(v) | DeleteOutcome::Stale(v) => {
+                    eprintln!("updater: customer {id}'s record was already deleted (version {v})");
+                    Ok(ExitCode::from(4))
+                }
+            }
+        }
+    }
+}
+
 fn print_plan(plan: &adtrack_updater::LoadPlan) {
     for id in &plan.added {
         println!("add {id}");
@@ -421,13 +558,15 @@ fn print_plan(plan: &adtrack_updater::LoadPlan) {
 
 fn sync_line(r: &adtrack_updater::SyncReport) -> String {
     format!(
-        "synced Redis with the table ({} item(s)): {} written, {} deleted, {} pruned, {} only in Redis, {} ahead{}",
+        "synced Redis with the table ({} item(s)): {} written, {} deleted, {} pruned, {} only in Redis, {} ahead; {} customer record(s), {} written{}",
         r.table_items,
         r.written,
         r.deleted,
         r.pruned,
         r.only_in_redis,
         r.ahead,
+        r.customer_items,
+        r.customers_written,
         if r.redis_was_incomplete {
             "; Redis had lost its data"
         } else {

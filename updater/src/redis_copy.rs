@@ -11,13 +11,14 @@ use std::collections::{BTreeMap, HashMap};
 
 use adtrack_proto::program::{Program, ProgramId};
 use adtrack_proto::redis_layout::{
-    CHANGES_CHANNEL, COMPLETE_SCRIPT, DELETE_SCRIPT, PROGRAM_KEY_PATTERN, PROGRAM_KEY_PREFIX,
-    StoredProgram, UPSERT_SCRIPT, VERSION_KEY, program_key,
+    CHANGES_CHANNEL, COMPLETE_SCRIPT, DELETE_SCRIPT, StoredCustomer, StoredProgram, UPSERT_SCRIPT,
+    VERSION_KEY, customer_key, program_key,
 };
 use anyhow::{Context, Result, anyhow};
 use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+use crate::record::Record;
 use crate::{DeleteOutcome, WriteOutcome};
 
 /// Scripts per pipelined round trip in bulk writes.
@@ -93,48 +94,49 @@ impl RedisPrograms {
         self.conn.clone()
     }
 
-    fn upsert_invocation(&self, program: &Program) -> redis::ScriptInvocation<'_> {
-        let mut unversioned = program.clone();
-        unversioned.version = 0;
+    fn upsert_invocation<R: Record>(&self, record: &R) -> redis::ScriptInvocation<'_> {
         let mut inv = self.upsert.prepare_invoke();
-        inv.key(program_key(&program.program_id))
+        inv.key(R::redis_key(record.id()))
             .key(VERSION_KEY)
-            .arg(program.version)
+            .arg(record.version())
             .arg(CHANGES_CHANNEL)
-            .arg(unversioned.to_json().to_string())
+            .arg(record.upsert_body())
             .arg(self.counter.arg());
-        for (field, value) in program.to_redis_fields() {
+        for (field, value) in record.redis_fields() {
             inv.arg(field).arg(value);
         }
         inv
     }
 
-    fn delete_invocation(&self, id: &ProgramId, version: u64) -> redis::ScriptInvocation<'_> {
-        let id_json = serde_json::Value::String(id.to_string()).to_string();
+    fn delete_invocation<R: Record>(
+        &self,
+        id: &R::Id,
+        version: u64,
+    ) -> redis::ScriptInvocation<'_> {
         let mut inv = self.delete.prepare_invoke();
-        inv.key(program_key(id))
+        inv.key(R::redis_key(id))
             .key(VERSION_KEY)
             .arg(CHANGES_CHANNEL)
-            .arg(id_json)
+            .arg(R::delete_body(id))
             .arg(version)
             .arg(self.counter.arg());
         inv
     }
 
-    /// Writes one program (version 0: Redis takes the next one).
-    pub async fn put(&self, program: &Program) -> Result<WriteOutcome> {
+    /// Writes one record (version 0: Redis takes the next one).
+    pub async fn put<R: Record>(&self, record: &R) -> Result<WriteOutcome> {
         let reply: (i64, u64) = self
-            .upsert_invocation(program)
+            .upsert_invocation(record)
             .invoke_async(&mut self.conn())
             .await
-            .context("writing program to Redis")?;
+            .with_context(|| format!("writing {} to Redis", R::KIND))?;
         Ok(outcome(reply))
     }
 
-    /// Writes programs in pipelined chunks; one outcome per program, in
+    /// Writes records in pipelined chunks; one outcome per record, in
     /// order. Each write is atomic with its PUBLISH; the whole is not (a
     /// load is made whole by the table: running it again finishes it).
-    pub async fn put_all(&self, programs: &[Program]) -> Result<Vec<WriteOutcome>> {
+    pub async fn put_all<R: Record>(&self, programs: &[R]) -> Result<Vec<WriteOutcome>> {
         let mut out = Vec::with_capacity(programs.len());
         for chunk in programs.chunks(PIPELINE_CHUNK) {
             let mut pipe = redis::pipe();
@@ -145,7 +147,7 @@ impl RedisPrograms {
             let replies: Vec<(i64, u64)> = pipe
                 .query_async(&mut self.conn())
                 .await
-                .context("writing programs to Redis")?;
+                .with_context(|| format!("writing {}s to Redis", R::KIND))?;
             out.extend(replies.into_iter().map(outcome));
         }
         Ok(out)
@@ -177,27 +179,44 @@ impl RedisPrograms {
     /// leaving a tombstone (also for an id Redis does not hold) and
     /// publishing the deletion.
     pub async fn delete(&self, id: &ProgramId, version: u64) -> Result<DeleteOutcome> {
+        self.delete_record::<Program>(id, version).await
+    }
+
+    /// Deletes a record of kind `R` at `version` (as [`Self::delete`]).
+    pub async fn delete_record<R: Record>(
+        &self,
+        id: &R::Id,
+        version: u64,
+    ) -> Result<DeleteOutcome> {
         let reply: (i64, u64, i64) = self
-            .delete_invocation(id, version)
+            .delete_invocation::<R>(id, version)
             .invoke_async(&mut self.conn())
             .await
-            .context("deleting program in Redis")?;
+            .with_context(|| format!("deleting {} in Redis", R::KIND))?;
         Ok(delete_outcome(reply))
     }
 
     /// Deletes programs at their versions, in pipelined chunks.
     pub async fn delete_all(&self, ids: &[(ProgramId, u64)]) -> Result<Vec<DeleteOutcome>> {
+        self.delete_all_of::<Program>(ids).await
+    }
+
+    /// Deletes records of kind `R` at their versions, in pipelined chunks.
+    pub async fn delete_all_of<R: Record>(
+        &self,
+        ids: &[(R::Id, u64)],
+    ) -> Result<Vec<DeleteOutcome>> {
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(PIPELINE_CHUNK) {
             let mut pipe = redis::pipe();
             pipe.load_script(&self.delete).ignore();
             for (id, version) in chunk {
-                pipe.invoke_script(&self.delete_invocation(id, *version));
+                pipe.invoke_script(&self.delete_invocation::<R>(id, *version));
             }
             let replies: Vec<(i64, u64, i64)> = pipe
                 .query_async(&mut self.conn())
                 .await
-                .context("deleting programs in Redis")?;
+                .with_context(|| format!("deleting {}s in Redis", R::KIND))?;
             out.extend(replies.into_iter().map(delete_outcome));
         }
         Ok(out)
@@ -213,21 +232,37 @@ impl RedisPrograms {
         StoredProgram::from_hash(&fields).map_err(|e| anyhow!("stored program {id}: {e}"))
     }
 
+    /// Reads one customer record as stored.
+    pub async fn get_customer(&self, customer_id: i32) -> Result<StoredCustomer> {
+        let fields: BTreeMap<String, String> = redis::cmd("HGETALL")
+            .arg(customer_key(customer_id))
+            .query_async(&mut self.conn())
+            .await
+            .context("reading customer from Redis")?;
+        StoredCustomer::from_hash(&fields)
+            .map_err(|e| anyhow!("stored customer {customer_id}: {e}"))
+    }
+
     /// The version (and tombstone flag) Redis holds for each of `ids`.
     pub async fn versions(&self, ids: &[ProgramId]) -> Result<Vec<Option<Held>>> {
+        self.versions_of::<Program>(ids).await
+    }
+
+    /// [`Self::versions`] for records of kind `R`.
+    pub async fn versions_of<R: Record>(&self, ids: &[R::Id]) -> Result<Vec<Option<Held>>> {
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(PIPELINE_CHUNK * 10) {
             let mut pipe = redis::pipe();
             for id in chunk {
                 pipe.cmd("HMGET")
-                    .arg(program_key(id))
+                    .arg(R::redis_key(id))
                     .arg("version")
                     .arg("deleted");
             }
             let replies: Vec<(Option<u64>, Option<String>)> = pipe
                 .query_async(&mut self.conn())
                 .await
-                .context("reading program versions from Redis")?;
+                .with_context(|| format!("reading {} versions from Redis", R::KIND))?;
             out.extend(replies.into_iter().map(|(v, d)| {
                 v.map(|version| Held {
                     version,
@@ -241,28 +276,33 @@ impl RedisPrograms {
     /// Every program hash in Redis with what it holds (SCAN, then the
     /// versions pipelined).
     pub async fn all_versions(&self) -> Result<HashMap<ProgramId, Held>> {
+        self.all_versions_of::<Program>().await
+    }
+
+    /// [`Self::all_versions`] for records of kind `R`.
+    pub async fn all_versions_of<R: Record>(&self) -> Result<HashMap<R::Id, Held>> {
         let mut conn = self.conn();
         let mut scan = conn
             .scan_options::<String>(
                 redis::ScanOptions::default()
-                    .with_pattern(PROGRAM_KEY_PATTERN)
+                    .with_pattern(R::REDIS_PATTERN)
                     .with_count(1000),
             )
             .await
-            .context("scanning program keys in Redis")?;
+            .with_context(|| format!("scanning {} keys in Redis", R::KIND))?;
         let mut keys: Vec<String> = Vec::new();
         while let Some(key) = scan.next_item().await {
-            keys.push(key.context("scanning program keys in Redis")?);
+            keys.push(key.with_context(|| format!("scanning {} keys in Redis", R::KIND))?);
         }
         // SCAN may return a key twice.
         keys.sort();
         keys.dedup();
-        let ids: Vec<ProgramId> = keys
+        let ids: Vec<R::Id> = keys
             .iter()
-            .filter_map(|k| k.strip_prefix(PROGRAM_KEY_PREFIX))
-            .filter_map(|id| ProgramId::parse(id).ok())
+            .filter_map(|k| k.strip_prefix(R::REDIS_PREFIX))
+            .filter_map(R::id_from_str)
             .collect();
-        let held = self.versions(&ids).await?;
+        let held = self.versions_of::<R>(&ids).await?;
         Ok(ids
             .into_iter()
             .zip(held)

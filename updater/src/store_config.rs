@@ -4,9 +4,9 @@
 use anyhow::Result;
 use clap::Args;
 
-use crate::{Counter, ProgramTable, Programs, RedisPrograms};
+use crate::{Counter, CustomerTable, ProgramTable, Programs, RedisPrograms};
 
-/// The programs table and the Redis copy.
+/// The programs and customers tables and the Redis copy.
 #[derive(Args, Debug, Clone)]
 pub struct StoreArgs {
     /// Redis holding the trackers' copy of the programs.
@@ -27,6 +27,16 @@ pub struct StoreArgs {
         global = true
     )]
     pub programs_table: String,
+    /// DynamoDB table holding the customer records (kill switch, rate
+    /// limits).
+    #[arg(
+        long,
+        env = "CUSTOMERS_TABLE",
+        value_name = "CUSTOMERS_TABLE",
+        default_value = "adtrack-customers",
+        global = true
+    )]
+    pub customers_table: String,
 }
 
 impl StoreArgs {
@@ -39,6 +49,8 @@ impl StoreArgs {
     /// marked complete only by a sync).
     pub async fn connect(&self, aws: &aws_config::SdkConfig) -> Result<Programs> {
         let redis = RedisPrograms::connect(&self.redis_url, Counter::KeepIfPresent).await?;
-        Ok(Programs::new(self.table(aws), redis))
+        let customers =
+            CustomerTable::new(aws_sdk_dynamodb::Client::new(aws), &self.customers_table);
+        Ok(Programs::new(self.table(aws), redis).with_customers(customers))
     }
 }

@@ -1,6 +1,9 @@
 //! The core-data stream (the reference design's way in for program
 //! changes): each Kinesis record is one program as JSON in the operators'
-//! format, or `{"op":"delete","programId":"..."}`. Records are applied in
+//! format, or `{"op":"delete","programId":"..."}`; customer records come
+//! as `{"op":"customer","customerId":9123,"enabled":false, ...}` (the
+//! fields of [`adtrack_proto::customer`]) and are deleted with
+//! `{"op":"delete","customerId":9123}`. Records are applied in
 //! shard order through the same table-first store as the command line, with
 //! the same validation; a record that cannot be applied goes to the
 //! dead-letter table with its reason and never blocks the records after it.
@@ -18,6 +21,7 @@
 //! reshard order) or by Lambda behind an event source mapping
 //! (`updater-lambda`), with [`CoreData`] as the handler of both.
 
+use adtrack_proto::customer::Customer;
 use adtrack_proto::program::{Program, ProgramId};
 use adtrack_reader::dead_letter::DeadLetter;
 use adtrack_reader::{Handler, Record};
@@ -38,14 +42,18 @@ pub const RECORDS: &str = "adtrack_updater_records";
 pub enum Change {
     Put(Program),
     Delete { program_id: ProgramId, version: u64 },
+    PutCustomer(Customer),
+    DeleteCustomer { customer_id: i32, version: u64 },
 }
 
-/// A delete record's fields besides `op`.
+/// A delete record's fields besides `op`: one of the two ids.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DeleteRecord {
-    #[serde(rename = "programId")]
-    program_id: String,
+    #[serde(rename = "programId", default)]
+    program_id: Option<String>,
+    #[serde(rename = "customerId", default)]
+    customer_id: Option<serde_json::Value>,
     #[serde(default)]
     version: u64,
 }
@@ -82,20 +90,39 @@ pub fn parse(record: &Record, arrival: u64) -> Result<Change, String> {
             program.version = version(program.version);
             Ok(Change::Put(program))
         }
+        Some(serde_json::Value::String(op)) if op == "customer" => {
+            let mut fields = obj.clone();
+            fields.remove("op");
+            let mut customer = Customer::from_json(&fields.into())
+                .map_err(|e| format!("a customer record: {e}"))?;
+            customer.version = version(customer.version);
+            Ok(Change::PutCustomer(customer))
+        }
         Some(serde_json::Value::String(op)) if op == "delete" => {
             let mut fields = obj.clone();
             fields.remove("op");
             let d: DeleteRecord = serde_json::from_value(fields.into())
                 .map_err(|e| format!("a delete record: {e}"))?;
-            let program_id =
-                ProgramId::parse(&d.program_id).map_err(|e| format!("field `programId`: {e}"))?;
-            Ok(Change::Delete {
-                program_id,
-                version: version(d.version),
-            })
+            match (d.program_id, d.customer_id) {
+                (Some(id), None) => Ok(Change::Delete {
+                    program_id: ProgramId::parse(&id)
+                        .map_err(|e| format!("field `programId`: {e}"))?,
+                    version: version(d.version),
+                }),
+                (None, Some(id)) => {
+                    let probe = serde_json::json!({ "customerId": id });
+                    let customer =
+                        Customer::from_json(&probe).map_err(|e| format!("a delete record: {e}"))?;
+                    Ok(Change::DeleteCustomer {
+                        customer_id: customer.customer_id,
+                        version: version(d.version),
+                    })
+                }
+                _ => Err("a delete record names either `programId` or `customerId`".into()),
+            }
         }
         Some(other) => Err(format!(
-            "field `op`: {other} is not \"delete\" (a program record has no `op`)"
+            "field `op`: {other} is not \"delete\" or \"customer\" (a program record has no `op`)"
         )),
     }
 }
@@ -142,6 +169,17 @@ impl CoreData {
                 program_id,
                 version,
             } => match store.delete_at(&program_id, version).await? {
+                DeleteOutcome::Deleted(v) | DeleteOutcome::Tombstoned(v) => Applied::Deleted(v),
+                DeleteOutcome::AlreadyDeleted(v) | DeleteOutcome::Stale(v) => Applied::Stale(v),
+            },
+            Change::PutCustomer(customer) => match store.put_customer(&customer).await? {
+                WriteOutcome::Written(v) => Applied::Written(v),
+                WriteOutcome::Stale(v) => Applied::Stale(v),
+            },
+            Change::DeleteCustomer {
+                customer_id,
+                version,
+            } => match store.delete_customer_at(customer_id, version).await? {
                 DeleteOutcome::Deleted(v) | DeleteOutcome::Tombstoned(v) => Applied::Deleted(v),
                 DeleteOutcome::AlreadyDeleted(v) | DeleteOutcome::Stale(v) => Applied::Stale(v),
             },
@@ -260,7 +298,32 @@ mod tests {
                 version: 2000
             })
         );
+        let customer = record(
+            r#"{"op":"customer","customerId":"9","enabled":false}"#,
+            Some(3),
+        );
+        assert!(matches!(
+            parse(&customer, 3000),
+            Ok(Change::PutCustomer(c)) if c.customer_id == 9 && !c.enabled && c.version == 3000
+        ));
+        let del = record(r#"{"op":"delete","customerId":9,"version":4}"#, Some(3));
+        assert_eq!(
+            parse(&del, 3000),
+            Ok(Change::DeleteCustomer {
+                customer_id: 9,
+                version: 4
+            })
+        );
         for (bad, says) in [
+            (
+                r#"{"op":"customer","customerId":1,"rateLimit":-5}"#,
+                "rateLimit",
+            ),
+            (r#"{"op":"delete","customerId":"x"}"#, "customerId"),
+            (
+                r#"{"op":"delete","customerId":1,"programId":"p"}"#,
+                "either",
+            ),
             ("{", "not a JSON object"),
             ("[1]", "not a JSON object"),
             (r#"{"op":"flush"}"#, "field `op`"),

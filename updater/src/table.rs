@@ -1,5 +1,9 @@
-//! The programs table: the source of truth for program core data (Redis is
-//! the trackers' copy of it, see [`crate::redis_copy`]).
+//! The programs table and the customers table: the source of truth for core
+//! data (Redis is the trackers' copy of it, see [`crate::redis_copy`]).
+//! Both work alike ([`Table`] over a [`Record`]); the customers table holds
+//! one item per customer record, key `customerId` (N), with `enabled`
+//! (BOOL), `rateLimit` and `rateBurst` (N, when set), `version`, `deleted`
+//! and `updatedAt` as below.
 //!
 //! One item per program, partition key `programId`:
 //!
@@ -26,30 +30,29 @@
 //! the same versions into its Redis).
 
 use std::collections::BTreeMap;
+use std::marker::PhantomData;
 
-use adtrack_proto::program::{Program, ProgramId};
+use adtrack_proto::program::Program;
 use anyhow::{Context, Result, anyhow, bail};
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::types::AttributeValue;
 use futures_util::{StreamExt, TryStreamExt};
 
+use crate::record::Record;
 use crate::{DeleteOutcome, WriteOutcome};
 
-/// A program's item as the table holds it.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "one value per item read, moved once: boxing would cost an allocation for nothing"
-)]
+/// A record's item as the table holds it (one value per item read, moved
+/// once: not boxed).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Entry {
-    Present(Program),
+pub enum Entry<R = Program> {
+    Present(R),
     Deleted { version: u64 },
 }
 
-impl Entry {
+impl<R: Record> Entry<R> {
     pub fn version(&self) -> u64 {
         match self {
-            Self::Present(p) => p.version,
+            Self::Present(p) => p.version(),
             Self::Deleted { version } => *version,
         }
     }
@@ -62,12 +65,28 @@ const VERSION_ATTEMPTS: usize = 8;
 
 type Item = std::collections::HashMap<String, AttributeValue>;
 
-/// The programs table.
-#[derive(Debug, Clone)]
-pub struct ProgramTable {
+/// A table of records of one kind.
+#[derive(Debug)]
+pub struct Table<R> {
     client: Client,
     table: String,
+    kind: PhantomData<fn() -> R>,
 }
+
+impl<R> Clone for Table<R> {
+    fn clone(&self) -> Self {
+        Self {
+            client: self.client.clone(),
+            table: self.table.clone(),
+            kind: PhantomData,
+        }
+    }
+}
+
+/// The programs table.
+pub type ProgramTable = Table<Program>;
+/// The customers table.
+pub type CustomerTable = Table<adtrack_proto::customer::Customer>;
 
 fn now_us() -> u64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000) as u64
@@ -75,10 +94,6 @@ fn now_us() -> u64 {
 
 fn now_ms() -> String {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).to_string()
-}
-
-fn key(id: &ProgramId) -> AttributeValue {
-    AttributeValue::S(id.to_string())
 }
 
 fn err<E: std::error::Error + Send + Sync + 'static>(
@@ -94,17 +109,18 @@ fn condition_failed(
         .is_some_and(|s| s.is_conditional_check_failed_exception())
 }
 
-/// The item of a program at `version`.
-fn program_item(program: &Program, version: u64) -> Result<Item> {
-    let mut p = program.clone();
-    p.version = version;
-    let mut item: Item = serde_dynamo::to_item(&p).context("program as an item")?;
+/// The item of a record at `version`.
+fn record_item<R: Record>(record: &R, version: u64) -> Result<Item> {
+    let mut r = record.clone();
+    r.set_version(version);
+    let mut item: Item =
+        serde_dynamo::to_item(&r).with_context(|| format!("{} as an item", R::KIND))?;
     item.insert("updatedAt".into(), AttributeValue::N(now_ms()));
     Ok(item)
 }
 
-/// Reads an item back (program or tombstone).
-pub fn entry_of(mut item: Item) -> Result<Entry> {
+/// Reads an item back (record or tombstone).
+pub fn entry_of<R: Record>(mut item: Item) -> Result<Entry<R>> {
     let version = item
         .get("version")
         .and_then(|v| v.as_n().ok())
@@ -115,15 +131,16 @@ pub fn entry_of(mut item: Item) -> Result<Entry> {
     }
     item.remove("updatedAt");
     let value: serde_json::Value = serde_dynamo::from_item(item).context("reading the item")?;
-    let program = Program::from_json(&value).map_err(|e| anyhow!("{e}"))?;
-    Ok(Entry::Present(program))
+    let record = R::from_json(&value).map_err(|e| anyhow!("{e}"))?;
+    Ok(Entry::Present(record))
 }
 
-impl ProgramTable {
+impl<R: Record> Table<R> {
     pub fn new(client: Client, table: impl Into<String>) -> Self {
         Self {
             client,
             table: table.into(),
+            kind: PhantomData,
         }
     }
 
@@ -131,37 +148,38 @@ impl ProgramTable {
         &self.table
     }
 
-    /// One program's item (consistent read).
-    pub async fn get(&self, id: &ProgramId) -> Result<Option<Entry>> {
+    /// One record's item (consistent read).
+    pub async fn get(&self, id: &R::Id) -> Result<Option<Entry<R>>> {
         let out = self
             .client
             .get_item()
             .table_name(&self.table)
-            .key("programId", key(id))
+            .key(R::KEY, R::key_value(id))
             .consistent_read(true)
             .send()
             .await
             .map_err(err)
-            .with_context(|| format!("reading program {id} from table {}", self.table))?;
+            .with_context(|| format!("reading {} {id} from table {}", R::KIND, self.table))?;
         out.item
             .map(entry_of)
             .transpose()
-            .with_context(|| format!("program {id} in table {}", self.table))
+            .with_context(|| format!("{} {id} in table {}", R::KIND, self.table))
     }
 
-    /// Writes a program. With version 0 it takes the next version (see the
+    /// Writes a record. With version 0 it takes the next version (see the
     /// module docs); with an explicit one, it is written only if newer than
     /// the stored one.
-    pub async fn put(&self, program: &Program) -> Result<WriteOutcome> {
-        let explicit = program.version != 0;
-        let mut version = if explicit { program.version } else { now_us() };
+    pub async fn put(&self, record: &R) -> Result<WriteOutcome> {
+        let explicit = record.version() != 0;
+        let mut version = if explicit { record.version() } else { now_us() };
         for _ in 0..VERSION_ATTEMPTS {
             let result = self
                 .client
                 .put_item()
                 .table_name(&self.table)
-                .set_item(Some(program_item(program, version)?))
-                .condition_expression("attribute_not_exists(programId) OR version < :v")
+                .set_item(Some(record_item(record, version)?))
+                .condition_expression("attribute_not_exists(#k) OR version < :v")
+                .expression_attribute_names("#k", R::KEY)
                 .expression_attribute_values(":v", AttributeValue::N(version.to_string()))
                 .send()
                 .await;
@@ -169,7 +187,7 @@ impl ProgramTable {
                 Ok(_) => return Ok(WriteOutcome::Written(version)),
                 Err(e) if condition_failed(&e) => {
                     let stored = self
-                        .get(&program.program_id)
+                        .get(record.id())
                         .await?
                         .map(|e| e.version())
                         .unwrap_or(0);
@@ -181,28 +199,31 @@ impl ProgramTable {
                 Err(e) => {
                     return Err(err(e)).with_context(|| {
                         format!(
-                            "writing program {} to table {}",
-                            program.program_id, self.table
+                            "writing {} {} to table {}",
+                            R::KIND,
+                            record.id(),
+                            self.table
                         )
                     });
                 }
             }
         }
         bail!(
-            "program {}: other writers kept winning the version race",
-            program.program_id
+            "{} {}: other writers kept winning the version race",
+            R::KIND,
+            record.id()
         )
     }
 
-    /// Deletes a program, leaving a versioned tombstone (also when there was
-    /// no such program, so an older write cannot create it later).
-    pub async fn delete(&self, id: &ProgramId) -> Result<DeleteOutcome> {
+    /// Deletes a record, leaving a versioned tombstone (also when there was
+    /// no such record, so an older write cannot create it later).
+    pub async fn delete(&self, id: &R::Id) -> Result<DeleteOutcome> {
         self.delete_at(id, 0).await
     }
 
-    /// Deletes a program at `requested` (0: the next version): refused as
+    /// Deletes a record at `requested` (0: the next version): refused as
     /// [`DeleteOutcome::Stale`] when the table holds a newer version.
-    pub async fn delete_at(&self, id: &ProgramId, requested: u64) -> Result<DeleteOutcome> {
+    pub async fn delete_at(&self, id: &R::Id, requested: u64) -> Result<DeleteOutcome> {
         let explicit = requested != 0;
         let mut version = if explicit { requested } else { now_us() };
         for _ in 0..VERSION_ATTEMPTS {
@@ -210,13 +231,14 @@ impl ProgramTable {
                 .client
                 .put_item()
                 .table_name(&self.table)
-                .item("programId", key(id))
+                .item(R::KEY, R::key_value(id))
                 .item("version", AttributeValue::N(version.to_string()))
                 .item("deleted", AttributeValue::Bool(true))
                 .item("updatedAt", AttributeValue::N(now_ms()))
                 .condition_expression(
-                    "attribute_not_exists(programId) OR (version < :v AND attribute_not_exists(deleted))",
+                    "attribute_not_exists(#k) OR (version < :v AND attribute_not_exists(deleted))",
                 )
+                .expression_attribute_names("#k", R::KEY)
                 .expression_attribute_values(":v", AttributeValue::N(version.to_string()))
                 .return_values(aws_sdk_dynamodb::types::ReturnValue::AllOld)
                 .send()
@@ -233,23 +255,27 @@ impl ProgramTable {
                     Some(Entry::Deleted { version }) => {
                         return Ok(DeleteOutcome::AlreadyDeleted(version));
                     }
-                    Some(Entry::Present(p)) if explicit && p.version >= version => {
-                        return Ok(DeleteOutcome::Stale(p.version));
+                    Some(Entry::Present(p)) if explicit && p.version() >= version => {
+                        return Ok(DeleteOutcome::Stale(p.version()));
                     }
-                    Some(Entry::Present(p)) => version = now_us().max(p.version + 1),
+                    Some(Entry::Present(p)) => version = now_us().max(p.version() + 1),
                     None => version = now_us(),
                 },
                 Err(e) => {
-                    return Err(err(e))
-                        .with_context(|| format!("deleting program {id} in table {}", self.table));
+                    return Err(err(e)).with_context(|| {
+                        format!("deleting {} {id} in table {}", R::KIND, self.table)
+                    });
                 }
             }
         }
-        bail!("program {id}: other writers kept winning the version race")
+        bail!(
+            "{} {id}: other writers kept winning the version race",
+            R::KIND
+        )
     }
 
-    /// Every item: programs and tombstones (a consistent parallel scan).
-    pub async fn scan_all(&self) -> Result<BTreeMap<ProgramId, Entry>> {
+    /// Every item: records and tombstones (a consistent parallel scan).
+    pub async fn scan_all(&self) -> Result<BTreeMap<R::Id, Entry<R>>> {
         let segments = futures_util::stream::iter(0..SCAN_SEGMENTS)
             .map(|segment| self.scan_segment(segment))
             .buffer_unordered(SCAN_SEGMENTS as usize)
@@ -262,7 +288,7 @@ impl ProgramTable {
         Ok(all)
     }
 
-    async fn scan_segment(&self, segment: i32) -> Result<Vec<(ProgramId, Entry)>> {
+    async fn scan_segment(&self, segment: i32) -> Result<Vec<(R::Id, Entry<R>)>> {
         let mut out = Vec::new();
         let mut items = self
             .client
@@ -278,14 +304,14 @@ impl ProgramTable {
             let item = item
                 .map_err(err)
                 .with_context(|| format!("scanning table {}", self.table))?;
-            let id = item
-                .get("programId")
-                .and_then(|v| v.as_s().ok())
-                .ok_or_else(|| anyhow!("an item of table {} has no programId", self.table))?;
-            let id = ProgramId::parse(id)
-                .map_err(|e| anyhow!("table {}: program id {id:?}: {e}", self.table))?;
-            let entry =
-                entry_of(item).with_context(|| format!("program {id} in table {}", self.table))?;
+            let key = item
+                .get(R::KEY)
+                .ok_or_else(|| anyhow!("an item of table {} has no {}", self.table, R::KEY))?;
+            let id = R::id_from_attr(key).ok_or_else(|| {
+                anyhow!("table {}: {} {key:?} is not a valid id", self.table, R::KEY)
+            })?;
+            let entry = entry_of(item)
+                .with_context(|| format!("{} {id} in table {}", R::KIND, self.table))?;
             out.push((id, entry));
         }
         Ok(out)

@@ -7,16 +7,16 @@
 //! same from the real `bootstrap` binary through the Lambda runtime API.
 
 use adtrack_proto::program::{ProgramId, parse_program_file};
-use adtrack_proto::redis_layout::StoredProgram;
+use adtrack_proto::redis_layout::{StoredCustomer, StoredProgram};
 use adtrack_reader::lambda::KinesisBatch;
 use adtrack_testkit::{
-    CORE_DATA_STREAM, DEAD_LETTER_TABLE, LambdaRuntime, PROGRAMS_TABLE, Stack, binary,
-    dynamodb_client, dynamodb_client_as, lambda_kinesis_event, lambda_kinesis_event_json,
+    CORE_DATA_STREAM, CUSTOMERS_TABLE, DEAD_LETTER_TABLE, LambdaRuntime, PROGRAMS_TABLE, Stack,
+    binary, dynamodb_client, dynamodb_client_as, lambda_kinesis_event, lambda_kinesis_event_json,
     scan_table,
 };
 use adtrack_updater::lambda::{LAMBDA_ATTEMPTS, handle};
 use adtrack_updater::stream::CoreData;
-use adtrack_updater::{Counter, Entry, ProgramTable, Programs, RedisPrograms};
+use adtrack_updater::{Counter, CustomerTable, Entry, ProgramTable, Programs, RedisPrograms};
 
 const REFERENCE: &str = r#"[{"programId":"212312","programName":"program1","checksum":"123","customerId":"9123","customerName":"Customer1","valid":true}]"#;
 
@@ -31,7 +31,8 @@ async fn core_data(stack: &Stack) -> CoreData {
     // Calling as the Lambda does, so its calls count as the Lambda's.
     let dynamodb = dynamodb_client_as(&stack.dynamodb.url(), "adtrack-updater-lambda");
     CoreData {
-        store: Programs::new(ProgramTable::new(dynamodb.clone(), PROGRAMS_TABLE), redis),
+        store: Programs::new(ProgramTable::new(dynamodb.clone(), PROGRAMS_TABLE), redis)
+            .with_customers(CustomerTable::new(dynamodb.clone(), CUSTOMERS_TABLE)),
         dynamodb,
         stream: CORE_DATA_STREAM.into(),
         dead_letter_table: DEAD_LETTER_TABLE.into(),
@@ -93,10 +94,27 @@ async fn the_lambda_applies_dead_letters_and_reports_the_first_record_it_could_n
             ("2", br#"{"programId":"lam","programName":"#),
             ("3", br#"{"op":"delete","programId":"212312"}"#),
             ("4", br#"{"programId":"lam","programName":"second","checksum":"1","customerId":7,"customerName":"c"}"#),
+            ("5", br#"{"op":"customer","customerId":7,"enabled":false}"#),
         ],
     );
     let response = handle(&core, batch.clone()).await;
     assert!(failures(&response).is_empty(), "{response:?}");
+    // A customer record: in the customers table and in Redis (published).
+    let switched_off = core
+        .store
+        .customer_table()
+        .expect("customers table")
+        .get(&7)
+        .await
+        .expect("get customer");
+    assert!(
+        matches!(&switched_off, Some(Entry::Present(c)) if !c.enabled),
+        "{switched_off:?}"
+    );
+    assert!(matches!(
+        core.store.redis.get_customer(7).await.expect("redis"),
+        StoredCustomer::Present(c) if !c.enabled
+    ));
     let Some(Entry::Present(lam)) = store.table.get(&id("lam")).await.expect("get") else {
         panic!("lam is not in the table")
     };

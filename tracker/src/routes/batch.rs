@@ -35,8 +35,11 @@ use serde_json::Value;
 use crate::api_error::{ApiError, Body, json_response};
 use crate::app_state::AppState;
 use crate::cache::Lookup;
+use crate::customers::RateLimited;
 use crate::hit::{MAX_HEADER_COPY, MAX_PARAM_NAME, MAX_PARAM_VALUE, MAX_PARAMS, Params};
-use crate::ingest::{ClientInfo, EventParts, build_event, now, outcome_of, store, usable};
+use crate::ingest::{
+    ClientInfo, EventParts, admit, build_event, now, outcome_of, store, switched, usable,
+};
 use crate::metric::{self, Outcome};
 
 #[derive(Debug, Deserialize)]
@@ -390,7 +393,10 @@ async fn lookup_one<'a>(
     id: &'a ProgramId,
     now: time::OffsetDateTime,
 ) -> (&'a ProgramId, Lookup) {
-    (id, state.cache.lookup(id.as_str(), now).await)
+    (
+        id,
+        switched(state, state.cache.lookup(id.as_str(), now).await),
+    )
 }
 
 /// Program lookups one batch keeps in flight at once.
@@ -419,6 +425,8 @@ where
     }
     let lookups = lookup_all(&prepared, state, now).await;
     let mut outgoing = Vec::with_capacity(prepared.len());
+    // The longest wait of the events refused for their customer's rate.
+    let mut limited: Option<RateLimited> = None;
     for item in prepared {
         let index = item.index;
         let lookup = match lookups.get(&item.id) {
@@ -431,6 +439,11 @@ where
         state.meters.hit(outcome_of(&lookup));
         if let Err(e) = usable(&lookup) {
             results.push(ItemResult::rejected(index, &e));
+            continue;
+        }
+        if let Err(wait) = admit(state, &lookup) {
+            limited = limited.max(Some(wait));
+            results.push(ItemResult::rejected(index, &ApiError::RateLimited(wait)));
             continue;
         }
         let item_client = ClientInfo {
@@ -484,6 +497,14 @@ where
     }
     results.sort_by_key(|r| r.index);
     let accepted = outgoing.len();
+    // Nothing taken and some refused for the rate: the whole batch is
+    // refused, to be sent again after the wait. Some taken: 200 with the
+    // refused ones named (and the wait), so nothing is sent twice.
+    if let Some(wait) = limited
+        && accepted == 0
+    {
+        return Err(ApiError::RateLimited(wait));
+    }
     if store(outgoing, state).await.is_err() {
         return Err(ApiError::Overloaded);
     }
@@ -501,6 +522,12 @@ where
     })
     .unwrap_or_default();
     let mut resp = json_response(StatusCode::OK, body);
+    if let Some(wait) = limited {
+        resp.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from(wait.retry_after_secs()),
+        );
+    }
     client.set_cookie(&mut resp, state);
     Ok(resp)
 }

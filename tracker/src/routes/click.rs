@@ -72,6 +72,11 @@ pub async fn handle<B>(
     if let Err(NotShipped::Queue(_)) = shipped {
         return Err(ApiError::Overloaded);
     }
+    // Over the customer's rate limit the visitor still gets to the page;
+    // the click is dropped and counted.
+    if let Err(NotShipped::RateLimited(_)) = shipped {
+        state.meters.dropped("rate_limited", 1);
+    }
     let mut destination = url;
     if let (Ok(event_id), Lookup::Active(p)) = (&shipped, &lookup)
         && let Ok(id) = event_id.to_str()

@@ -60,6 +60,7 @@ pub async fn handle<B>(
         Err(NotShipped::OptedOut) => http::HeaderValue::from_static(""),
         Err(NotShipped::Queue(_)) => return Err(ApiError::Overloaded),
         Err(NotShipped::TooLarge(n)) => return Err(ApiError::EventTooLarge(n)),
+        Err(NotShipped::RateLimited(wait)) => return Err(ApiError::RateLimited(wait)),
     };
     let event_id = event_id.to_str().unwrap_or_default();
     let (status, body) = match &lookup {

@@ -14,7 +14,7 @@ use super::EVENT_ID_HEADER;
 use crate::api_error::{ApiError, Body};
 use crate::app_state::AppState;
 use crate::cache::Lookup;
-use crate::ingest::{ClientInfo, EventParts, check_id, lookup, now, parse_query, ship};
+use crate::ingest::{ClientInfo, EventParts, NotShipped, check_id, lookup, now, parse_query, ship};
 
 /// The 43-byte transparent 1x1 GIF.
 pub const PIXEL_GIF: &[u8; 43] = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff\x21\xf9\x04\x01\x00\x00\x00\x00\x2c\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02\x44\x01\x00\x3b";
@@ -73,9 +73,14 @@ pub async fn handle<B>(
             destination_url: String::new(),
             conversion: None,
         };
-        // A full queue still answers the GIF; the drop is counted with its cause.
-        if let Ok(event_id) = ship(parts, &client, state).await {
-            resp.headers_mut().insert(EVENT_ID_HEADER, event_id);
+        // A full queue, or a customer over its rate limit, still answers
+        // the GIF; the drop is counted with its cause.
+        match ship(parts, &client, state).await {
+            Ok(event_id) => {
+                resp.headers_mut().insert(EVENT_ID_HEADER, event_id);
+            }
+            Err(NotShipped::RateLimited(_)) => state.meters.dropped("rate_limited", 1),
+            Err(_) => {}
         }
         client.set_cookie(&mut resp, state);
     }

@@ -158,6 +158,7 @@ pub async fn handle<B>(
     let event_id = match ship(parts, &client, state).await {
         Ok(id) => id,
         Err(NotShipped::TooLarge(n)) => return Err(ApiError::EventTooLarge(n)),
+        Err(NotShipped::RateLimited(wait)) => return Err(ApiError::RateLimited(wait)),
         // The queue is full (an opt-out cannot happen here).
         Err(NotShipped::Queue(_) | NotShipped::OptedOut) => return Err(ApiError::Overloaded),
     };

@@ -129,6 +129,20 @@ pub async fn load_programs(stack: &Stack) -> adtrack_updater::RedisPrograms {
     store
 }
 
+/// Runs one Redis command (`FLUSHALL`, `PUBLISH ...`) as an outsider would.
+pub async fn redis_cmd(url: &str, args: &[&str]) {
+    let client = redis::Client::open(url).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("conn");
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    let _: redis::Value = cmd.query_async(&mut conn).await.expect("command");
+}
+
 /// Waits until `url` answers `want`.
 pub async fn wait_status(http: &Http, url: &str, want: u16) {
     wait_until(
