@@ -1,6 +1,8 @@
 //! The program cache: moka in process (L1) in front of Redis (L2).
 //!
-//! Known programs and unknown ids are both cached (separate TTLs). Concurrent
+//! Known programs and unknown ids are both cached (unknown ids for a short
+//! TTL, known programs until a push or the reconcile changes them, or for
+//! TRACKER_CACHE_TTL_SECS when set). Concurrent
 //! misses for one id share a single Redis read. Every write into the cache
 //! (a pushed change, a miss's read, a reload) goes through one
 //! version-checked step ([`ProgramCache::put_if_newer`], moka's
@@ -105,23 +107,27 @@ pub enum Lookup {
     Unverified,
 }
 
+/// Unknown ids expire; known programs expire only when a positive TTL is
+/// set. Without one, moka keeps no expiry timer for them at all (a node per
+/// entry in its timer wheel, and the wheel's work): pushes and the
+/// reconcile keep them current.
 struct TtlPolicy {
-    positive: Duration,
+    positive: Option<Duration>,
     negative: Duration,
 }
 
 impl TtlPolicy {
-    fn ttl(&self, v: &Cached) -> Duration {
+    fn ttl(&self, v: &Cached) -> Option<Duration> {
         match v {
             Cached::Known(_) => self.positive,
-            Cached::Missing { .. } => self.negative,
+            Cached::Missing { .. } => Some(self.negative),
         }
     }
 }
 
 impl Expiry<Key, Cached> for TtlPolicy {
     fn expire_after_create(&self, _: &Key, v: &Cached, _: Instant) -> Option<Duration> {
-        Some(self.ttl(v))
+        self.ttl(v)
     }
     fn expire_after_update(
         &self,
@@ -130,7 +136,7 @@ impl Expiry<Key, Cached> for TtlPolicy {
         _: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
-        Some(self.ttl(v))
+        self.ttl(v)
     }
 }
 
@@ -138,7 +144,8 @@ impl Expiry<Key, Cached> for TtlPolicy {
 #[derive(Debug, Clone)]
 pub struct CacheSettings {
     pub capacity: u64,
-    pub positive_ttl: Duration,
+    /// `None`: known programs do not expire.
+    pub positive_ttl: Option<Duration>,
     pub negative_ttl: Duration,
     pub redis_timeout: Duration,
 }
@@ -611,7 +618,7 @@ mod tests {
     fn cache() -> ProgramCache {
         ProgramCache::new(&CacheSettings {
             capacity: 100,
-            positive_ttl: Duration::from_secs(600),
+            positive_ttl: Some(Duration::from_secs(600)),
             negative_ttl: Duration::from_secs(600),
             redis_timeout: Duration::from_millis(100),
         })

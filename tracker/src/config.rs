@@ -96,8 +96,11 @@ pub struct Config {
     #[arg(long, env = "TRACKER_CACHE_CAPACITY", value_name = "TRACKER_CACHE_CAPACITY", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     pub cache_capacity: u64,
 
-    /// How long a known program stays cached without a push, in seconds.
-    #[arg(long, env = "TRACKER_CACHE_TTL_SECS", value_name = "TRACKER_CACHE_TTL_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    /// How long a known program stays cached without a push, in seconds;
+    /// 0: until a push or the reconcile (TRACKER_RECONCILE_SECS) changes or
+    /// drops it, which keeps it current anyway, with no expiry timer per
+    /// cached program (less memory and work per program).
+    #[arg(long, env = "TRACKER_CACHE_TTL_SECS", value_name = "TRACKER_CACHE_TTL_SECS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub cache_ttl_secs: u64,
 
     /// How long an unknown program id stays cached as unknown, in seconds.
@@ -323,8 +326,9 @@ impl Config {
     pub fn redis_timeout(&self) -> Duration {
         Duration::from_millis(self.redis_timeout_ms)
     }
-    pub fn cache_ttl(&self) -> Duration {
-        Duration::from_secs(self.cache_ttl_secs)
+    /// `None`: known programs do not expire.
+    pub fn cache_ttl(&self) -> Option<Duration> {
+        (self.cache_ttl_secs > 0).then(|| Duration::from_secs(self.cache_ttl_secs))
     }
     pub fn negative_ttl(&self) -> Duration {
         Duration::from_secs(self.negative_ttl_secs)

@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -78,6 +79,9 @@ impl Slot {
 /// Every customer this tracker has settings or a bucket for.
 pub struct Customers {
     default: DefaultLimit,
+    /// Set once any customer has a slot: until then (no customer record,
+    /// no default limit) a hit checks nothing, not even the lock.
+    populated: AtomicBool,
     slots: RwLock<HashMap<i32, Arc<Slot>>>,
     clock: DefaultClock,
     disabled_hits: Counter,
@@ -98,6 +102,7 @@ impl Customers {
     pub fn new(default: DefaultLimit) -> Self {
         Self {
             default,
+            populated: AtomicBool::new(false),
             slots: RwLock::new(HashMap::new()),
             clock: DefaultClock::default(),
             disabled_hits: metrics::counter!(metric::CUSTOMER_REFUSALS, "reason" => "disabled"),
@@ -106,6 +111,9 @@ impl Customers {
     }
 
     fn slot(&self, customer_id: i32) -> Option<Arc<Slot>> {
+        if !self.populated.load(Ordering::Acquire) {
+            return None;
+        }
         self.slots
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -131,6 +139,7 @@ impl Customers {
             None if self.default.per_sec == 0 => return Ok(()),
             None => {
                 let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+                self.populated.store(true, Ordering::Release);
                 slots
                     .entry(customer_id)
                     .or_insert_with(|| {
@@ -167,6 +176,7 @@ impl Customers {
             _ => {
                 let slot = Slot::new(&customer, self.default);
                 slots.insert(customer.customer_id, Arc::new(slot));
+                self.populated.store(true, Ordering::Release);
                 true
             }
         }

@@ -394,7 +394,7 @@ async fn ids_sharing_a_key_hash_get_their_own_answers() {
     let cache = ProgramCache::with_key_fn(
         &CacheSettings {
             capacity: 1000,
-            positive_ttl: Duration::from_secs(600),
+            positive_ttl: None,
             negative_ttl: Duration::from_secs(30),
             redis_timeout: Duration::from_secs(2),
         },
@@ -478,7 +478,7 @@ async fn an_abandoned_miss_leaves_no_stale_read_behind() {
     let proxy = TcpProxy::start(([127, 0, 0, 1], redis.port).into()).await;
     let cache = std::sync::Arc::new(ProgramCache::new(&CacheSettings {
         capacity: 1000,
-        positive_ttl: Duration::from_secs(600),
+        positive_ttl: None,
         negative_ttl: Duration::from_secs(600),
         redis_timeout: Duration::from_secs(10),
     }));

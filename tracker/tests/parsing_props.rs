@@ -35,7 +35,7 @@ async fn state(redis: &Redis) -> (Arc<AppState>, delivery::Engine) {
         .expect("load");
     let cache = Arc::new(ProgramCache::new(&CacheSettings {
         capacity: 1000,
-        positive_ttl: Duration::from_secs(600),
+        positive_ttl: None,
         negative_ttl: Duration::from_secs(30),
         redis_timeout: Duration::from_secs(2),
     }));
