@@ -188,6 +188,12 @@ pub async fn start_tracker(
         .env("TRACKER_SPOOL_DIR", dir.path().join("spool"))
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "warn")
+        // As the image starts it (see the Dockerfile), unless the caller's
+        // environment says otherwise.
+        .env(
+            "MIMALLOC_PURGE_DELAY",
+            std::env::var("MIMALLOC_PURGE_DELAY").unwrap_or_else(|_| "0".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     for (k, v) in settings {
