@@ -186,8 +186,19 @@ impl Customers {
     /// pipelined) through the version-checked [`Self::apply`]. Records
     /// this tracker holds that Redis no longer has take the defaults again,
     /// unless Redis lost its data (no version counter), when what is held
-    /// is kept.
+    /// is kept, or a push changed them while the load ran.
     pub async fn load(&self, conn: &mut ConnectionManager) -> redis::RedisResult<CustomersLoaded> {
+        // What is held before the scan: only a slot still the very same
+        // afterwards can have vanished (one a push wrote meanwhile is newer
+        // than the scan).
+        let before: HashMap<i32, Arc<Slot>> = self
+            .slots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, slot)| slot.version > 0)
+            .map(|(id, slot)| (*id, Arc::clone(slot)))
+            .collect();
         let counter: Option<u64> = redis::cmd("GET").arg(VERSION_KEY).query_async(conn).await?;
         let mut keys: Vec<String> = Vec::new();
         {
@@ -242,9 +253,11 @@ impl Customers {
         }
         if counter.is_some() {
             let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
-            let gone: Vec<i32> = slots
+            let gone: Vec<i32> = before
                 .iter()
-                .filter(|(id, slot)| slot.version > 0 && !seen.contains(id))
+                .filter(|(id, old)| {
+                    !seen.contains(id) && slots.get(id).is_some_and(|now| Arc::ptr_eq(now, old))
+                })
                 .map(|(id, _)| *id)
                 .collect();
             for id in &gone {
