@@ -72,11 +72,27 @@ pub fn command(path: &Path) -> Command {
 }
 
 /// A free TCP port on 127.0.0.1 (free when asked; the caller binds it soon).
+///
+/// Taken from 20000-31999, below the kernel's ephemeral range (32768 and
+/// up on Linux), where `bind(0)` and every outgoing connection take their
+/// ports: a port handed out here cannot be taken by a client socket of the
+/// tests or of the processes they started before its user binds it. Each
+/// port is handed out once per process (the walk starts at a place set by
+/// the process id, so test binaries run one after another start apart).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (start + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}-{}", LOW + SPAN - 1)
 }
 
 /// A child process this test started; killed and reaped on drop.
