@@ -170,7 +170,13 @@ impl Customer {
     }
 }
 
-/// Parses a customer id given on a command line or in a delete record.
+/// Reads a customer id given as JSON (an integer or a string holding one),
+/// as a delete record names it.
+pub fn customer_id_from_json(value: &Value) -> Result<i32, FieldError> {
+    record::customer_id(value).map_err(|e| FieldError::new("customerId", e.to_string()))
+}
+
+/// Parses a customer id given on a command line.
 pub fn parse_customer_id(s: &str) -> Result<i32, FieldError> {
     s.trim()
         .parse::<i32>()

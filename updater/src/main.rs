@@ -286,19 +286,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 print_plan(&plan);
                 return Ok(ExitCode::SUCCESS);
             }
-            match store.put(&program).await? {
-                WriteOutcome::Written(v) => {
-                    println!("program {} written, version {v}", program.program_id);
-                    Ok(ExitCode::SUCCESS)
-                }
-                WriteOutcome::Stale(v) => {
-                    eprintln!(
-                        "updater: program {} not written: the table holds newer version {v}",
-                        program.program_id
-                    );
-                    Ok(ExitCode::from(3))
-                }
-            }
+            let outcome = store.put(&program).await?;
+            Ok(report_write("program", &program.program_id, outcome))
         }
         Command::Delete { program_id } => {
             let id = parse_id(program_id)?;
@@ -315,22 +304,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            match store.delete(&id).await? {
-                DeleteOutcome::Deleted(v) => {
-                    println!("program {id} deleted, version {v}");
-                    Ok(ExitCode::SUCCESS)
-                }
-                DeleteOutcome::Tombstoned(v) => {
-                    eprintln!(
-                        "updater: no program {id}; recorded its deletion (version {v}) so an older write cannot create it"
-                    );
-                    Ok(ExitCode::from(4))
-                }
-                DeleteOutcome::AlreadyDeleted(v) | DeleteOutcome::Stale(v) => {
-                    eprintln!("updater: program {id} was already deleted (version {v})");
-                    Ok(ExitCode::from(4))
-                }
-            }
+            let outcome = store.delete(&id).await?;
+            Ok(report_delete("program", &id, outcome))
         }
         Command::Get { program_id } => {
             let id = parse_id(program_id)?;
@@ -433,19 +408,8 @@ fn parse_customer(s: &str) -> Result<i32> {
 async fn customer(cli: &Cli, command: &CustomerCommand) -> Result<ExitCode> {
     let store = self::programs(cli).await?;
     let table = store.customer_table()?;
-    let written = |customer: &Customer, outcome: WriteOutcome| match outcome {
-        WriteOutcome::Written(v) => {
-            println!("customer {} written, version {v}", customer.customer_id);
-            ExitCode::SUCCESS
-        }
-        WriteOutcome::Stale(v) => {
-            eprintln!(
-                "updater: customer {} not written: the table holds newer version {v}",
-                customer.customer_id
-            );
-            ExitCode::from(3)
-        }
-    };
+    let written =
+        |customer: &Customer, outcome| report_write("customer", &customer.customer_id, outcome);
     match command {
         CustomerCommand::Put { json } => {
             let value: serde_json::Value =
@@ -517,22 +481,44 @@ async fn customer(cli: &Cli, command: &CustomerCommand) -> Result<ExitCode> {
                 println!("would delete the record of customer {id}");
                 return Ok(ExitCode::SUCCESS);
             }
-            match store.delete_customer_at(id, 0).await? {
-                DeleteOutcome::Deleted(v) => {
-                    println!("customer {id}'s record deleted, version {v}");
-                    Ok(ExitCode::SUCCESS)
-                }
-                DeleteOutcome::Tombstoned(v) => {
-                    eprintln!(
-                        "updater: no record for customer {id}; recorded its deletion (version {v})"
-                    );
-                    Ok(ExitCode::from(4))
-                }
-                DeleteOutcome::AlreadyDeleted(v) | DeleteOutcome::Stale(v) => {
-                    eprintln!("updater: customer {id}'s record was already deleted (version {v})");
-                    Ok(ExitCode::from(4))
-                }
-            }
+            let outcome = store.delete_customer_at(id, 0).await?;
+            Ok(report_delete("customer", &id, outcome))
+        }
+    }
+}
+
+/// What a write of a program or customer record did, said to the operator;
+/// the exit code (3: the table holds a newer version).
+fn report_write(kind: &str, id: &dyn std::fmt::Display, outcome: WriteOutcome) -> ExitCode {
+    match outcome {
+        WriteOutcome::Written(v) => {
+            println!("{kind} {id} written, version {v}");
+            ExitCode::SUCCESS
+        }
+        WriteOutcome::Stale(v) => {
+            eprintln!("updater: {kind} {id} not written: the table holds newer version {v}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+/// What a delete did, said to the operator; the exit code (4: there was
+/// nothing to delete).
+fn report_delete(kind: &str, id: &dyn std::fmt::Display, outcome: DeleteOutcome) -> ExitCode {
+    match outcome {
+        DeleteOutcome::Deleted(v) => {
+            println!("{kind} {id} deleted, version {v}");
+            ExitCode::SUCCESS
+        }
+        DeleteOutcome::Tombstoned(v) => {
+            eprintln!(
+                "updater: no {kind} {id}; recorded its deletion (version {v}) so an older write cannot create it"
+            );
+            ExitCode::from(4)
+        }
+        DeleteOutcome::AlreadyDeleted(v) | DeleteOutcome::Stale(v) => {
+            eprintln!("updater: {kind} {id} was already deleted (version {v})");
+            ExitCode::from(4)
         }
     }
 }

@@ -21,7 +21,7 @@
 //! reshard order) or by Lambda behind an event source mapping
 //! (`updater-lambda`), with [`CoreData`] as the handler of both.
 
-use adtrack_proto::customer::Customer;
+use adtrack_proto::customer::{Customer, customer_id_from_json};
 use adtrack_proto::program::{Program, ProgramId};
 use adtrack_reader::dead_letter::DeadLetter;
 use adtrack_reader::{Handler, Record};
@@ -109,15 +109,11 @@ pub fn parse(record: &Record, arrival: u64) -> Result<Change, String> {
                         .map_err(|e| format!("field `programId`: {e}"))?,
                     version: version(d.version),
                 }),
-                (None, Some(id)) => {
-                    let probe = serde_json::json!({ "customerId": id });
-                    let customer =
-                        Customer::from_json(&probe).map_err(|e| format!("a delete record: {e}"))?;
-                    Ok(Change::DeleteCustomer {
-                        customer_id: customer.customer_id,
-                        version: version(d.version),
-                    })
-                }
+                (None, Some(id)) => Ok(Change::DeleteCustomer {
+                    customer_id: customer_id_from_json(&id)
+                        .map_err(|e| format!("a delete record: {e}"))?,
+                    version: version(d.version),
+                }),
                 _ => Err("a delete record names either `programId` or `customerId`".into()),
             }
         }
